@@ -1,0 +1,3 @@
+from m3vit.cli import main
+
+raise SystemExit(main())

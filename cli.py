@@ -1,0 +1,120 @@
+"""The `m3vit` command line.
+
+Each command's parser is declared here; its work is done by a handler in the subsystem that owns it,
+imported only when the command runs (so `m3vit --help` stays fast). Handlers raise
+`UsageError` (exit 2) or `M3ViTError` (exit 1); `main` turns those into one line on stderr and,
+without --debug, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from m3vit import __version__
+from m3vit.errors import M3ViTError
+
+# command -> (module, handler, one-line help)
+COMMANDS = {
+    "flow": ("m3vit.flow", "cli_flow", "run the main job on a model: profile, ONNX export and the ONNX Runtime check"),
+    "train": ("m3vit.model.train_cli", "cli_train", "train a model briefly on synthetic multi-task data and save a checkpoint"),
+    "export": ("m3vit.model.export", "cli_export", "export one task's pathway (or the multi-task backbone) to ONNX"),
+    "profile": ("m3vit.model.profile", "cli_profile", "exact MACs, parameters and expert usage of one task's pathway"),
+}
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, as for every other usage error
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def add_model_args(p: argparse.ArgumentParser, task: bool = True) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", help="built-in model: tiny, edge-moe, m3vit-small (default: edge-moe)")
+    g.add_argument("--dataset", help="the preset's dataset (m3vit-small: pascal or nyud)")
+    g.add_argument("--config", metavar="FILE", help="JSON or YAML config: a 'preset' key plus any overrides")
+    g.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+                   help="override one config value, e.g. --set dim=256 --set tasks=semseg:19,depth:1")
+    g.add_argument("--checkpoint", metavar="FILE", help="weights (and config) saved by 'm3vit train'")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random initial weights")
+    if task:
+        g.add_argument("--task", help="task name or index (default: the first task)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="m3vit",
+        description="Co-design stack for sparse multi-task vision transformers (M3ViT / Edge-MoE) on FPGAs.",
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"m3vit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    p = {name: sub.add_parser(name, help=h, description=h[0].upper() + h[1:] + ".", formatter_class=_Formatter)
+         for name, (_, _, h) in COMMANDS.items()}
+
+    add_model_args(p["flow"])
+    p["flow"].add_argument("--out", default="build/flow", help="folder for the flow's outputs")
+    p["flow"].add_argument("--images", type=int, default=4, help="images for the data-dependent profile")
+    p["flow"].add_argument("--json", action="store_true", help="print one JSON summary on stdout")
+
+    add_model_args(p["train"], task=False)
+    p["train"].add_argument("--steps", type=int, default=200, help="optimizer steps")
+    p["train"].add_argument("--batch", type=int, default=2, help="images per step")
+    p["train"].add_argument("--lr", type=float, default=3e-4, help="learning rate (AdamW)")
+    p["train"].add_argument("--out", required=True, help="checkpoint file to write")
+    p["train"].add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+
+    add_model_args(p["export"])
+    p["export"].add_argument("--out", required=True, help="ONNX file to write")
+    p["export"].add_argument("--with-head", action="store_true", help="include the task's dense-prediction head")
+    p["export"].add_argument("--all-tasks", action="store_true",
+                             help="export the multi-task backbone with a task-id input instead of one task")
+    p["export"].add_argument("--opset", type=int, default=17, help="ONNX opset (17 or newer)")
+    p["export"].add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
+                             help="torch.onnx exporter")
+    p["export"].add_argument("--no-check", action="store_true", help="skip the ONNX Runtime parity check")
+    p["export"].add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+
+    add_model_args(p["profile"])
+    p["profile"].add_argument("--images", type=int, default=8,
+                              help="images for the data-dependent figures (bundled photographs, then random)")
+    p["profile"].add_argument("--with-head", dest="with_head", action="store_true", default=True,
+                              help="include the task head's convolutions")
+    p["profile"].add_argument("--no-head", dest="with_head", action="store_false", help="backbone only")
+    p["profile"].add_argument("--weight-bits", type=int, default=8, help="weight width for the bytes-touched figures")
+    p["profile"].add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p["profile"].add_argument("--plot", metavar="PNG", help="write the MAC / expert-usage / dense-vs-MoE figure")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    module, handler, _ = COMMANDS[args.command]
+    try:
+        return int(getattr(importlib.import_module(module), handler)(args) or 0)
+    except M3ViTError as exc:
+        if args.debug:
+            raise
+        print(f"m3vit {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"m3vit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"m3vit {args.command}: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
