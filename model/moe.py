@@ -56,7 +56,8 @@ class TaskGate(nn.Module):
 
     def task_bias(self, task: int) -> torch.Tensor:
         """Task-conditioned routing folded for inference: the embedding's share of the logits."""
-        onehot = F.one_hot(torch.tensor(task), self.n_tasks).to(self.weight.dtype)
+        # arange == task rather than F.one_hot: ONNX OneHot rejects the 0-d task id of the multi-task export.
+        onehot = (torch.arange(self.n_tasks, device=self.weight.device) == task).to(self.weight.dtype)
         return self.task_mlp(onehot) @ self.weight[self.dim :]
 
     def token_weight(self, task: int) -> torch.Tensor:
@@ -131,6 +132,12 @@ class MoE(nn.Module):
         Static shapes throughout, which is the form exported to ONNX."""
         combine = torch.zeros(*idx.shape[:-1], self.num_experts, dtype=x.dtype, device=x.device)
         combine = combine.scatter(-1, idx, scores)  # B×T×N
+        if torch.onnx.is_in_onnx_export():
+            # The same contractions as broadcast MatMuls, not Einsum: the exported graph then carries
+            # plain expert-batched MatMuls (B×1×T×D @ N×D×H) that the compiler can match.
+            h = F.gelu(x.unsqueeze(1) @ self.w1 + self.b1[None, :, None, :])
+            y = h @ self.w2 + self.b2[None, :, None, :]
+            return (combine.unsqueeze(-2) @ y.transpose(1, 2)).squeeze(-2)
         h = F.gelu(torch.einsum("btd,ndh->bnth", x, self.w1) + self.b1[None, :, None, :])
         y = torch.einsum("bnth,nhd->bntd", h, self.w2) + self.b2[None, :, None, :]
         return torch.einsum("bntd,btn->btd", y, combine)
