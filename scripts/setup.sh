@@ -27,8 +27,13 @@ stamp=".venv/.m3vit-installed$extras"
 digest="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
   echo "setup: installing m3vit$extras into .venv (pinned by constraints.txt)"
-  .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -c constraints.txt -e ".$extras"
+  log=.venv/install.log
+  if ! { .venv/bin/python -m pip install --upgrade pip \
+         && .venv/bin/python -m pip install -c constraints.txt -e ".$extras"; } >"$log" 2>&1; then
+    tail -n 25 "$log" >&2
+    echo "setup: pip install failed; the full log is $root/$log" >&2
+    exit 1
+  fi
   echo "$digest" > "$stamp"
 fi
 
