@@ -1,4 +1,4 @@
-"""Generated HDL inputs: the configuration header `m3v_hw_config.svh` (and, later, LUT .mem files).
+"""Generated HDL inputs: the configuration header `m3v_hw_config.svh` and the contract's LUT .mem files.
 
 Output is a pure function of its inputs (no dates, no paths), so identical configurations give
 byte-identical files, and files are only rewritten when their bytes change (keeping build caches
@@ -26,9 +26,51 @@ _env = jinja2.Environment(
 )
 
 
+def contract_params() -> dict[str, int]:
+    """Numeric-contract constants the nonlinear units need (docs/numerics.md section 3)."""
+    from m3vit.compiler.numerics import CONTRACT, gelu_lut
+
+    c = CONTRACT
+    _, gelu = gelu_lut(c)
+    return {
+        "GELU_H": c.gelu_step_bits,
+        "GELU_FI": c.gelu_interp_bits,
+        "GELU_FD": c.gelu_frac,
+        "GELU_N": c.gelu_entries,
+        "GELU_LUT_W": gelu["value_bits"],
+    }
+
+
 def render_svh(hw: HwConfig) -> str:
     params = sorted(hw.rtl_params().items())
-    return _env.get_template("hw_config.svh.j2").render(hw=hw, hash=hw.hash(), params=params)
+    contract = sorted(contract_params().items())
+    return _env.get_template("hw_config.svh.j2").render(hw=hw, hash=hw.hash(), params=params,
+                                                         contract=contract)
+
+
+def mem_tables() -> dict[str, tuple[list[int], int]]:
+    """The contract's lookup tables as $readmemh files: name -> (values, width in bits)."""
+    from m3vit.compiler.numerics import gelu_lut
+
+    lut, params = gelu_lut()
+    return {"m3v_gelu_lut.mem": ([int(v) for v in lut], params["value_bits"])}
+
+
+def render_mem(name: str, values: list[int], width: int) -> str:
+    return _env.get_template("table.mem.j2").render(name=name, values=values, width=width,
+                                                    digits=(width + 3) // 4)
+
+
+def emit_mems(out_dir: str | Path) -> list[Path]:
+    """Write every contract table as a .mem file into out_dir; returns their paths."""
+    paths = []
+    for name, (values, width) in mem_tables().items():
+        if any(v < 0 or v >= 1 << width for v in values):
+            raise ValueError(f"{name}: a value does not fit {width} unsigned bits")
+        path = Path(out_dir) / name
+        write_if_changed(path, render_mem(name, values, width))
+        paths.append(path)
+    return paths
 
 
 def write_if_changed(path: Path, text: str) -> bool:
@@ -47,4 +89,5 @@ def emit_svh(hw: HwConfig, out_dir: str | Path) -> Path:
     """Write m3v_hw_config.svh for hw into out_dir (an include directory) and return its path."""
     path = Path(out_dir) / SVH_NAME
     write_if_changed(path, render_svh(hw))
+    emit_mems(out_dir)   # the tables travel with the header: every build and yosys run reads both
     return path

@@ -155,7 +155,8 @@ def yosys_parse(unit: str, hw: HwConfig | None = None, build_root: str | Path | 
     inc = include_dir(hw, build_root)
     files = " ".join(str(p) for p in rtl_sources())
     script = f"read_verilog -sv -I{inc} {files}; hierarchy -check -top {unit}; proc"
-    out = subprocess.run([exe, "-q", "-p", script], capture_output=True, text=True)
+    # Run in the include directory, where the generated .mem tables are, for $readmemh.
+    out = subprocess.run([exe, "-q", "-p", script], capture_output=True, text=True, cwd=inc)
     log = out.stdout + out.stderr
     return ToolResult(out.returncode == 0 and "ERROR" not in log, log)
 
@@ -180,7 +181,8 @@ def build(unit: str, hw: HwConfig, build_root: str | Path | None = None, force: 
     inc = bdir / "include"
     svh = emit_svh(hw, inc)
     sources = rtl_sources()
-    stamp_value = _digest([p.read_bytes() for p in sources] + [svh.read_bytes(), unit.encode(),
+    mems = [p.read_bytes() for p in sorted(inc.glob("*.mem"))]
+    stamp_value = _digest([p.read_bytes() for p in sources] + mems + [svh.read_bytes(), unit.encode(),
                           json.dumps(BUILD_FLAGS).encode(), verilator_version().encode(),
                           cocotb.__version__.encode()])
     stamp = bdir / "build.stamp"
@@ -210,6 +212,8 @@ def run(unit: str, hw: HwConfig, test_module: str, *, seed: int = 1, module_dir:
     test_dir = bdir / (name or f"run-{test_module}-seed{seed}")
     shutil.rmtree(test_dir, ignore_errors=True)   # nothing from an earlier run may be mistaken for this one's
     test_dir.mkdir(parents=True)
+    for mem in sorted((bdir / "include").glob("*.mem")):   # $readmemh paths are relative to the run directory
+        shutil.copyfile(mem, test_dir / mem.name)
     results = test_dir / "results.xml"
     log = test_dir / "sim.log"
     env = {"M3V_HW_CONFIG": hw.to_json(), "M3V_TEST_DIR": str(test_dir), **(extra_env or {})}

@@ -66,6 +66,7 @@ def _unit_params(unit: str, hw: HwConfig) -> dict[str, int]:
         "requant": {"IN_W": p["ACC_W"], "OUT_W": p["ACT_W"], "SHIFT_W": p["SHIFT_W"], "OB_W": p["OB_W"],
                     "MAX_LSHIFT": p["ACT_W"]},
         "epilogue": {"P_OUT": p["P_OUT"], "DATA_W": p["ACT_W"], "OB_W": p["OB_W"]},
+        "gelu_unit": {"P": p["P_OUT"], "DATA_W": p["ACT_W"], "OB_W": p["OB_W"]},   # inside epilogue
     }.get(unit, {})
 
 
@@ -124,7 +125,8 @@ def run_yosys(unit: str, hw: HwConfig, workdir: Path, netlist: bool = False) -> 
     stat_out, json_out, log_out = workdir / "stat.txt", workdir / "netlist.json", workdir / "yosys.log"
     script = _yosys_script(unit, hw, inc, json_out if netlist else None, stat_out)
     t0 = time.monotonic()
-    proc = subprocess.run([exe, "-q", "-l", str(log_out), "-p", script], capture_output=True, text=True)
+    proc = subprocess.run([exe, "-q", "-l", str(log_out), "-p", script], capture_output=True, text=True,
+                          cwd=inc)   # where emit_svh put the .mem tables that $readmemh reads
     seconds = time.monotonic() - t0
     log = log_out.read_text(errors="replace") if log_out.is_file() else proc.stdout + proc.stderr
     if proc.returncode != 0:
@@ -236,7 +238,7 @@ def synth_unit(unit: str, hw: HwConfig, method: str = "auto", workdir: Path | No
     if method not in ("auto", "full", "scaled"):
         raise UsageError(f"method must be auto, full or scaled, got {method!r}")
     workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="m3vit-synth-"))
-    scalable = unit in ("compute_unit", "mac_array", "epilogue")
+    scalable = unit in ("compute_unit", "mac_array", "epilogue", "gelu_unit")
     if method == "auto":
         method = ("full" if hw.dsp_estimate <= FULL_DSP_LIMIT or not scalable or hw.p_out <= SCALE_FROM[-1]
                   else "scaled")

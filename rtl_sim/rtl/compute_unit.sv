@@ -4,8 +4,8 @@
 //   GEMM    acc[t][o] = bias[o] + sum_i x[t][i] * w[i][o]                  (ACC_W-bit accumulator)
 //   combine acc[t][o] = bias[o] + sum_e rshift_round(score[t][e] * y_e[t][o], comb_shift)
 //   both    out[t][o] = epilogue(saturate(rshift_round(acc[t][o], shift[o]), out_bits))
-// The MoE combine of the contract is bias = 0, shift = 0. The epilogue is a bypass for now (the
-// hook for a fused GELU, see epilogue.sv). Every format choice is a runtime input: shift per
+// The MoE combine of the contract is bias = 0, shift = 0. The epilogue is a bypass or the fused
+// GELU of the contract (gemm_gelu: requantise to the GELU input format, then GELU; epilogue.sv). Every format choice is a runtime input: shift per
 // output channel, out_bits (<= ACT_W), comb_shift, the mode, and the sizes (K = beats x P_IN,
 // outputs = tiles x P_OUT, tokens = rows); one build serves every model.
 //
@@ -19,7 +19,10 @@
 //     w_out_bits    output width (1..ACT_W; 0 means ACT_W)
 //     w_comb_shift  combine-term shift (unsigned)
 //     w_combine     0 = GEMM beats, 1 = combine beats
-//     w_gelu        epilogue select (0 = bypass, 1 = GELU once a GELU unit is plugged in)
+//     w_gelu        epilogue select (0 = bypass, 1 = GELU)
+//     w_gelu_in_frac, w_gelu_out_frac, w_gelu_out_bits
+//                   GELU formats: input fraction (that of the requantised value, signed
+//                   FRAC_W bits), output fraction (signed) and width (0 means ACT_W)
 //
 //   x_*  beats: one row chunk of one token
 //     x_wnext   make the waiting shadow tile active before this beat (the beat waits for it)
@@ -44,7 +47,7 @@
 //   S2  products (M register); GEMM: one adder tree level per cycle; combine: score x value,
 //       then rshift_round (requant.sv, unsaturated); both padded to the same stage
 //   SA  accumulate into the slot (the P register, bias-initialised), result registered on last
-//   +5  requant (round + saturate, per-channel runtime shift), +1 epilogue, then the output FIFO
+//   +5  requant (round + saturate, per-channel runtime shift), +19 epilogue (GELU), then the FIFO
 //
 // The parameter defaults come from m3v_hw_config.svh, generated from hw.json by rtl_sim/emit.py.
 `include "m3v_hw_config.svh"
@@ -61,6 +64,7 @@ module compute_unit #(
     parameter int OB_W    = `M3V_OB_W,
     parameter int SLOTS   = `M3V_SLOTS,
     parameter int TAG_W   = `M3V_TAG_W,
+    parameter int FRAC_W  = 7,
     parameter int SLOT_W  = $clog2(SLOTS)
 ) (
     input  logic                      clk,
@@ -75,6 +79,9 @@ module compute_unit #(
     input  logic [CSH_W-1:0]          w_comb_shift,
     input  logic                      w_combine,
     input  logic                      w_gelu,
+    input  logic [FRAC_W-1:0]         w_gelu_in_frac,
+    input  logic [FRAC_W-1:0]         w_gelu_out_frac,
+    input  logic [OB_W-1:0]           w_gelu_out_bits,
 
     input  logic                      x_valid,
     output logic                      x_ready,
@@ -96,7 +103,8 @@ module compute_unit #(
     localparam int SUM_W    = ACT_W + W_W + LEVELS;        // exact GEMM chunk sum
     localparam int PW       = SCORE_W + 1 + ACT_W;         // exact score x value product
     localparam int RQ_LAT   = 5;                           // requant.sv pipeline depth
-    localparam int EPI_LAT  = 1;                           // epilogue.sv
+    localparam int EPI_LAT  = 19;                          // epilogue.sv (the GELU pipeline)
+    localparam int GF_W     = 2*FRAC_W + OB_W;             // GELU formats {in_frac, out_frac, out_bits}
     localparam int T_LAT    = 1 + LEVELS;                  // S1 -> chunk sum
     localparam int C_LAT    = 1 + RQ_LAT;                  // S1 -> combine term
     localparam int A_LAT    = (T_LAT > C_LAT) ? T_LAT : C_LAT;   // S1 -> accumulate stage SA
@@ -134,6 +142,7 @@ module compute_unit #(
     logic [OB_W-1:0]           sh_out_bits, ac_out_bits;
     logic [CSH_W-1:0]          sh_comb_shift, ac_comb_shift;
     logic                      sh_combine, ac_combine, sh_gelu, ac_gelu;
+    logic [GF_W-1:0]           sh_gfmt, ac_gfmt;
 
     always_ff @(posedge clk) begin
         if (w_fire) begin
@@ -144,6 +153,7 @@ module compute_unit #(
             sh_comb_shift <= w_comb_shift;
             sh_combine    <= w_combine;
             sh_gelu       <= w_gelu;
+            sh_gfmt       <= {w_gelu_in_frac, w_gelu_out_frac, w_gelu_out_bits};
         end
         // The swap shares the edge that registers the beat, so at S1 the active tile is the beat's.
         if (swap) begin
@@ -154,6 +164,7 @@ module compute_unit #(
             ac_comb_shift <= sh_comb_shift;
             ac_combine    <= sh_combine;
             ac_gelu       <= sh_gelu;
+            ac_gfmt       <= sh_gfmt;
         end
     end
 
@@ -219,7 +230,7 @@ module compute_unit #(
 
     // ---------------------------------------------------------------- beat side-band to SA, SA+1
     localparam int CTRL_W = 3 + SLOT_W;
-    localparam int ROW_W  = TAG_W + P_OUT*SHIFT_W + OB_W + 1;
+    localparam int ROW_W  = TAG_W + P_OUT*SHIFT_W + OB_W + 1 + GF_W;
     logic                     v_a, first_a, last_a, combine_a;
     logic [SLOT_W-1:0]        slot_a;
     logic [P_OUT*ACC_W-1:0]   bias_a;
@@ -227,6 +238,7 @@ module compute_unit #(
     logic [P_OUT*SHIFT_W-1:0] shift_r;
     logic [OB_W-1:0]          ob_r;
     logic                     gelu_r;
+    logic [GF_W-1:0]          gfmt_r;
 
     pipe_delay #(.WIDTH(1), .DEPTH(A_LAT), .RESET(1)) u_v_a (
         .clk(clk), .rst_n(rst_n), .d(v1), .q(v_a)
@@ -240,7 +252,7 @@ module compute_unit #(
     );
     pipe_delay #(.WIDTH(ROW_W), .DEPTH(A_LAT + 1)) u_row_r (
         .clk(clk), .rst_n(rst_n),
-        .d({tag1, ac_shift, ac_out_bits, ac_gelu}), .q({tag_r, shift_r, ob_r, gelu_r})
+        .d({tag1, ac_shift, ac_out_bits, ac_gelu, ac_gfmt}), .q({tag_r, shift_r, ob_r, gelu_r, gfmt_r})
     );
 
     // ---------------------------------------------------------------- SA: accumulate
@@ -280,7 +292,7 @@ module compute_unit #(
     logic [P_OUT*ACT_W-1:0] rq, epi;
     logic                   v_q, v_e, gelu_q;
     logic [TAG_W-1:0]       tag_q, tag_e;
-    logic [OB_W-1:0]        ob_q;
+    logic [GF_W-1:0]        gfmt_q;
 
     generate
         for (o = 0; o < P_OUT; o = o + 1) begin : g_rq
@@ -297,12 +309,13 @@ module compute_unit #(
     pipe_delay #(.WIDTH(1), .DEPTH(RQ_LAT), .RESET(1)) u_v_q (
         .clk(clk), .rst_n(rst_n), .d(res_v), .q(v_q)
     );
-    pipe_delay #(.WIDTH(TAG_W + OB_W + 1), .DEPTH(RQ_LAT)) u_side_q (
-        .clk(clk), .rst_n(rst_n), .d({tag_r, ob_r, gelu_r}), .q({tag_q, ob_q, gelu_q})
+    pipe_delay #(.WIDTH(TAG_W + 1 + GF_W), .DEPTH(RQ_LAT)) u_side_q (
+        .clk(clk), .rst_n(rst_n), .d({tag_r, gelu_r, gfmt_r}), .q({tag_q, gelu_q, gfmt_q})
     );
 
-    epilogue #(.P_OUT(P_OUT), .DATA_W(ACT_W), .OB_W(OB_W), .LATENCY(EPI_LAT)) u_epilogue (
-        .clk(clk), .sel(gelu_q), .out_bits(ob_q), .d(rq), .q(epi)
+    epilogue #(.P_OUT(P_OUT), .DATA_W(ACT_W), .OB_W(OB_W), .FRAC_W(FRAC_W), .LATENCY(EPI_LAT)) u_epilogue (
+        .clk(clk), .sel(gelu_q), .in_frac(gfmt_q[GF_W-1 -: FRAC_W]),
+        .out_frac(gfmt_q[OB_W +: FRAC_W]), .out_bits(gfmt_q[OB_W-1:0]), .d(rq), .q(epi)
     );
 
     pipe_delay #(.WIDTH(1), .DEPTH(EPI_LAT), .RESET(1)) u_v_e (

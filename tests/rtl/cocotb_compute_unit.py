@@ -75,7 +75,7 @@ class Bench:
 
     # -------------------------------------------------------------- stimulus
     def tile(self, weights=None, bias=None, shift=None, out_bits=ACT_W, comb_shift=0, combine=False,
-             gelu=None):
+             gelu=0, gelu_fmt=None):
         """weights[i][o] (P_IN x P_OUT), bias[o], shift[o]: one parameter tile."""
         if weights is None:   # unused in combine mode: random, to show that they are ignored
             weights = [[rand_signed(self.rng, W_W) for _ in range(P_OUT)] for _ in range(P_IN)]
@@ -87,9 +87,13 @@ class Bench:
             "w_out_bits": out_bits,
             "w_comb_shift": comb_shift,
             "w_combine": int(combine),
-            # The epilogue is a bypass today: the select bit must not change any result.
-            "w_gelu": self.rng.randint(0, 1) if gelu is None else gelu,
+            "w_gelu": gelu,
         })
+        # GELU formats (in_frac, out_frac, out_bits); random when GELU is off: they must not matter.
+        if gelu_fmt is None:
+            gelu_fmt = (self.rng.randrange(1 << 7), self.rng.randrange(1 << 7), self.rng.randrange(1 << OB_W))
+        self.tiles[-1].update({"w_gelu_in_frac": gelu_fmt[0] & 0x7f, "w_gelu_out_frac": gelu_fmt[1] & 0x7f,
+                               "w_gelu_out_bits": gelu_fmt[2]})
 
     def beat(self, slot, first, last, tag, wnext, act=None, eout=None, score=0):
         self.beats.append({
@@ -210,8 +214,11 @@ async def reset(dut):
 
 # ------------------------------------------------------------------ job schedules
 
-def gemm_job(bench, x, w, bias, shift, out_bits, tags, reuse_tiles=True):
+def gemm_job(bench, x, w, bias, shift, out_bits, tags, reuse_tiles=True, gelu=None, gelu_ref=None):
     """Schedule y = GEMM(x[T][K], w[K][N]) on the unit and queue the expected outputs.
+
+    gelu = (in_frac, out_frac, out_bits) fuses the GELU epilogue (out_bits is then the GELU input
+    width); gelu_ref(values, *gelu) gives the expected GELU of a requantised row.
 
     Output tiles of P_OUT channels; tokens in blocks of up to SLOTS (random size, random slots);
     per K chunk one tile, whose beats visit the block's tokens in a random order. With one K chunk
@@ -239,7 +246,7 @@ def gemm_job(bench, x, w, bias, shift, out_bits, tags, reuse_tiles=True):
             for k in range(kt):
                 reload = not (reuse_tiles and kt == 1 and tile_loaded and rng.random() < 0.5)
                 if reload:
-                    bench.tile(wt[k], b, s, out_bits)
+                    bench.tile(wt[k], b, s, out_bits, gelu=int(gelu is not None), gelu_fmt=gelu)
                 tile_loaded = True
                 order = list(range(len(block)))
                 rng.shuffle(order)
@@ -249,7 +256,8 @@ def gemm_job(bench, x, w, bias, shift, out_bits, tags, reuse_tiles=True):
                     bench.beat(slots[idx], k == 0, k == kt - 1, tags[t], reload and pos == 0, act=act)
                     if k == kt - 1:
                         xrow = [v for kk in range(kt) for v in pad(x[t][kk * P_IN:(kk + 1) * P_IN], P_IN)]
-                        bench.expect(tags[t], refmodel.gemm_row(xrow, wrows, b, s, ob_eff, ACC_W))
+                        row = refmodel.gemm_row(xrow, wrows, b, s, ob_eff, ACC_W)
+                        bench.expect(tags[t], row if gelu is None else gelu_ref(row, *gelu))
         tile_loaded = False
 
 
