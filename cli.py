@@ -23,6 +23,11 @@ COMMANDS = {
     "profile": ("m3vit.model.profile", "cli_profile", "exact MACs, parameters and expert usage of one task's pathway"),
     "synth": ("m3vit.rtl_sim.synth", "cli_synth",
               "synthesise the RTL datapath with yosys and report DSP/LUT/FF/BRAM against the ZCU104 budget"),
+    "calibrate": ("m3vit.compiler.quant_cli", "cli_calibrate",
+                  "calibrate activation ranges on sample images and write the formats of a precision"),
+    "quantize": ("m3vit.compiler.quant_cli", "cli_quantize", "build the quantized graph (QGraph .json + .npz)"),
+    "quant-report": ("m3vit.compiler.quant_cli", "cli_quant_report",
+                     "fidelity of the bit-exact quantized model against the float model"),
 }
 
 
@@ -71,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p["train"].add_argument("--batch", type=int, default=2, help="images per step")
     p["train"].add_argument("--lr", type=float, default=3e-4, help="learning rate (AdamW)")
     p["train"].add_argument("--out", required=True, help="checkpoint file to write")
+    p["train"].add_argument("--probe-heads", action="store_true",
+                            help="train the backbone through linear token probes instead of the SETR heads "
+                                 "(cheap on CPU for large presets; the heads stay untrained)")
+    p["train"].add_argument("--tasks-per-step", type=int, metavar="N",
+                            help="visit only N tasks per step, in turn (default: every task)")
     p["train"].add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
     add_model_args(p["export"])
@@ -93,6 +103,29 @@ def build_parser() -> argparse.ArgumentParser:
     p["profile"].add_argument("--weight-bits", type=int, default=8, help="weight width for the bytes-touched figures")
     p["profile"].add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p["profile"].add_argument("--plot", metavar="PNG", help="write the MAC / expert-usage / dense-vs-MoE figure")
+
+    for name in ("calibrate", "quantize", "quant-report"):
+        q = p[name]
+        add_model_args(q, task=False)
+        if name == "quant-report":
+            q.add_argument("--task", help="task name or index (default: every task)")
+        g = q.add_argument_group("quantization")
+        g.add_argument("--precision", metavar="P|FILE",
+                       help="W8A8, W8A16, W16A16, or a JSON/YAML spec with layer_type / layer_name overrides "
+                            "(default: W16A16 with 8-bit expert weights)")
+        g.add_argument("--layer-precision", metavar="KEY=P", action="append", default=[],
+                       help="override one layer type (e.g. gate=W16A16) or layer name (e.g. blocks.1.norm2=A16)")
+        g.add_argument("--calib", metavar="DIR", help="calibrate on this folder of images (default: bundled photographs "
+                                                      "plus seeded random images)")
+        g.add_argument("--calib-images", type=int, default=16, help="calibration images")
+        if name != "calibrate":
+            g.add_argument("--calib-file", metavar="FILE", help="reuse a calibration written by 'm3vit calibrate'")
+        q.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p["calibrate"].add_argument("--out", required=True, help="calibration file to write (JSON)")
+    p["quantize"].add_argument("--out", required=True, help="graph path stem: writes STEM.json and STEM.npz")
+    p["quant-report"].add_argument("--images", type=int, default=4,
+                                   help="evaluation images (seeded crops of the bundled photographs)")
+    p["quant-report"].add_argument("--plot", metavar="PNG", help="write per-layer SQNR / cosine and routing plots")
     from m3vit.rtl_sim.synth import add_synth_args
 
     add_synth_args(p["synth"])

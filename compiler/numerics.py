@@ -358,16 +358,19 @@ def check_gemm_acc(x_fmt: Fmt, w, b=None, name: str = "gemm", contract: Contract
 
 
 def gemm(x, w, b, shift, out_fmt: Fmt, x_fmt: Fmt, stats: SatCounter | None = None,
-         name: str = "gemm", contract: Contract = CONTRACT) -> np.ndarray:
+         name: str = "gemm", contract: Contract = CONTRACT, bound: int | None = None) -> np.ndarray:
     """y[t,o] = requant(sum_i x[t,i] w[i,o] + b[o], shift[o], out_fmt).
-    b is in the accumulator format (frac f_x + f_w[o]); shift[o] = f_x + f_w[o] - f_y."""
+    b is in the accumulator format (frac f_x + f_w[o]); shift[o] = f_x + f_w[o] - f_y.
+    ``bound``: the value check_gemm_acc(x_fmt, w, b) returned for these very parameters, when
+    the caller proved it once (a graph's validation) and runs the GEMM many times."""
     x = _i64(x)
     w = _i64(w)
     if x.shape[-1] != w.shape[0]:
         raise ValueError(f"{name}: x has {x.shape[-1]} inputs, w has {w.shape[0]}")
     if not x_fmt.contains(x):
         raise ValueError(f"{name}: input outside its format {x_fmt}")
-    bound = check_gemm_acc(x_fmt, w, b, name, contract)
+    if bound is None or bound >= 1 << (contract.acc_bits - 1):
+        bound = check_gemm_acc(x_fmt, w, b, name, contract)
     acc = exact_matmul(x.reshape(-1, x.shape[-1]), w, bound)
     if b is not None:
         acc = acc + _i64(b)
@@ -377,10 +380,10 @@ def gemm(x, w, b, shift, out_fmt: Fmt, x_fmt: Fmt, stats: SatCounter | None = No
 
 def gemm_gelu(x, w, b, shift, mid_fmt: Fmt, out_fmt: Fmt, x_fmt: Fmt,
               stats: SatCounter | None = None, name: str = "gemm_gelu",
-              contract: Contract = CONTRACT) -> np.ndarray:
+              contract: Contract = CONTRACT, bound: int | None = None) -> np.ndarray:
     """GEMM whose accumulator is requantized to the GELU input format ``mid_fmt``
     (shift[o] = f_x + f_w[o] - mid_fmt.frac), followed by ``gelu``."""
-    h = gemm(x, w, b, shift, mid_fmt, x_fmt, stats, name + ".pre", contract)
+    h = gemm(x, w, b, shift, mid_fmt, x_fmt, stats, name + ".pre", contract, bound)
     return gelu(h, mid_fmt.frac, out_fmt, stats, name, contract)
 
 

@@ -14,8 +14,13 @@ def cli_train(args) -> int:
     if args.steps < 1 or args.batch < 1 or args.lr <= 0:
         raise UsageError("--steps and --batch must be at least 1 and --lr positive")
     model = model_from_args(args, with_heads=True)
+    n_tasks = len(model.cfg.tasks)
+    per_step = getattr(args, "tasks_per_step", None)
+    if per_step is not None and not 1 <= per_step <= n_tasks:
+        raise UsageError(f"--tasks-per-step must be between 1 and {n_tasks} (the model's task count)")
     result = train(model, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-                   progress=sys.stderr.isatty() or not args.json)
+                   progress=sys.stderr.isatty() or not args.json,
+                   probe_heads=getattr(args, "probe_heads", False), tasks_per_step=per_step)
     path = save_checkpoint(model, args.out, extra={"steps": result.steps, "loss": result.last_loss})
     summary = {"checkpoint": str(path), "preset": model.cfg.name, "dataset": model.cfg.dataset,
                "steps": result.steps, "seconds": round(result.seconds, 2),
