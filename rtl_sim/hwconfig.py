@@ -67,7 +67,7 @@ class HwConfig:
     p_in: int = 32
     p_out: int = 48
     act_bits: int = 16
-    weight_bits: int = 8
+    weight_bits: int = 16
     acc_bits: int = 48
     score_bits: int = 16
     token_block: int = 32

@@ -15,7 +15,7 @@ def test_shipped_hw_json_is_the_documented_default():
     hw = load_hw_config(DEFAULT_PATH)
     assert hw == HwConfig()
     assert (hw.board, hw.part, hw.clock_mhz) == ("zcu104", "xczu7ev-ffvc1156-2-e", 300)
-    assert (hw.p_in, hw.p_out, hw.act_bits, hw.weight_bits, hw.acc_bits, hw.score_bits) == (32, 48, 16, 8, 48, 16)
+    assert (hw.p_in, hw.p_out, hw.act_bits, hw.weight_bits, hw.acc_bits, hw.score_bits) == (32, 48, 16, 16, 48, 16)
     assert hw.axi_width_bits == 128
     assert hw.dsp_estimate <= 1728
 
@@ -82,7 +82,7 @@ def test_with_parallel():
 
 
 def test_rtl_params_of_the_default():
-    assert HwConfig().rtl_params() == {"P_IN": 32, "P_OUT": 48, "ACT_W": 16, "W_W": 8, "ACC_W": 48, "SCORE_W": 16,
+    assert HwConfig().rtl_params() == {"P_IN": 32, "P_OUT": 48, "ACT_W": 16, "W_W": 16, "ACC_W": 48, "SCORE_W": 16,
                                        "SHIFT_W": 7, "CSH_W": 6, "OB_W": 5, "SLOTS": 32, "TAG_W": 11}
 
 
