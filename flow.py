@@ -8,15 +8,13 @@ succeeded, so a failed run leaves the previous result (or nothing) behind, never
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from m3vit.builddir import atomic_folder
 from m3vit.errors import UsageError
 
 
@@ -94,31 +92,11 @@ STAGES: list[tuple[str, Callable[[FlowContext], None]]] = [
 ]
 
 
-def _replace_folder(work: Path, out: Path) -> None:
-    """Put the finished folder in place of the old one, whole."""
-    old = None
-    if out.exists():
-        if not (out / "summary.json").exists():
-            raise UsageError(f"{out} exists and is not an m3vit flow folder; choose another --out")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    work.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def run_flow(args, quiet: bool = False) -> tuple[Path, dict[str, Any]]:
     from m3vit.model.checkpoint import model_from_args, task_from_args
 
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; give a folder")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as exc:
-        raise UsageError(f"cannot create the output folder next to {out}: {exc.strerror or exc}") from None
-    try:
+    with atomic_folder(out, "summary.json", "m3vit flow") as work:
         ctx = FlowContext(args=args, work=work)
         ctx.model = model_from_args(args, with_heads=True)
         ctx.task = task_from_args(args, ctx.model.cfg)
@@ -139,11 +117,6 @@ def run_flow(args, quiet: bool = False) -> tuple[Path, dict[str, Any]]:
         ctx.report += [f"| {k} | {v:.1f} |" for k, v in ctx.timings.items()] + [""]
         (work / "report.md").write_text("\n".join(ctx.report))
         (work / "summary.json").write_text(json.dumps(ctx.summary, indent=1, sort_keys=True))
-        os.chmod(work, 0o755)
-        _replace_folder(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return out, ctx.summary
 
 
