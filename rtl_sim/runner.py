@@ -29,6 +29,7 @@ from m3vit.rtl_sim.emit import emit_svh
 from m3vit.rtl_sim.hwconfig import HwConfig
 
 RTL_DIR = Path(__file__).with_name("rtl")
+TB_DIR = Path(__file__).with_name("tb")   # simulation-only models (the DDR), never synthesised or linted as RTL
 DEFAULT_BUILD_ROOT = Path("build/rtl")
 X_FLAGS = ["--x-assign", "unique", "--x-initial", "unique"]
 # The test models are small: compiling their C++ costs more than running it, hence -O1.
@@ -112,9 +113,17 @@ def units() -> list[str]:
     return [p.stem for p in rtl_sources()]
 
 
+def tb_units() -> list[str]:
+    return [p.stem for p in sorted(TB_DIR.glob("*.sv"))]
+
+
 def _check_unit(unit: str) -> None:
-    if unit not in units():
-        raise M3ViTError(f"unknown RTL unit '{unit}'; choose one of: {', '.join(units())}")
+    if unit not in units() and unit not in tb_units():
+        raise M3ViTError(f"unknown RTL unit '{unit}'; choose one of: {', '.join(units() + tb_units())}")
+
+
+def _sources_for(unit: str) -> list[Path]:
+    return rtl_sources() + (sorted(TB_DIR.glob("*.sv")) if unit in tb_units() else [])
 
 
 def build_dir_for(unit: str, hw: HwConfig, build_root: str | Path | None = None) -> Path:
@@ -180,7 +189,7 @@ def build(unit: str, hw: HwConfig, build_root: str | Path | None = None, force: 
     bdir = build_dir_for(unit, hw, build_root)
     inc = bdir / "include"
     svh = emit_svh(hw, inc)
-    sources = rtl_sources()
+    sources = _sources_for(unit)
     mems = [p.read_bytes() for p in sorted(inc.glob("*.mem"))]
     stamp_value = _digest([p.read_bytes() for p in sources] + mems + [svh.read_bytes(), unit.encode(),
                           json.dumps(BUILD_FLAGS).encode(), verilator_version().encode(),
@@ -204,8 +213,9 @@ def build(unit: str, hw: HwConfig, build_root: str | Path | None = None, force: 
 
 def run(unit: str, hw: HwConfig, test_module: str, *, seed: int = 1, module_dir: str | Path | None = None,
         testcase: str | None = None, extra_env: Mapping[str, str] | None = None,
-        build_root: str | Path | None = None, name: str | None = None) -> SimResult:
-    """Build (cached), then run the cocotb test module against unit with Verilator seed `seed`."""
+        build_root: str | Path | None = None, name: str | None = None, plusargs: Sequence[str] = ()) -> SimResult:
+    """Build (cached), then run the cocotb test module against unit with Verilator seed `seed`
+    (and any further plusargs)."""
     from cocotb_tools.runner import get_runner
 
     bdir = build(unit, hw, build_root)
@@ -226,7 +236,7 @@ def run(unit: str, hw: HwConfig, test_module: str, *, seed: int = 1, module_dir:
             try:
                 runner.test(test_module=test_module, hdl_toplevel=unit, hdl_toplevel_lang="verilog",
                             build_dir=bdir, test_dir=test_dir, results_xml=str(results), log_file=log,
-                            plusargs=["+verilator+rand+reset+2", f"+verilator+seed+{seed}"],
+                            plusargs=["+verilator+rand+reset+2", f"+verilator+seed+{seed}", *plusargs],
                             testcase=testcase, extra_env=env, timescale=TIMESCALE)
             except SystemExit:
                 pass   # under pytest the runner exits on a failing test: the results file says more
