@@ -45,7 +45,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "end": (),
     "patchify": ("src_ref", "dst_ref", "channels", "height", "width", "patch"),
     "gemm": ("x_ref", "y_ref", "w_ref", "bias_ref", "shift_ref", "rows", "in_dim", "out_dim", "x_ld", "y_ld",
-             "fmt", "gelu_fmt", "queue_ref", "expert"),
+             "fmt", "gelu_fmt", "queue_ref", "expert", "queue_shape"),
     "embed": ("x_ref", "y_ref", "cls_ref", "pos_ref", "patches", "dim", "a_shift", "b_shift", "fmt"),
     "layernorm": ("x_ref", "y_ref", "gamma_ref", "beta_ref", "shift_ref", "rows", "dim", "eps_lo", "eps_hi",
                   "beta_shift", "fmt"),
@@ -56,6 +56,8 @@ FIELDS: dict[str, tuple[str, ...]] = {
                  "w_stride", "bias_stride", "shift_stride", "tokens", "dim", "experts_k", "fmt"),
     "moe_combine": ("score_ref", "idx_ref", "y_ref", "shift_ref", "out_ref", "tokens", "k", "dim", "fmt"),
 }
+# gemm.queue_shape = experts | (tokens·k) << 16: the geometry of the queue table (queue_layout),
+# which a queue-mode GEMM needs to find q_tok and q_dst. moe_gate.experts_k = experts | k << 16.
 # Fields holding signed values (two's complement in the word).
 SIGNED_FIELDS = frozenset({"a_shift", "b_shift", "beta_shift", "score_shift", "out_shift"})
 
