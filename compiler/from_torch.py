@@ -18,11 +18,10 @@ import torch.nn.functional as F
 from m3vit.compiler import numerics as nx
 from m3vit.compiler.numerics import CONTRACT, SatCounter
 from m3vit.compiler.qgraph import QGraph, QOp, TensorInfo
-from m3vit.compiler.quantize import (Calibration, acc_quantize, normalise_spec, quantize_channels,
-                                     resolve_precision, weight_fracs)
+from m3vit.compiler.quantize import Calibration, acc_quantize, quantize_channels, weight_formats
 from m3vit.errors import ConfigError
 
-__all__ = ["float_trace", "float_weights", "choose_weight_fracs", "build_qgraph"]
+__all__ = ["float_trace", "float_weights", "choose_weight_fracs", "build_qgraph", "assemble_qgraph"]
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -167,41 +166,24 @@ def float_trace(model, x: torch.Tensor, task: int, sink: Callable[[str, np.ndarr
 
 def choose_weight_fracs(model, spec) -> dict[str, dict]:
     """Per weight tensor: {"bits": W, "frac": one fraction per output channel} under ``spec``."""
-    spec = normalise_spec(spec)
-    prec = resolve_precision(spec, model.cfg)
-    fw = float_weights(model)
-    pc = spec["per_channel"]
-    out: dict[str, dict] = {}
-
-    def unit_of(key):
-        name = key.rsplit(".", 1)[0]
-        return "embed" if name == "embed" else name
-
-    for key, w in fw.items():
-        kind = key.rsplit(".", 1)[1]
-        if kind in ("b", "beta", "cls"):
-            continue  # biases live in the accumulator format; cls in patch_embed's format
-        bits = prec[unit_of(key)].weight
-        if kind == "pos":
-            fr = weight_fracs(w.reshape(-1, 1), bits, False)
-        elif kind == "gamma":
-            fr = weight_fracs(w[None, :], bits, pc)
-        elif key.endswith(".gate.w"):
-            fr = np.stack([weight_fracs(wt, bits, pc) for wt in w])
-        else:
-            fr = weight_fracs(w, bits, pc)
-        out[key] = {"bits": bits, "frac": fr.tolist()}
-    return out
+    return weight_formats(model.cfg, float_weights(model), spec)
 
 
 def build_qgraph(model, calib: Calibration) -> QGraph:
     """The quantized graph of ``model`` under the calibration's formats and weight fractions.
     Every GEMM's accumulator bound is proven (``QGraph.validate``) or a ConfigError is raised."""
     calib.check_model(model)
-    cfg = model.cfg
+    return assemble_qgraph(model.cfg, float_weights(model), calib)
+
+
+def assemble_qgraph(cfg, fw: dict[str, np.ndarray], calib: Calibration, config: dict | None = None) -> QGraph:
+    """The quantized graph of any float source: ``cfg`` its configuration (a ModelConfig or
+    ``from_ir.IRConfig``, which may give a LayerNorm its own eps in ``ln_eps_by_layer``), ``fw``
+    its weights in ``float_weights``' layout, ``calib`` the formats and weight fractions to use;
+    ``config`` the graph's config record (default ``cfg.to_dict()``)."""
     Fm = calib.formats
     Wt = calib.weights
-    fw = float_weights(model)
+    eps_of = dict(getattr(cfg, "ln_eps_by_layer", ()))
     n_tasks = len(cfg.tasks)
     sat = SatCounter()
     ops: list[QOp] = []
@@ -233,7 +215,7 @@ def build_qgraph(model, calib: Calibration) -> QGraph:
         x, z = Fm[inp], Fm[name]
         g, gf = wq(name + ".gamma")
         beta = acc_quantize(fw[name + ".beta"], CONTRACT.norm_frac + gf, name)
-        eps = nx.layernorm_eps_int(cfg.ln_eps, cfg.dim, x.fmt.frac)
+        eps = nx.layernorm_eps_int(eps_of.get(name, cfg.ln_eps), cfg.dim, x.fmt.frac)
         emit(QOp("layernorm", name, [inp], name, {"eps_int": eps, "beta_shift": 0},
                  {"gamma": g, "beta": beta, "gamma_frac": gf, "out_shift": CONTRACT.norm_frac + gf - z.fmt.frac}))
 
@@ -256,7 +238,7 @@ def build_qgraph(model, calib: Calibration) -> QGraph:
              {"cls": cls, "pos": pos}))
 
     cur = "embed"
-    for i, blk in enumerate(model.blocks):
+    for i in range(cfg.depth):
         b = f"blocks.{i}"
         layernorm(f"{b}.norm1", cur)
         linear(f"{b}.attn.qkv", f"{b}.norm1")
@@ -268,7 +250,7 @@ def build_qgraph(model, calib: Calibration) -> QGraph:
         linear(f"{b}.attn.proj", f"{b}.attn")
         add(f"{b}.residual1", cur, f"{b}.attn.proj")
         layernorm(f"{b}.norm2", f"{b}.residual1")
-        if blk.is_moe:
+        if cfg.is_moe_block(i):
             name = f"{b}.moe"
             x = Fm[f"{b}.norm2"]
             n = cfg.num_experts
@@ -311,5 +293,6 @@ def build_qgraph(model, calib: Calibration) -> QGraph:
     tensors = {"input": Fm["input"], **tensors}
     meta = {"precision": calib.spec, "calibration": {"images": calib.images, "config_hash": calib.config_hash,
                                                      "weights_hash": calib.weights_hash}}
-    g = QGraph(cfg.to_dict(), list(cfg.task_names), Fm["input"], ops, tensors, "norm", meta)
+    g = QGraph(cfg.to_dict() if config is None else config, list(cfg.task_names), Fm["input"], ops, tensors,
+               "norm", meta)
     return g.validate()

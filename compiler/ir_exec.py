@@ -60,25 +60,33 @@ def moe_route(op: Op, x: np.ndarray, task: int) -> tuple[np.ndarray, np.ndarray,
     return logits, idx, np.take_along_axis(softmax(logits), idx, axis=1)
 
 
-def moe_sparse(op: Op, x: np.ndarray, idx: np.ndarray, score: np.ndarray) -> np.ndarray:
+def moe_sparse(op: Op, x: np.ndarray, idx: np.ndarray, score: np.ndarray, trace: dict | None = None) -> np.ndarray:
+    """With ``trace``: each expert's fc1 input to GELU (``.pre``), fc1 and fc2 on its own queue."""
     p = _Params(op)
     out = np.zeros_like(x)
     for e, queue in enumerate(expert_queues(idx, p["w1"].shape[0])):
-        if len(queue.tokens) == 0:
+        if len(queue.tokens) == 0 and trace is None:
             continue
-        h = gelu(x[queue.tokens] @ p["w1"][e] + p["b1"][e], op.attrs.get("approx") or "erf")
+        pre = x[queue.tokens] @ p["w1"][e] + p["b1"][e]
+        h = gelu(pre, op.attrs.get("approx") or "erf")
         y = h @ p["w2"][e] + p["b2"][e]
+        if trace is not None:
+            trace[f"{op.name}.e{e}.fc1.pre"], trace[f"{op.name}.e{e}.fc1"], trace[f"{op.name}.e{e}.fc2"] = pre, h, y
         np.add.at(out, queue.tokens, score[queue.tokens, queue.slots][:, None] * y)
     return out
 
 
-def attention(op: Op, ins: list[np.ndarray]) -> np.ndarray:
+def attention(op: Op, ins: list[np.ndarray], trace: dict | None = None) -> np.ndarray:
+    """With ``trace``: the scaled scores [heads, T, T] as ``{name}.score``."""
     heads, dh = op.attrs["heads"], op.attrs["head_dim"]
     d = heads * dh
     q, k, v = (ins[0][:, :d], ins[0][:, d:2 * d], ins[0][:, 2 * d:]) if len(ins) == 1 else ins
     t = q.shape[0]
     qh, kh, vh = (a.reshape(a.shape[0], heads, dh).transpose(1, 0, 2) for a in (q, k, v))
-    probs = softmax(qh @ kh.transpose(0, 2, 1) * op.attrs["scale"])
+    scores = qh @ kh.transpose(0, 2, 1) * op.attrs["scale"]
+    if trace is not None:
+        trace[f"{op.name}.score"] = scores
+    probs = softmax(scores)
     return (probs @ vh).transpose(1, 0, 2).reshape(t, d)
 
 
@@ -117,11 +125,13 @@ def run_op(op: Op, ins: list[np.ndarray], task: int, trace: dict | None = None) 
         return layernorm(x, _f64(p, "gamma"), _f64(p, "beta"), a["eps"])
     if k == "linear":
         y = x @ _f64(p, "w") + _f64(p, "b")
+        if a.get("gelu") and trace is not None:
+            trace[f"{op.name}.pre"] = y
         return gelu(y, a.get("approx", "erf")) if a.get("gelu") else y
     if k == "gelu":
         return gelu(x, a.get("approx", "erf"))
     if k == "attention":
-        return attention(op, ins)
+        return attention(op, ins, trace)
     if k == "add":
         return ins[0] + ins[1] if len(ins) == 2 else x + _f64(p, "bias")
     if k == "scale":
@@ -134,7 +144,7 @@ def run_op(op: Op, ins: list[np.ndarray], task: int, trace: dict | None = None) 
             trace[f"{op.name}.gate"] = logits
             trace[f"{op.name}.topk"] = idx
             trace[f"{op.name}.score"] = score
-        return moe_sparse(op, x, idx, score)
+        return moe_sparse(op, x, idx, score, trace)
     if k == "cls_head":
         t = x[:1]
         if "ln_gamma" in p:
@@ -174,7 +184,9 @@ def run_ir(ir: IR, image: Any, task: int | str = 0, trace: bool = False):
 
     Returns the output in the source model's output shape, or (output, trace) with trace[name] the
     value of every op (2-D) and, per MoE layer, trace[f"{moe}.gate"] (logits), f"{moe}.topk" (expert
-    indices [T, k]) and f"{moe}.score" (their probabilities)."""
+    indices [T, k]) and f"{moe}.score" (their probabilities). What calibration needs is traced too:
+    a GELU linear's input to GELU f"{name}.pre", an attention's scaled scores f"{attn}.score"
+    [heads, T, T], and each expert's f"{moe}.e{e}.fc1.pre", ".fc1", ".fc2" on its own tokens."""
     t = ir.task_index(task)
     values: dict[str, np.ndarray] = {IMAGE: _image(ir, image)}
     record: dict[str, np.ndarray] | None = {} if trace else None

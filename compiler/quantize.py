@@ -289,6 +289,30 @@ def acc_quantize(b: np.ndarray, fracs, name: str) -> np.ndarray:
     return quantize_channels(b, CONTRACT.acc_bits, fr)
 
 
+def weight_formats(cfg, fw: dict[str, np.ndarray], spec: Any) -> dict[str, dict]:
+    """Per weight tensor of ``fw`` (``from_torch.float_weights``' layout): {"bits": W, "frac": one
+    fraction per output channel} under ``spec``."""
+    spec = normalise_spec(spec)
+    prec = resolve_precision(spec, cfg)
+    pc = spec["per_channel"]
+    out: dict[str, dict] = {}
+    for key, w in fw.items():
+        unit, kind = key.rsplit(".", 1)
+        if kind in ("b", "beta", "cls"):
+            continue  # biases live in the accumulator format; cls in patch_embed's format
+        bits = prec[unit].weight
+        if kind == "pos":
+            fr = weight_fracs(w.reshape(-1, 1), bits, False)
+        elif kind == "gamma":
+            fr = weight_fracs(w[None, :], bits, pc)
+        elif key.endswith(".gate.w"):
+            fr = np.stack([weight_fracs(wt, bits, pc) for wt in w])
+        else:
+            fr = weight_fracs(w, bits, pc)
+        out[key] = {"bits": bits, "frac": fr.tolist()}
+    return out
+
+
 def choose_formats(cfg, ranges: dict[str, Any], spec: dict[str, Any]) -> dict[str, TensorInfo]:
     """Every tensor's format (and the internal GELU-input ``*.pre`` and ``*.attn.score``
     formats) from calibrated ranges under a precision spec."""
@@ -491,11 +515,21 @@ def calibrate(model, images=None, spec: Any = None, n_images: int = 16, seed: in
               folder: str | Path | None = None, progress: bool = False) -> Calibration:
     """Run the float model over the calibration images for every task, collecting ranges at
     every canonical tensor, and choose formats under ``spec`` (default: DEFAULT_SPEC)."""
+    from m3vit.compiler.from_torch import float_trace, float_weights
+
+    return calibrate_source(model.cfg, lambda x, t, sink: float_trace(model, x, t, sink=sink, scores=True),
+                            float_weights(model), weights_hash(model), images, spec, n_images, seed, folder,
+                            progress)
+
+
+def calibrate_source(cfg, trace, fw: dict[str, np.ndarray], w_hash: str, images=None, spec: Any = None,
+                     n_images: int = 16, seed: int = 0, folder: str | Path | None = None,
+                     progress: bool = False) -> Calibration:
+    """``calibrate`` for any float source: ``cfg`` its configuration, ``trace(x, task, sink)`` one
+    float forward handing every canonical tensor to ``sink(name, array)``, ``fw`` its weights in the
+    graph's layout (``from_torch.float_weights``), ``w_hash`` their digest."""
     from tqdm import tqdm
 
-    from m3vit.compiler.from_torch import choose_weight_fracs, float_trace
-
-    cfg = model.cfg
     spec = normalise_spec(DEFAULT_SPEC if spec is None else spec)
     resolve_precision(spec, cfg)  # a bad spec fails before the float runs
     if images is None:
@@ -505,10 +539,10 @@ def calibrate(model, images=None, spec: Any = None, n_images: int = 16, seed: in
     col = _Collector()
     jobs = [(name, x, t) for name, x in images for t in range(len(cfg.tasks))]
     for name, x, t in tqdm(jobs, desc=f"calibrate {cfg.name}", unit="run", disable=not progress):
-        float_trace(model, x, t, sink=col, scores=True)
+        trace(x, t, col)
     # the CLS token is quantized to the patch embedding's format: its range must cover it
-    col("patch_embed", model.cls_token.detach().reshape(-1).numpy())
+    col("patch_embed", fw["embed.cls"].reshape(-1))
     ranges = col.summary()
-    return Calibration(cfg.to_dict(), config_hash(cfg), weights_hash(model), [n for n, _ in images],
+    return Calibration(cfg.to_dict(), config_hash(cfg), w_hash, [n for n, _ in images],
                        list(cfg.task_names), ranges, spec, choose_formats(cfg, ranges, spec),
-                       choose_weight_fracs(model, spec))
+                       weight_formats(cfg, fw, spec))
