@@ -28,6 +28,10 @@ COMMANDS = {
     "quantize": ("m3vit.compiler.quant_cli", "cli_quantize", "build the quantized graph (QGraph .json + .npz)"),
     "quant-report": ("m3vit.compiler.quant_cli", "cli_quant_report",
                      "fidelity of the bit-exact quantized model against the float model"),
+    "compile": ("m3vit.compiler.compile_cli", "cli_compile",
+                "compile an ONNX model into a Program, weights and a Vitis HLS project for the accelerator"),
+    "csim": ("m3vit.hls.csim", "cli_csim",
+             "C-simulate a compiled build's HLS kernel with g++ and compare it bit for bit with the golden model"),
 }
 
 
@@ -69,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p["flow"])
     p["flow"].add_argument("--out", default="build/flow", help="folder for the flow's outputs")
     p["flow"].add_argument("--images", type=int, default=4, help="images for the data-dependent profile")
+    p["flow"].add_argument("--calib-images", type=int, default=8, help="calibration images for the compiler")
+    p["flow"].add_argument("--hw", metavar="FILE", help="hardware config (default: the shipped rtl_sim/hw.json)")
+    p["flow"].add_argument("--parallel", metavar="PINxPOUT", help="override the MAC array, e.g. 16x16")
     p["flow"].add_argument("--json", action="store_true", help="print one JSON summary on stdout")
 
     add_model_args(p["train"], task=False)
@@ -126,9 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     p["quant-report"].add_argument("--images", type=int, default=4,
                                    help="evaluation images (seeded crops of the bundled photographs)")
     p["quant-report"].add_argument("--plot", metavar="PNG", help="write per-layer SQNR / cosine and routing plots")
+    from m3vit.compiler.compile_cli import add_compile_args
+    from m3vit.hls.csim import add_csim_args
     from m3vit.rtl_sim.synth import add_synth_args
 
     add_synth_args(p["synth"])
+    add_compile_args(p["compile"])
+    add_csim_args(p["csim"])
     return parser
 
 

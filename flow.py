@@ -56,7 +56,7 @@ def stage_profile(ctx: FlowContext) -> None:
                                                       "params_active", "weight_bytes_per_frame")}
     ctx.report += [
         "## Profile", "",
-        f"| | GMAC |", "| --- | ---: |",
+        "| | GMAC |", "| --- | ---: |",
         f"| backbone | {result['backbone_macs'] / 1e9:.4f} |",
         f"| head | {result['head_macs'] / 1e9:.4f} |",
         f"| total | {result['total_macs'] / 1e9:.4f} |", "",
@@ -86,9 +86,123 @@ def stage_export(ctx: FlowContext) -> None:
     ]
 
 
+def stage_compile(ctx: FlowContext) -> None:
+    """The all-tasks backbone through `m3vit compile`: Program, weights and the HLS project."""
+    import argparse
+
+    from m3vit.compiler.compile_cli import compile_model
+
+    cargs = argparse.Namespace(model=str(ctx.work / "backbone_all_tasks.onnx"), out=str(ctx.work / "build"),
+                               precision=None, layer_precision=[], calib=None, calib_file=None,
+                               calib_images=ctx.args.calib_images, board=None, hw=ctx.args.hw,
+                               parallel=ctx.args.parallel)
+    _, s = compile_model(cargs, quiet=True)
+    ctx.summary["compile"] = {k: s[k] for k in ("instructions", "program_bytes", "weight_bytes", "arena_bytes",
+                                                "estimated_cycles", "estimated_ms", "parallel", "hw_hash") if k in s}
+    ctx.report += [
+        "## Compile", "",
+        f"`build/`: {s.get('instructions', '?')} instructions, Program {s.get('program_bytes', 0):,} bytes, "
+        f"weights {s.get('weight_bytes', 0):,} bytes, arena {s.get('arena_bytes', 0):,} bytes, for a "
+        f"{s['parallel']} MAC array. Schedule-model estimate: {s['estimated_cycles']:,} cycles, "
+        f"{s['estimated_ms']:.3f} ms at 300 MHz.", "",
+    ]
+
+
+def _flow_image(ctx: FlowContext):
+    """The demo input: the first bundled photograph at the model's size, [C, H, W] float."""
+    from m3vit.model.images import sample_images, to_input
+
+    name, photo = sample_images()[0]
+    return name, to_input(photo, ctx.model.cfg.img_size)
+
+
+def stage_csim(ctx: FlowContext) -> None:
+    """The HLS kernel, C-simulated with g++, on the demo photograph for the flow's task."""
+    from m3vit.errors import M3ViTError
+    from m3vit.hls.csim import run_csim
+
+    name, x = _flow_image(ctx)
+    rep = run_csim(ctx.work / "build", image=x[0].numpy(), tasks=[ctx.task])
+    if not rep["bit_exact"]:
+        fm = rep["first_mismatch"] or {}
+        raise M3ViTError(f"C-simulation differs from the golden model: {rep['mismatches']} elements, first in "
+                         f"{fm.get('tensor', '?')} (run m3vit csim {ctx.work / 'build'} --trace)")
+    ctx.summary["csim"] = {"bit_exact": True, "mismatches": 0, "image": name,
+                           "seconds_per_frame": rep["seconds_per_frame"], "build_seconds": rep["build_seconds"]}
+    ctx.report += ["## C-simulation", "",
+                   f"The HLS kernel (g++ C-simulation of `build/hls/`) runs the Program on '{name}' for task "
+                   f"{ctx.task_name}: bit-exact with the golden model ({rep['seconds_per_frame']:.2f} s per frame; "
+                   f"testbench build {rep['build_seconds']:.1f} s).", ""]
+
+
+def _task_image(out):
+    """A task output [C, H, W] as an image: class colours for segmentation, a colour map otherwise."""
+    import numpy as np
+    from matplotlib import colormaps
+
+    if out.shape[0] > 1:
+        labels = out.argmax(0)
+        palette = (colormaps["tab20"](np.arange(20))[:, :3] * 255).astype(np.uint8)
+        return palette[labels % 20]
+    v = out[0]
+    lo, hi = float(v.min()), float(v.max())
+    v = (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)
+    return (colormaps["magma"](v)[..., :3] * 255).astype(np.uint8)
+
+
+def stage_head(ctx: FlowContext) -> None:
+    """The task head on the host, on the accelerator's dequantized backbone output, for a real photo."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import torch
+
+    from m3vit.compiler import golden
+    from m3vit.compiler import qgraph as qg
+    from m3vit.compiler.numerics import SatCounter
+
+    name, x = _flow_image(ctx)
+    graph = qg.load(ctx.work / "build" / "qgraph")
+    # the golden model's bits, which the csim stage has just proven equal to the kernel's
+    y_q = golden.run(graph, x, ctx.task, stats=SatCounter())[0]
+    tokens = torch.from_numpy(graph.tensors[graph.output].dequantize(y_q)).float()[None]
+    head = ctx.model.heads[ctx.task_name]
+    with torch.no_grad():
+        acc = head(tokens)[0].numpy()
+        ref = ctx.model(x, ctx.task)[0].numpy()
+    if acc.shape[0] > 1:
+        agree = float((acc.argmax(0) == ref.argmax(0)).mean())
+        metric = {"pixel_agreement": round(agree, 6)}
+        text = f"{100 * agree:.2f} % of pixels get the float model's class"
+    else:
+        cos = float(np.dot(acc.ravel(), ref.ravel()) / (np.linalg.norm(acc) * np.linalg.norm(ref) + 1e-30))
+        metric = {"cosine": round(cos, 6)}
+        text = f"cosine {cos:.6f} with the float model's map"
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
+    shown = np.clip(x[0].permute(1, 2, 0).numpy() * np.array([0.229, 0.224, 0.225]) + np.array([0.485, 0.456, 0.406]),
+                    0, 1)
+    for ax, img, title in zip(axes, (shown, _task_image(ref), _task_image(acc)),
+                              (f"input ({name})", f"{ctx.task_name}: float PyTorch", f"{ctx.task_name}: accelerator")):
+        ax.imshow(img)
+        ax.set_title(title)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(ctx.work / "task_output.png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    ctx.summary["head"] = {"image": name, "output": "task_output.png", **metric}
+    ctx.report += ["## Task output", "",
+                   f"The {ctx.task_name} head runs on the host on the accelerator's dequantized backbone output "
+                   f"for the photograph '{name}': {text}.", "", "![task output](task_output.png)", ""]
+
+
 STAGES: list[tuple[str, Callable[[FlowContext], None]]] = [
     ("profile", stage_profile),
     ("export", stage_export),
+    ("compile", stage_compile),
+    ("csim", stage_csim),
+    ("head", stage_head),
 ]
 
 
@@ -130,5 +244,11 @@ def cli_flow(args) -> int:
     print(f"  profile : backbone {p['backbone_macs'] / 1e9:.3f} GMAC, head {p['head_macs'] / 1e9:.3f} GMAC, "
           f"{p['params_active']:,} active of {p['params_total']:,} parameters")
     print(f"  export  : {e['nodes']} ONNX nodes, ONNX Runtime max error {e['ort_max_relative_error']:.2e} x max|output|")
+    c, s, h = summary["compile"], summary["csim"], summary["head"]
+    print(f"  compile : {c['instructions']} instructions, {c['weight_bytes'] / 1e6:.2f} MB of weights; schedule model "
+          f"{c['estimated_cycles']:,} cycles = {c['estimated_ms']:.3f} ms at 300 MHz ({c['parallel']} MACs)")
+    print(f"  csim    : bit-exact with the golden model on '{s['image']}' ({s['seconds_per_frame']:.2f} s per frame)")
+    metric = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in h.items() if k not in ("image", "output"))
+    print(f"  head    : {summary['task']} output {out / h['output']} ({metric} against the float model)")
     print(f"  report  : {out / 'report.md'}")
     return 0

@@ -1815,7 +1815,7 @@ class _Raiser:
                                 "producer": f"{self.model.producer_name} {self.model.producer_version}".strip(),
                                 "task_input": self.task_input, "dead_nodes": list(self.dead_nodes),
                                 "onnx_nodes": len(self.graph.node), "folded_nodes": len(self.folded)}
-        for key in ("preset", "dataset", "exporter", "task", "task_index", "with_head"):
+        for key in ("preset", "dataset", "exporter", "task", "task_index", "with_head", "config"):
             if key in self.meta_in:
                 meta[f"m3vit_{key}"] = self.meta_in[key]
         if cut is not None:
