@@ -33,8 +33,9 @@ def add_compile_args(p) -> None:
     g.add_argument("--layer-precision", metavar="KEY=P", action="append", default=[],
                    help="override one layer type (e.g. gate=W16A16) or layer name (e.g. blocks.1.norm2=A16)")
     g.add_argument("--calib", metavar="DIR", help="calibrate on this folder of images")
-    g.add_argument("--calib-file", metavar="FILE", help="reuse a calibration written by 'm3vit calibrate'")
-    g.add_argument("--calib-images", type=int, default=8, help="calibration images (bundled photographs, then random)")
+    g.add_argument("--calib-file", metavar="FILE", help="reuse a calibration written by 'm3vit calibrate' (the fast "
+                                                        "path: calibration then runs once per model, not per compile)")
+    g.add_argument("--calib-images", type=int, default=4, help="calibration images (bundled photographs, then random)")
     h = p.add_argument_group("hardware")
     h.add_argument("--board", default="zcu104", help="target board (only zcu104)")
     h.add_argument("--hw", metavar="FILE", help="hardware config (default: the shipped rtl_sim/hw.json)")
