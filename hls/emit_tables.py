@@ -37,6 +37,9 @@ CONFIG_NAME = "m3v_config.h"
 # The hardware-config keys the HLS library needs (the subset of hw.json it reads).
 CONFIG_KEYS = ("p_in", "p_out", "act_bits", "weight_bits", "acc_bits", "max_tokens", "max_dim",
                "max_hidden", "max_experts", "max_k", "max_heads")
+# Optional keys that bound the decoder's on-chip buffers (hw.json's token_block and buffers.*);
+# a config without them gets the defaults of the reference hw.json.
+BUFFER_DEFAULTS = {"token_block": 32, "weights": 1_048_576, "activations": 2_097_152, "scores": 65_536}
 
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(TEMPLATES)),
@@ -173,6 +176,17 @@ def normalise_config(cfg: Mapping) -> dict[str, int]:
     need(out["max_k"] <= 8, "max_k must be <= 8 (the combine sum is sized for 8 terms)")
     need(1 <= out["max_heads"] <= out["max_dim"], "max_heads must be in 1..max_dim")
     need(out["max_tokens"] * out["max_k"] < 1 << 16, "max_tokens * max_k must fit the 16-bit queue index")
+    buffers = cfg.get("buffers", {})
+    if not isinstance(buffers, Mapping):
+        raise ConfigError("HLS config: 'buffers' must be a mapping")
+    for k, default in BUFFER_DEFAULTS.items():
+        v = cfg[k] if k in cfg else buffers.get(k, default)  # flat (a normalised config) or nested
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"HLS config: '{k}' must be an integer, got {v!r}")
+        out[k] = v
+    need(1 <= out["token_block"] <= 256, "token_block must be in 1..256")
+    need(all(0 <= out[k] < 1 << 30 for k in ("weights", "activations", "scores")),
+         "buffers.* must be in 0..2^30 bytes")
     return out
 
 
@@ -188,6 +202,11 @@ def config_constants(cfg: Mapping) -> list[dict]:
         dict(name="MAX_KEYS", value=c["max_tokens"], comment="attention keys per row"),
         dict(name="MAX_DH", value=c["max_dim"], comment="attention head width"),
         dict(name="ATT_QT", value=c["p_out"], comment="attention query tile (the array's output lanes)"),
+        dict(name="TOKEN_BLOCK", value=c["token_block"], comment="rows per streamed block (hw.token_block)"),
+        dict(name="BUF_WEIGHTS", value=c["weights"], comment="on-chip weight bytes (hw.buffers.weights)"),
+        dict(name="BUF_ACTIVATIONS", value=c["activations"],
+             comment="on-chip activation bytes (hw.buffers.activations)"),
+        dict(name="BUF_SCORES", value=c["scores"], comment="on-chip score bytes (hw.buffers.scores)"),
     ]
     return _pad(rows)
 

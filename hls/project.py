@@ -20,10 +20,12 @@ from pathlib import Path
 import jinja2
 
 from m3vit.compiler import isa
+from m3vit.compiler.numerics import CONTRACT
 from m3vit.errors import UsageError
 from m3vit.hls import emit_tables
 
-__all__ = ["TOP", "CSIM_SOURCES", "MAX_INSTR", "AXILITE_PORTS", "control_registers", "axi_ports", "render_build",
+__all__ = ["TOP", "CSIM_SOURCES", "MAX_INSTR", "AXILITE_PORTS", "control_registers", "axi_ports", "decoder_buffers",
+           "render_build",
            "project_files", "csim_digest", "emit_project"]
 
 HLS_DIR = Path(__file__).resolve().parent
@@ -74,12 +76,49 @@ def axi_ports(hw) -> list[dict]:
     return ports
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def decoder_buffers(hw) -> dict[str, int]:
+    """On-chip bytes of the decoder kernel for a hardware config (each element in whole bytes):
+    `weights` (the staged MAX_IN x P_OUT tile), `activations` (row blocks, attention K / V tiles,
+    query tile and sums, parameters, routing tables), `scores`, their `total`, and `kv_elems`
+    (elements of each K / V tile buffer). Mirrors m3v::dec_sizes; the kernel static_asserts the
+    equality of the totals (m3v_build.h ONCHIP_BYTES), so the two cannot drift apart."""
+    c = emit_tables.normalise_config(hw.to_dict() if hasattr(hw, "to_dict") else hw)
+
+    def nb(n: int, bits: int) -> int:
+        return n * ((bits + 7) // 8)
+
+    pi, po, tb = c["p_in"], c["p_out"], c["token_block"]
+    max_in, dh, qt = max(c["max_dim"], c["max_hidden"]), c["max_dim"], c["p_out"]
+    x_n = tb * max(max_in, c["max_k"] * c["max_dim"])
+    y_n = tb * max(c["max_dim"], po, c["max_experts"])
+    tk, tbk = c["max_tokens"] * c["max_k"], tb * c["max_k"]
+    par_n = max(c["max_dim"], c["max_experts"], po)
+    keys_bits = (CONTRACT.max_keys - 1).bit_length()
+    pv_bits, psum_bits = 16 + CONTRACT.exp_frac + keys_bits, CONTRACT.exp_frac + 1 + keys_bits
+    act = c["act_bits"]
+    weights = nb(_cdiv(max_in, pi) * pi * po, c["weight_bits"])
+    fixed = (nb(x_n + y_n + _cdiv(dh, pi) * pi * qt + qt + c["max_dim"], act) + nb(qt * dh, pv_bits)
+             + nb(qt, psum_bits) + nb(par_n + po, c["acc_bits"]) + nb(par_n, 7) + nb(po, 32) + nb(c["max_dim"], 16)
+             + nb(3 * tk + 2 * tbk + c["max_experts"] + 1 + 2 * tb, 16))
+    ab = (act + 7) // 8
+    kv = min((c["activations"] - fixed) // (2 * ab), c["max_tokens"] * dh)
+    activations = fixed + 2 * nb(kv, act)
+    scores = nb(c["scores"] // ab, act)
+    return {"weights": weights, "activations": activations, "scores": scores,
+            "total": weights + activations + scores, "kv_elems": kv}
+
+
 def render_build(hw) -> str:
     digest = bytes.fromhex(hw.hash())
     words = [int.from_bytes(digest[4 * i:4 * i + 4], "little") for i in range(8)]
     return _env.get_template("m3v_build.h.j2").render(
         hw_hash=hw.hash(), axi_w=int(hw.axi_width_bits), axi_ports=int(hw.axi_ports),
-        max_tasks=int(hw.limits.max_tasks), max_instr=MAX_INSTR, hash_words=[f"0x{w:08X}" for w in words])
+        max_tasks=int(hw.limits.max_tasks), max_instr=MAX_INSTR, hash_words=[f"0x{w:08X}" for w in words],
+        onchip_bytes=decoder_buffers(hw)["total"])
 
 
 def _render_depth(hw, sizes: dict[str, int]) -> str:

@@ -7,6 +7,7 @@ cached by source hash) serves every test here."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import shutil
@@ -24,10 +25,10 @@ from m3vit.compiler.lower import compile_qgraph
 from m3vit.compiler.quantize import calibrate, calibration_images
 from m3vit.errors import UsageError
 from m3vit.hls import csim
-from m3vit.hls.project import emit_project
+from m3vit.hls.project import decoder_buffers, emit_project
 from m3vit.model.config import resolve_config
 from m3vit.model.vit import build_model
-from m3vit.rtl_sim.hwconfig import HwConfig
+from m3vit.rtl_sim.hwconfig import Buffers, HwConfig
 
 
 def make_build(out: Path, hw: HwConfig, preset: str = "tiny", seed: int = 0, overrides=None) -> Path:
@@ -151,6 +152,37 @@ def test_odd_configurations_bit_exact(over, exe, tmp_path):
     r = csim.run_csim(b, trace=True)
     assert r["bit_exact"] and r["mismatches"] == 0, r["first_mismatch"]
     assert len(r["tasks"]) == over[-1].count(":") and all(e["tensors_compared"] > 10 for e in r["tasks"])
+
+
+def test_default_hw_buffers_fit_hw_json():
+    hw = HwConfig.default()
+    b = decoder_buffers(hw)
+    assert b["weights"] <= hw.buffers.weights and b["activations"] <= hw.buffers.activations
+    assert b["scores"] <= hw.buffers.scores
+    assert b["total"] <= hw.buffers.weights + hw.buffers.activations + hw.buffers.scores
+
+
+def test_small_buffers_tile_every_op_bit_exact(tmp_path):
+    """A hw.json whose buffers force every streaming path: 4-row blocks (25 tokens, one expert's
+    queue), a 3 x 5 array (in and out widths of several P_OUT groups, none divisible), key tiles
+    of the attention (a head's K and V [25, 16] do not fit what buffers.activations leaves) and
+    query tiles of 5 rows."""
+    base = HwConfig.default()
+    lim = dataclasses.replace(base.limits, max_tokens=32, max_dim=48, max_hidden=192, max_experts=4, max_k=2,
+                              max_heads=4)
+    hw = base.replace(p_in=3, p_out=5, token_block=4, limits=lim,
+                      buffers=Buffers(weights=4096, activations=5632, scores=512))
+    buf = decoder_buffers(hw)
+    assert buf["total"] <= 4096 + 5632 + 512
+    keys_per_tile = buf["kv_elems"] // 16  # tiny: dim 48, 3 heads
+    assert 1 < keys_per_tile < 25 // 2, keys_per_tile
+    b = make_build(tmp_path / "small", hw, seed=5)
+    r = csim.run_csim(b, trace=True)
+    assert r["bit_exact"] and r["mismatches"] == 0, r["first_mismatch"]
+    assert len(r["tasks"]) == 2 and all(e["tensors_compared"] > 50 for e in r["tasks"])
+    cfg = (b / "hls" / "m3v_config.h").read_text()
+    assert "TOKEN_BLOCK = 4;" in cfg and "BUF_ACTIVATIONS = 5632;" in cfg and "BUF_SCORES = 512;" in cfg
+    assert f"ONCHIP_BYTES = {buf['total']};" in (b / "hls" / "m3v_build.h").read_text()
 
 
 def test_build_is_cached(tiny, exe):

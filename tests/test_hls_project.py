@@ -4,7 +4,9 @@ in the synthesizable subset (the same linter as the header library's)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -123,3 +125,32 @@ def test_kernel_sources_are_synthesizable_style(proj):
     assert "standard library" in found and "dynamic memory" in found
     loose = dec.replace("        M3V_TRIPCOUNT(1, MAX_INSTR)\n", "")
     assert "without M3V_TRIPCOUNT" in "\n".join(lint_kernel_source("m3v_decoder.h", loose))
+
+
+def _syntax_errors(pdir: Path) -> str:
+    from m3vit.hls.csim_ops import CXX, ap_types_dir
+    res = subprocess.run(["nice", "-n", "10", CXX, "-std=c++14", "-fsyntax-only", "-isystem", str(ap_types_dir()),
+                          "-I", str(pdir), str(pdir / "m3v_top.cpp")], capture_output=True, text=True)
+    return res.stderr if res.returncode else ""
+
+
+def test_on_chip_buffers_are_bounded_by_hw_json(proj, tmp_path):
+    """The decoder's buffers are generated from hw.json's buffers and token_block; a hw.json whose
+    buffers cannot hold one weight tile, or one key of a head, does not compile."""
+    hw = HwConfig.default()
+    b = project.decoder_buffers(hw)
+    assert b["total"] <= hw.buffers.weights + hw.buffers.activations + hw.buffers.scores
+    assert f"ONCHIP_BYTES = {b['total']};" in (proj / "m3v_build.h").read_text()
+    cfg = (proj / "m3v_config.h").read_text()
+    for name, v in (("TOKEN_BLOCK", 32), ("BUF_WEIGHTS", 1 << 20), ("BUF_ACTIVATIONS", 2 << 20),
+                    ("BUF_SCORES", 1 << 16)):
+        assert re.search(rf"{name} = {v};", cfg), name
+    # token_block and the buffers are part of the build
+    other = project.emit_project(tmp_path / "tb8", hw.replace(token_block=8))
+    assert project.csim_digest(other) != project.csim_digest(proj)
+    assert not _syntax_errors(proj)
+    small_w = project.emit_project(tmp_path / "w", hw.replace(buffers=dataclasses.replace(hw.buffers, weights=4096)))
+    assert "exceeds buffers.weights" in _syntax_errors(small_w)
+    small_a = project.emit_project(tmp_path / "a",
+                                   hw.replace(buffers=dataclasses.replace(hw.buffers, activations=64 << 10)))
+    assert "buffers.activations" in _syntax_errors(small_a)

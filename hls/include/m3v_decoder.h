@@ -4,10 +4,11 @@
 // embedding, qkv, proj, MLP, experts, gate logits), layernorm, attention, moe_gate +
 // expert_queues, moe_combine, residual_add, prepend_cls and patchify.
 //
-// DDR is word memory (ap_uint<AXI_W>) behind four address spaces (wgt, arena, in, out). Each
-// instruction loads its operands into static on-chip buffers sized from the CFG maxima, runs one
-// unit and stores its result: a correctness-first access pattern (element-wise unpacking, no
-// overlap of transfer and compute), not the performance model of the accelerator.
+// DDR is word memory (ap_uint<AXI_W>) behind four address spaces (wgt, arena, in, out). Every
+// on-chip buffer is bounded by hw.json (token_block, buffers.*; see dec_sizes): instructions
+// stream blocks of token_block rows from DDR, through one unit and back, the GEMM per staged
+// P_OUT column group, attention per head in query and key tiles. Element-wise unpacking and no
+// overlap of transfer and compute: not the performance model of the accelerator.
 //
 // Template parameters: CFG is the generated m3v::config; BLD carries the build's AXI width, the
 // hardware hash and the instruction / task limits (generated m3v_build.h). The ISA constants come
@@ -182,37 +183,72 @@ inline int as_signed(ap_uint<32> v) { return int(ap_int<32>(v)); }
 
 inline ap_uint<32> align64(ap_uint<32> n) { return (n + isa::ALIGN - 1) / isa::ALIGN * isa::ALIGN; }
 
-// The on-chip working set: operand A, operand B / result, the GEMM weight slice, per-channel
-// parameters and the routing tables. Sizes from the CFG maxima.
+// Container bytes of n elements `bits` wide, each in whole bytes.
+constexpr long cbytes(long n, int bits) { return n * ((bits + 7) / 8); }
+
+// The on-chip working set, bounded by hw.json (TOKEN_BLOCK and BUF_* in m3v_config.h): every
+// instruction streams blocks of TOKEN_BLOCK rows through it. Only the routing tables (T k
+// entries of 16 bits) scale with max_tokens; the attention K / V tiles get what
+// buffers.activations leaves, capped at one whole head [max_tokens, max_dim].
 template <class CFG>
 struct dec_sizes {
-    static constexpr int A_COLS = cmax(cmax(CFG::MAX_IN, 3 * CFG::MAX_DIM), CFG::MAX_K * CFG::MAX_DIM);
-    static constexpr int B_COLS = cmax(cmax(CFG::MAX_IN, CFG::MAX_DIM), cmax(CFG::P_OUT, CFG::MAX_EXPERTS));
-    static constexpr int A_N = CFG::MAX_TOKENS * A_COLS;
-    static constexpr int B_N = CFG::MAX_TOKENS * B_COLS;
-    static constexpr int W_N = CFG::MAX_IN * CFG::P_OUT;
+    static constexpr int TB = CFG::TOKEN_BLOCK;
+    static constexpr int PI = CFG::P_IN;
+    static constexpr int PO = CFG::P_OUT;
+    static constexpr int KT = cdiv(CFG::MAX_IN, PI);
+    static constexpr int QT = CFG::ATT_QT;
+    static constexpr int DH = CFG::MAX_DH;
+    static constexpr int DKT = cdiv(DH, PI);
+    // a block row: GEMM / gate input, a patch row (C p p <= MAX_IN) or a token's k expert outputs
+    static constexpr int X_N = TB * cmax(CFG::MAX_IN, CFG::MAX_K * CFG::MAX_DIM);
+    static constexpr int Y_N = TB * cmax(cmax(CFG::MAX_DIM, PO), CFG::MAX_EXPERTS);
     static constexpr int TK = CFG::MAX_TOKENS * CFG::MAX_K;
-    static constexpr int PAR_N = cmax(CFG::MAX_DIM, CFG::MAX_EXPERTS);
+    static constexpr int TBK = TB * CFG::MAX_K;
+    static constexpr int PAR_N = cmax(cmax(CFG::MAX_DIM, CFG::MAX_EXPERTS), PO);
+    static constexpr int AB = (CFG::ACT_BITS + 7) / 8;
+    static constexpr long WEIGHT_BYTES = cbytes(long(KT) * PI * PO, CFG::WEIGHT_BITS);
+    static constexpr long FIXED_ACT_BYTES =
+        cbytes(long(X_N) + Y_N + long(DKT) * PI * QT + QT + CFG::MAX_DIM, CFG::ACT_BITS) +
+        cbytes(long(QT) * DH, pv_t::width) + cbytes(QT, psum_t::width) + cbytes(PAR_N + PO, CFG::ACC_BITS) +
+        cbytes(PAR_N, shift_t::width) + cbytes(PO, 32) + cbytes(CFG::MAX_DIM, ln_gamma_t::width) +
+        cbytes(3L * TK + TBK + TBK + CFG::MAX_EXPERTS + 1 + 2 * TB, 16);
+    static constexpr long KV_ROOM = (long(CFG::BUF_ACTIVATIONS) - FIXED_ACT_BYTES) / (2 * AB);
+    static constexpr int KV_N = KV_ROOM < long(CFG::MAX_TOKENS) * DH ? int(KV_ROOM) : CFG::MAX_TOKENS * DH;
+    static constexpr int SC_N = CFG::BUF_SCORES / AB;
+    static constexpr long ACT_BYTES = FIXED_ACT_BYTES + 2 * cbytes(KV_N, CFG::ACT_BITS);
+    static constexpr long SCORE_BYTES = cbytes(SC_N, CFG::ACT_BITS);
+    static constexpr long BYTES = WEIGHT_BYTES + ACT_BYTES + SCORE_BYTES;
+    static_assert(WEIGHT_BYTES <= CFG::BUF_WEIGHTS, "a staged MAX_IN x P_OUT weight tile exceeds buffers.weights");
+    static_assert(KV_ROOM >= DH, "buffers.activations leaves no room for one key and one value of a head");
+    static_assert(SC_N >= 1, "buffers.scores holds no score");
+    static_assert(ACT_BYTES <= CFG::BUF_ACTIVATIONS, "activation buffers exceed buffers.activations");
+    static_assert(BYTES <= long(CFG::BUF_WEIGHTS) + CFG::BUF_ACTIVATIONS + CFG::BUF_SCORES,
+                  "on-chip buffers exceed the sum of hw.json's buffers");
 };
 
+// The buffers without parallel-lane reads (one element per cycle); the partitioned ones (weight
+// tile, query tile, scores, tile biases and shifts) are declared in run_program.
 template <class CFG>
 struct dec_bufs {
     typedef dec_sizes<CFG> S;
-    typename CFG::act_t a[S::A_N];
-    typename CFG::act_t b[S::B_N];
-    typename CFG::act_t y[CFG::MAX_ROWS * CFG::P_OUT];
-    typename CFG::wgt_t w[S::W_N];
-    typename CFG::acc_t bias[cmax(CFG::P_OUT, CFG::MAX_DIM)];
-    shift_t shift[cmax(S::PAR_N, CFG::P_OUT)];
+    typename CFG::act_t x[S::X_N];      // the input block
+    typename CFG::act_t y[S::Y_N];      // the output block, or a second input
+    typename CFG::act_t kb[S::KV_N];    // attention: one key tile [keys, dh]
+    typename CFG::act_t vb[S::KV_N];    // attention: its values
+    pv_t pv[S::QT * S::DH];             // attention: sum p v of the query tile
+    psum_t psum[S::QT];                 // attention: sum p
+    typename CFG::act_t m[S::QT];       // attention: row maxima
+    typename CFG::acc_t bias[S::PAR_N]; // LayerNorm beta
+    shift_t shift[S::PAR_N];            // per-channel / per-expert / one tile's shifts
     ln_gamma_t gamma[CFG::MAX_DIM];
-    typename CFG::act_t vec[CFG::MAX_DIM];
-    idx_t idx[S::TK];
-    score_t score[S::TK];
+    idx_t idx[S::TK];                   // the routing of every token (queues are built from it)
+    idx_t idx_blk[S::TBK];
+    score_t score_blk[S::TBK];
     idx_t q_tok[S::TK];
     idx_t q_slot[S::TK];
     idx_t q_off[CFG::MAX_EXPERTS + 1];
-    idx_t src[CFG::MAX_ROWS];
-    idx_t dst[CFG::MAX_ROWS];
+    idx_t src[S::TB];
+    idx_t dst[S::TB];
     typename CFG::acc_t comb[1]; // the engine's combine target, unused by the decoder's GEMMs
     sat_cnt_t sat; // saturations of the whole run (all units)
 };
@@ -222,6 +258,9 @@ typedef ap_uint<32> ifield_t;
 
 #define M3V_DDR_ARGS wgt, arena, in, out, c
 #define M3V_DDR_PARAMS const ap_uint<AW> *wgt, ap_uint<AW> *arena, const ap_uint<AW> *in, ap_uint<AW> *out, ddr_ctx &c
+#define M3V_TILE_ARGS wt, bias_l, shift_l
+#define M3V_TILE_PARAMS                                                                                        \
+    typename CFG::wgt_t wt[][CFG::P_IN][CFG::P_OUT], typename CFG::acc_t bias_l[CFG::P_OUT], int shift_l[CFG::P_OUT]
 
 // Expert queue table layout (isa.queue_layout): q_off u16 [N+1], q_tok, q_dst u16 [T k].
 inline void queue_layout(int n, int tk, ap_uint<32> &tok_off, ap_uint<32> &dst_off) {
@@ -229,14 +268,15 @@ inline void queue_layout(int n, int tk, ap_uint<32> &tok_off, ap_uint<32> &dst_o
     dst_off = tok_off + align64(2 * tk);
 }
 
-// Shared GEMM slice: y[r, y_off + o] for o in [o0, o0 + ncols) of w [in_dim, w_cols] (element
-// bytes 1 or 2), with bias / per-channel shift slices, on x = bufs.a (rows x in_dim, ld x_ld).
+inline int imin(int a, int b) { return a < b ? a : b; }
+
+// Stage output columns o0 .. o0 + ncols - 1 of w [in_dim, w_cols] (element bytes 1 or 2) into
+// the weight tile, with their biases and per-channel shifts.
 template <class CFG, int AW>
-void gemm_slice(M3V_DDR_PARAMS, dec_bufs<CFG> &B, int rows, int in_dim, int w_cols, int o0, int ncols,
+void stage_tile(M3V_DDR_PARAMS, dec_bufs<CFG> &B, M3V_TILE_PARAMS, int in_dim, int w_cols, int o0, int ncols,
                 bool w16, ap_uint<32> w_ref, boff_t w_byte_off, bool has_bias, ap_uint<32> bias_ref,
-                boff_t bias_byte_off, ap_uint<32> shift_ref, boff_t shift_byte_off, fmt_t fmt, bool gelu,
-                fmt_t gelu_fmt, int x_ld, typename CFG::act_t y[], int y_ld, int y_off, sat_cnt_t &sat,
-                sat_cnt_t &sat_gelu) {
+                boff_t bias_byte_off, ap_uint<32> shift_ref, boff_t shift_byte_off) {
+    constexpr int PI = CFG::P_IN;
     constexpr int PO = CFG::P_OUT;
     constexpr int MAX_IN = CFG::MAX_IN;
     const int eb = w16 ? 2 : 1;
@@ -244,38 +284,47 @@ void gemm_slice(M3V_DDR_PARAMS, dec_bufs<CFG> &B, int rows, int in_dim, int w_co
         M3V_TRIPCOUNT(1, MAX_IN)
         const boff_t at = w_byte_off + (boff_t(i) * w_cols + o0) * eb;
         if (w16)
-            ddr_load<AW, 2, true, PO>(wgt, arena, in, out, c, w_ref, at, ncols, B.w + i * PO);
+            ddr_load<AW, 2, true, PO>(M3V_DDR_ARGS, w_ref, at, ncols, wt[i / PI][i % PI]);
         else
-            ddr_load<AW, 1, true, PO>(wgt, arena, in, out, c, w_ref, at, ncols, B.w + i * PO);
-    }
-    for (int j = 0; j < ncols; j++) {
-        M3V_TRIPCOUNT(1, PO)
-        B.bias[j] = has_bias ? typename CFG::acc_t(ddr_load64<AW>(M3V_DDR_ARGS, bias_ref,
-                                                                   bias_byte_off + boff_t(8 * (o0 + j))))
-                             : typename CFG::acc_t(0);
+            ddr_load<AW, 1, true, PO>(M3V_DDR_ARGS, w_ref, at, ncols, wt[i / PI][i % PI]);
     }
     ddr_load<AW, 1, true, PO>(M3V_DDR_ARGS, shift_ref, shift_byte_off + boff_t(o0), ncols, B.shift);
+    for (int j = 0; j < PO; j++) {
+        const bool on = j < ncols;
+        bias_l[j] = (on && has_bias) ? typename CFG::acc_t(ddr_load64<AW>(M3V_DDR_ARGS, bias_ref,
+                                                                            bias_byte_off + boff_t(8 * (o0 + j))))
+                                     : typename CFG::acc_t(0);
+        shift_l[j] = on ? int(B.shift[j]) : 0;
+    }
+}
+
+// Rows [0, rows) of B.x (row stride x_ld) through the staged tile into y[dst(r) y_ld + y_off + j],
+// j < ncols: the row mapping is applied by the caller's loads and stores.
+template <class CFG>
+void run_tile(dec_bufs<CFG> &B, M3V_TILE_PARAMS, int rows, int in_dim, int ncols, int x_ld, fmt_t fmt, bool gelu,
+              fmt_t gelu_fmt, typename CFG::act_t y[], int y_ld, int y_off, sat_cnt_t &sat, sat_cnt_t &sat_gelu) {
     gemm_args g;
     g.rows = rows;
     g.in_dim = in_dim;
     g.out_dim = ncols;
     g.x_ld = x_ld;
     g.x_off = 0;
-    g.w_ld = PO;
+    g.w_ld = CFG::P_OUT;
     g.w_off = 0;
     g.y_ld = y_ld;
     g.y_off = y_off;
     g.w_trans = false;
     g.gather = false;
     g.scatter = false;
-    g.has_bias = has_bias;
+    g.has_bias = true; // the staged biases are 0 without one
     g.per_channel_shift = true;
     g.fmt = fmt;
     g.gelu = gelu;
     g.gelu_fmt = gelu_fmt;
     g.combine = false;
     g.comb_shift = 0;
-    gemm<CFG, typename CFG::wgt_t>(g, B.a, B.src, B.w, B.bias, B.shift, B.score, B.dst, y, B.comb, sat, sat_gelu);
+    gemm_tile<CFG, typename CFG::wgt_t>(g, 0, B.x, B.src, wt, bias_l, shift_l, B.score_blk, B.dst, y, B.comb, sat,
+                                        sat_gelu);
 }
 
 template <class CFG>
@@ -285,30 +334,52 @@ bool fits_fmt(fmt_t f) {
 
 // ---------------------------------------------------------------------------- the opcodes
 
+// Patch rows in blocks: each row gathers C p segments of p contiguous pixels.
 template <class CFG, int AW>
 int op_patchify(M3V_DDR_PARAMS, dec_bufs<CFG> &B, const ifield_t f[]) {
-    typedef dec_sizes<CFG> S;
+    constexpr int TB = CFG::TOKEN_BLOCK;
+    constexpr int MAX_IN = CFG::MAX_IN;
     const ifield_t lim = CFG::MAX_IN; // C and p each fit one patch row, H / p and W / p the rows
     if (f[isa::F_PATCHIFY_CHANNELS] > lim || f[isa::F_PATCHIFY_PATCH] > lim ||
         f[isa::F_PATCHIFY_HEIGHT] > lim * CFG::MAX_ROWS || f[isa::F_PATCHIFY_WIDTH] > lim * CFG::MAX_ROWS)
         return isa::STATUS_OVER_LIMIT;
     const int ch = f[isa::F_PATCHIFY_CHANNELS], h = f[isa::F_PATCHIFY_HEIGHT];
     const int w = f[isa::F_PATCHIFY_WIDTH], p = f[isa::F_PATCHIFY_PATCH];
-    // ordered so that no product can overflow; C H W = (C p p)(H / p)(W / p) then fits A and B
+    // ordered so that no product can overflow
     if (ch < 1 || p < 1 || h < 1 || w < 1 || h % p || w % p || ch * p > CFG::MAX_IN || ch * p * p > CFG::MAX_IN ||
         h / p > CFG::MAX_ROWS || w / p > CFG::MAX_ROWS || (h / p) * (w / p) > CFG::MAX_ROWS)
         return isa::STATUS_OVER_LIMIT;
-    ddr_load<AW, 2, true, S::A_N>(M3V_DDR_ARGS, f[isa::F_PATCHIFY_SRC_REF], 0, ch * h * w, B.a);
-    patchify<CFG>(ch, h, w, p, B.a, B.b);
-    ddr_store16<AW, S::B_N>(M3V_DDR_ARGS, f[isa::F_PATCHIFY_DST_REF], 0, ch * h * w, B.b);
+    constexpr int RB = cdiv(CFG::MAX_ROWS, TB);
+    const int gw = w / p, n = (h / p) * gw, row = ch * p * p;
+    const ap_uint<32> src = f[isa::F_PATCHIFY_SRC_REF];
+    for (int t0 = 0; t0 < n; t0 += TB) {
+        M3V_TRIPCOUNT(1, RB)
+        const int nb = imin(TB, n - t0);
+        for (int r = 0; r < nb; r++) {
+            M3V_TRIPCOUNT(1, TB)
+            const int py = (t0 + r) / gw, px = (t0 + r) % gw;
+            for (int ci = 0; ci < ch * p; ci++) {
+                M3V_TRIPCOUNT(1, MAX_IN)
+                const int cc = ci / p, i = ci % p;
+                const boff_t at = boff_t(2) * ((boff_t(cc) * h + py * p + i) * w + px * p);
+                ddr_load<AW, 2, true, MAX_IN>(M3V_DDR_ARGS, src, at, p, B.x + r * row + ci * p);
+            }
+        }
+        ddr_store16<AW, dec_sizes<CFG>::X_N>(M3V_DDR_ARGS, f[isa::F_PATCHIFY_DST_REF], boff_t(2) * t0 * row, nb * row,
+                                             B.x);
+    }
     return isa::STATUS_OK;
 }
 
+// Weight-stationary: per group of P_OUT output columns the tile is staged once, then the rows
+// stream through it in blocks of TOKEN_BLOCK (gathered at load, scattered at store).
 template <class CFG, int AW>
-int op_gemm(M3V_DDR_PARAMS, dec_bufs<CFG> &B, const ifield_t f[]) {
+int op_gemm(M3V_DDR_PARAMS, dec_bufs<CFG> &B, M3V_TILE_PARAMS, const ifield_t f[]) {
     typedef dec_sizes<CFG> S;
     constexpr int PO = CFG::P_OUT;
-    constexpr int MAX_ROWS = CFG::MAX_ROWS;
+    constexpr int TB = CFG::TOKEN_BLOCK;
+    constexpr int MAX_IN = CFG::MAX_IN;
+    constexpr int RB = cdiv(CFG::MAX_ROWS, TB);
     constexpr int OT = cdiv(CFG::MAX_OUT, PO);
     constexpr int MAX_LD = 1 << 16; // keeps row offsets of the 40-bit address arithmetic exact
     const ap_uint<24> flags = f[0] >> 8;
@@ -348,68 +419,87 @@ int op_gemm(M3V_DDR_PARAMS, dec_bufs<CFG> &B, const ifield_t f[]) {
         if (rows == 0)
             return isa::STATUS_OK; // an idle expert fetches nothing and writes nothing
     }
-    if (rows < 1 || rows > MAX_ROWS || rows * in_dim > S::A_N)
+    if (rows < 1 || rows > CFG::MAX_ROWS)
         return isa::STATUS_OVER_LIMIT;
-    for (int r = 0; r < rows; r++) {
-        M3V_TRIPCOUNT(1, MAX_ROWS)
-        B.src[r] = xmode == isa::XMODE_QUEUE ? q0 + r : r;
-        B.dst[r] = ymode == isa::YMODE_QUEUE ? q0 + r : r;
-    }
-    if (xmode == isa::XMODE_GATHER)
-        ddr_load<AW, 2, false, MAX_ROWS>(M3V_DDR_ARGS, qref, boff_t(tok_off) + 2 * q0, rows, B.src);
-    if (ymode == isa::YMODE_SCATTER)
-        ddr_load<AW, 2, false, MAX_ROWS>(M3V_DDR_ARGS, qref, boff_t(dst_off) + 2 * q0, rows, B.dst);
-    // Gather at load time: row r of the on-chip x is memory row src(r).
-    for (int r = 0; r < rows; r++) {
-        M3V_TRIPCOUNT(1, MAX_ROWS)
-        ddr_load<AW, 2, true, CFG::MAX_IN>(M3V_DDR_ARGS, f[isa::F_GEMM_X_REF], boff_t(2) * B.src[r] * x_ld,
-                                           in_dim, B.a + r * in_dim);
-    }
     sat_cnt_t sat_gelu = 0;
     for (int o0 = 0; o0 < out_dim; o0 += PO) {
         M3V_TRIPCOUNT(1, OT)
-        const int nc = out_dim - o0 < PO ? out_dim - o0 : PO;
-        gemm_slice<CFG, AW>(M3V_DDR_ARGS, B, rows, in_dim, out_dim, o0, nc, w16, f[isa::F_GEMM_W_REF], 0, has_bias,
-                            f[isa::F_GEMM_BIAS_REF], 0, f[isa::F_GEMM_SHIFT_REF], 0, fmt, gelu, gelu_fmt, in_dim,
-                            B.y, PO, 0, B.sat, sat_gelu);
-        // Scatter at store time: row r goes to memory row dst(r).
-        for (int r = 0; r < rows; r++) {
-            M3V_TRIPCOUNT(1, MAX_ROWS)
-            ddr_store16<AW, PO>(M3V_DDR_ARGS, f[isa::F_GEMM_Y_REF], boff_t(2) * (boff_t(B.dst[r]) * y_ld + o0), nc,
-                                B.y + r * PO);
+        const int nc = imin(PO, out_dim - o0);
+        stage_tile<CFG, AW>(M3V_DDR_ARGS, B, M3V_TILE_ARGS, in_dim, out_dim, o0, nc, w16, f[isa::F_GEMM_W_REF], 0,
+                            has_bias, f[isa::F_GEMM_BIAS_REF], 0, f[isa::F_GEMM_SHIFT_REF], 0);
+        for (int r0 = 0; r0 < rows; r0 += TB) {
+            M3V_TRIPCOUNT(1, RB)
+            const int nb = imin(TB, rows - r0);
+            for (int r = 0; r < nb; r++) {
+                M3V_TRIPCOUNT(1, TB)
+                B.src[r] = xmode == isa::XMODE_QUEUE ? q0 + r0 + r : r0 + r;
+                B.dst[r] = ymode == isa::YMODE_QUEUE ? q0 + r0 + r : r0 + r;
+            }
+            if (xmode == isa::XMODE_GATHER)
+                ddr_load<AW, 2, false, TB>(M3V_DDR_ARGS, qref, boff_t(tok_off) + 2 * (q0 + r0), nb, B.src);
+            if (ymode == isa::YMODE_SCATTER)
+                ddr_load<AW, 2, false, TB>(M3V_DDR_ARGS, qref, boff_t(dst_off) + 2 * (q0 + r0), nb, B.dst);
+            // Gather at load time: row r of the block is memory row src(r).
+            for (int r = 0; r < nb; r++) {
+                M3V_TRIPCOUNT(1, TB)
+                ddr_load<AW, 2, true, MAX_IN>(M3V_DDR_ARGS, f[isa::F_GEMM_X_REF], boff_t(2) * B.src[r] * x_ld, in_dim,
+                                              B.x + r * in_dim);
+            }
+            run_tile<CFG>(B, M3V_TILE_ARGS, nb, in_dim, nc, in_dim, fmt, gelu, gelu_fmt, B.y, PO, 0, B.sat, sat_gelu);
+            // Scatter at store time: row r goes to memory row dst(r).
+            for (int r = 0; r < nb; r++) {
+                M3V_TRIPCOUNT(1, TB)
+                ddr_store16<AW, PO>(M3V_DDR_ARGS, f[isa::F_GEMM_Y_REF], boff_t(2) * (boff_t(B.dst[r]) * y_ld + o0),
+                                    nc, B.y + r * PO);
+            }
         }
     }
     B.sat += sat_gelu;
     return isa::STATUS_OK;
 }
 
+// Row blocks: block row r is the CLS row (r = 0) or patch token r - 1, plus position row r.
 template <class CFG, int AW>
 int op_embed(M3V_DDR_PARAMS, dec_bufs<CFG> &B, const ifield_t f[]) {
-    typedef dec_sizes<CFG> S;
+    constexpr int TB = CFG::TOKEN_BLOCK;
+    constexpr int TBLOCKS = cdiv(CFG::MAX_TOKENS, TB);
+    constexpr int MAX_DIM = CFG::MAX_DIM;
     const int np = f[isa::F_EMBED_PATCHES], d = f[isa::F_EMBED_DIM];
     const fmt_t fmt = unpack_fmt(f[isa::F_EMBED_FMT]);
     if (np < 1 || np + 1 > CFG::MAX_TOKENS || d < 1 || d > CFG::MAX_DIM || !fits_fmt<CFG>(fmt))
         return isa::STATUS_OVER_LIMIT;
-    ddr_load<AW, 2, true, S::A_N>(M3V_DDR_ARGS, f[isa::F_EMBED_X_REF], 0, np * d, B.a);
-    ddr_load<AW, 2, true, CFG::MAX_DIM>(M3V_DDR_ARGS, f[isa::F_EMBED_CLS_REF], 0, d, B.vec);
-    prepend_cls<CFG>(np, d, B.a, B.vec, B.b);
-    ddr_load<AW, 2, true, S::A_N>(M3V_DDR_ARGS, f[isa::F_EMBED_POS_REF], 0, (np + 1) * d, B.a);
-    residual_add<CFG>(np + 1, d, B.b, d, B.a, d, as_signed(f[isa::F_EMBED_A_SHIFT]),
-                      as_signed(f[isa::F_EMBED_B_SHIFT]), fmt, B.b, d, B.sat);
-    ddr_store16<AW, S::B_N>(M3V_DDR_ARGS, f[isa::F_EMBED_Y_REF], 0, (np + 1) * d, B.b);
+    for (int r0 = 0; r0 <= np; r0 += TB) {
+        M3V_TRIPCOUNT(1, TBLOCKS)
+        const int nb = imin(TB, np + 1 - r0);
+        for (int r = 0; r < nb; r++) {
+            M3V_TRIPCOUNT(1, TB)
+            const int g = r0 + r;
+            if (g == 0)
+                ddr_load<AW, 2, true, MAX_DIM>(M3V_DDR_ARGS, f[isa::F_EMBED_CLS_REF], 0, d, B.x + r * d);
+            else
+                ddr_load<AW, 2, true, MAX_DIM>(M3V_DDR_ARGS, f[isa::F_EMBED_X_REF], boff_t(2) * (g - 1) * d, d,
+                                               B.x + r * d);
+        }
+        ddr_load<AW, 2, true, dec_sizes<CFG>::Y_N>(M3V_DDR_ARGS, f[isa::F_EMBED_POS_REF], boff_t(2) * r0 * d, nb * d,
+                                                   B.y);
+        residual_add<CFG>(nb, d, B.x, d, B.y, d, as_signed(f[isa::F_EMBED_A_SHIFT]),
+                          as_signed(f[isa::F_EMBED_B_SHIFT]), fmt, B.y, d, B.sat);
+        ddr_store16<AW, dec_sizes<CFG>::Y_N>(M3V_DDR_ARGS, f[isa::F_EMBED_Y_REF], boff_t(2) * r0 * d, nb * d, B.y);
+    }
     return isa::STATUS_OK;
 }
 
 template <class CFG, int AW>
 int op_layernorm(M3V_DDR_PARAMS, dec_bufs<CFG> &B, const ifield_t f[]) {
     typedef dec_sizes<CFG> S;
+    constexpr int TB = CFG::TOKEN_BLOCK;
+    constexpr int TBLOCKS = cdiv(CFG::MAX_TOKENS, TB);
     constexpr int MAX_DIM = CFG::MAX_DIM;
     const int rows = f[isa::F_LAYERNORM_ROWS], d = f[isa::F_LAYERNORM_DIM];
     const fmt_t fmt = unpack_fmt(f[isa::F_LAYERNORM_FMT]);
     const ap_uint<64> eps = (ap_uint<64>(f[isa::F_LAYERNORM_EPS_HI]) << 32) | ap_uint<64>(f[isa::F_LAYERNORM_EPS_LO]);
     if (rows < 1 || rows > CFG::MAX_TOKENS || d < 1 || d > MAX_DIM || !fits_fmt<CFG>(fmt) || (eps >> 61) != 0)
         return isa::STATUS_OVER_LIMIT;
-    ddr_load<AW, 2, true, S::A_N>(M3V_DDR_ARGS, f[isa::F_LAYERNORM_X_REF], 0, rows * d, B.a);
     ddr_load<AW, 2, true, MAX_DIM>(M3V_DDR_ARGS, f[isa::F_LAYERNORM_GAMMA_REF], 0, d, B.gamma);
     ddr_load<AW, 1, true, MAX_DIM>(M3V_DDR_ARGS, f[isa::F_LAYERNORM_SHIFT_REF], 0, d, B.shift);
     for (int j = 0; j < d; j++) {
@@ -417,7 +507,6 @@ int op_layernorm(M3V_DDR_PARAMS, dec_bufs<CFG> &B, const ifield_t f[]) {
         B.bias[j] = typename CFG::acc_t(ddr_load64<AW>(M3V_DDR_ARGS, f[isa::F_LAYERNORM_BETA_REF], boff_t(8 * j)));
     }
     ln_args a;
-    a.rows = rows;
     a.dim = d;
     a.x_ld = d;
     a.z_ld = d;
@@ -425,61 +514,203 @@ int op_layernorm(M3V_DDR_PARAMS, dec_bufs<CFG> &B, const ifield_t f[]) {
     a.beta_shift = as_signed(f[isa::F_LAYERNORM_BETA_SHIFT]);
     a.out_fmt = fmt;
     sat_cnt_t sat_norm = 0;
-    layernorm<CFG>(a, B.a, B.gamma, B.bias, B.shift, B.b, sat_norm, B.sat);
+    for (int r0 = 0; r0 < rows; r0 += TB) {
+        M3V_TRIPCOUNT(1, TBLOCKS)
+        const int nb = imin(TB, rows - r0);
+        a.rows = nb;
+        ddr_load<AW, 2, true, S::X_N>(M3V_DDR_ARGS, f[isa::F_LAYERNORM_X_REF], boff_t(2) * r0 * d, nb * d, B.x);
+        layernorm<CFG>(a, B.x, B.gamma, B.bias, B.shift, B.y, sat_norm, B.sat);
+        ddr_store16<AW, S::Y_N>(M3V_DDR_ARGS, f[isa::F_LAYERNORM_Y_REF], boff_t(2) * r0 * d, nb * d, B.y);
+    }
     B.sat += sat_norm;
-    ddr_store16<AW, S::B_N>(M3V_DDR_ARGS, f[isa::F_LAYERNORM_Y_REF], 0, rows * d, B.b);
     return isa::STATUS_OK;
 }
 
+// Scores of the nq staged queries against keys [0, nk) of the K tile (row stride dh):
+// s[l sld + j] = requant(sum_c q[l, c] k[j, c], shift, fmt); with `first`, m[l] starts at key 0,
+// and every score raises m[l] when larger.
+template <class CFG>
+void tile_scores(const typename CFG::act_t qb[][CFG::P_IN][CFG::ATT_QT], const typename CFG::act_t kb[], int nq,
+                 int nk, int dh, int shift, const fmt_t &fmt, typename CFG::act_t s[], int sld, bool track, bool first,
+                 typename CFG::act_t m[], sat_cnt_t &sat) {
+    typedef typename CFG::act_t act_t;
+    typedef typename CFG::acc_t acc_t;
+    constexpr int PI = CFG::P_IN;
+    constexpr int QT = CFG::ATT_QT;
+    constexpr int DKT = cdiv(CFG::MAX_DH, PI);
+    constexpr int MAX_KEYS = CFG::MAX_KEYS;
+    acc_t acc[QT];
+    M3V_HLS(array_partition variable=acc complete)
+    act_t kv[PI];
+    M3V_HLS(array_partition variable=kv complete)
+    for (int j = 0; j < nk; j++) {
+        M3V_TRIPCOUNT(1, MAX_KEYS)
+        for (int l = 0; l < QT; l++) {
+            M3V_HLS(unroll)
+            acc[l] = 0;
+        }
+        for (int kt = 0; kt < cdiv(dh, PI); kt++) {
+            M3V_TRIPCOUNT(1, DKT)
+            M3V_HLS(pipeline II=1)
+            for (int i = 0; i < PI; i++) {
+                M3V_HLS(unroll)
+                const int cc = kt * PI + i;
+                kv[i] = cc < dh ? act_t(kb[j * dh + cc]) : act_t(0);
+            }
+            for (int l = 0; l < QT; l++) {
+                M3V_HLS(unroll)
+                acc_t sum = 0;
+                for (int i = 0; i < PI; i++) {
+                    M3V_HLS(unroll)
+                    sum += kv[i] * qb[kt][i][l];
+                }
+                acc[l] += sum;
+            }
+        }
+        for (int l = 0; l < QT; l++) {
+            M3V_HLS(unroll)
+            if (l < nq) {
+                const act_t v = requant<CFG::ACT_BITS>(acc[l], shift, fmt, sat);
+                s[l * sld + j] = v;
+                if (track)
+                    m[l] = ((first && j == 0) || v > m[l]) ? v : m[l];
+            }
+        }
+    }
+}
+
+// Per head and query tile, two passes over key tiles of kt_n keys (K and V of one tile on chip;
+// one tile, loaded once per head, when they fit): pass 1 the row maxima, pass 2 the exact sums
+// S = sum p and A = sum p v, then one reciprocal per row. Sums and maxima do not depend on the
+// key order, so the result is the untiled one bit for bit.
 template <class CFG, int AW>
-int op_attention(M3V_DDR_PARAMS, dec_bufs<CFG> &B, const ifield_t f[]) {
+int op_attention(M3V_DDR_PARAMS, dec_bufs<CFG> &B, typename CFG::act_t qb[][CFG::P_IN][CFG::ATT_QT],
+                 typename CFG::act_t sc[], const ifield_t f[]) {
     typedef dec_sizes<CFG> S;
+    constexpr int PI = CFG::P_IN;
+    constexpr int QT = CFG::ATT_QT;
+    constexpr int MAX_DH = CFG::MAX_DH;
+    constexpr int MAX_HEADS = CFG::MAX_HEADS;
+    constexpr int MAX_KEYS = CFG::MAX_KEYS;
+    constexpr int PASSES = 2 * cdiv(CFG::MAX_TOKENS * MAX_DH, S::KV_N);
+    constexpr int QTILES = CFG::MAX_TOKENS;
+    constexpr int PV_N = QT * MAX_DH;
     const int t = f[isa::F_ATTENTION_TOKENS], d = f[isa::F_ATTENTION_DIM], heads = f[isa::F_ATTENTION_HEADS];
     const fmt_t fmt = unpack_fmt(f[isa::F_ATTENTION_FMT]), sfmt = unpack_fmt(f[isa::F_ATTENTION_SCORE_FMT]);
     if (t < 1 || t > CFG::MAX_TOKENS || d < 1 || d > CFG::MAX_DIM || heads < 1 || heads > CFG::MAX_HEADS ||
         d % heads || !fits_fmt<CFG>(fmt) || !fits_fmt<CFG>(sfmt))
         return isa::STATUS_OVER_LIMIT;
-    ddr_load<AW, 2, true, S::A_N>(M3V_DDR_ARGS, f[isa::F_ATTENTION_QKV_REF], 0, t * 3 * d, B.a);
-    attn_args a;
-    a.tq = t;
-    a.tk = t;
-    a.heads = heads;
-    a.dh = d / heads;
-    a.q_ld = 3 * d;
-    a.k_ld = 3 * d;
-    a.v_ld = 3 * d;
-    a.o_ld = d;
-    a.score_shift = as_signed(f[isa::F_ATTENTION_SCORE_SHIFT]);
-    a.score_fmt = sfmt;
-    a.out_shift = as_signed(f[isa::F_ATTENTION_OUT_SHIFT]);
-    a.out_fmt = fmt;
-    sat_cnt_t sat_score = 0;
-    attention<CFG>(a, B.a, B.a + d, B.a + 2 * d, B.b, sat_score, B.sat);
+    const int dh = d / heads;
+    const int score_shift = as_signed(f[isa::F_ATTENTION_SCORE_SHIFT]);
+    const int out_shift = as_signed(f[isa::F_ATTENTION_OUT_SHIFT]);
+    const ap_uint<32> qkv = f[isa::F_ATTENTION_QKV_REF];
+    // keys per tile: what the K / V buffers hold, and what leaves room for one score row
+    const int kt_n = imin(imin(t, S::KV_N / dh), S::SC_N);
+    const int nkt = (t + kt_n - 1) / kt_n;
+    // the instruction's query tile, within the lanes and the score buffer
+    const int qf = f[isa::F_ATTENTION_Q_TILE] > ap_uint<32>(QT) ? QT : int(f[isa::F_ATTENTION_Q_TILE]);
+    const int qt = imin(qf < 1 ? QT : qf, S::SC_N / kt_n);
+    const boff_t row_b = boff_t(2) * 3 * d; // bytes per qkv row
+    sat_cnt_t sat_score = 0, sat_again = 0;
+    for (int h = 0; h < heads; h++) {
+        M3V_TRIPCOUNT(1, MAX_HEADS)
+        const int col = h * dh;
+        int loaded = -1; // the key tile in kb / vb
+        for (int q0 = 0; q0 < t; q0 += qt) {
+            M3V_TRIPCOUNT(1, QTILES)
+            const int nq = imin(qt, t - q0);
+            // Stage the query tile. Lanes past nq are never read out, channels past dh meet zero keys.
+            for (int l = 0; l < nq; l++) {
+                M3V_TRIPCOUNT(1, QT)
+                ddr_load<AW, 2, true, MAX_DH>(M3V_DDR_ARGS, qkv, row_b * (q0 + l) + 2 * col, dh, B.y);
+                for (int cc = 0; cc < dh; cc++) {
+                    M3V_TRIPCOUNT(1, MAX_DH)
+                    M3V_HLS(pipeline II=1)
+                    qb[cc / PI][cc % PI][l] = B.y[cc];
+                }
+            }
+            for (int l = 0; l < QT; l++) {
+                M3V_HLS(unroll)
+                B.psum[l] = 0;
+            }
+            for (int i = 0; i < qt * dh; i++) {
+                M3V_TRIPCOUNT(1, PV_N)
+                M3V_HLS(pipeline II=1)
+                B.pv[i] = 0;
+            }
+            // pass 1 in key order, pass 2 in reverse: the tile on chip at a pass boundary is reused
+            for (int p = 0; p < 2 * nkt; p++) {
+                M3V_TRIPCOUNT(2, PASSES)
+                const bool pass1 = p < nkt;
+                const int kt = pass1 ? p : 2 * nkt - 1 - p;
+                const int k0 = kt * kt_n, nk = imin(kt_n, t - k0);
+                if (loaded != kt) {
+                    for (int j = 0; j < nk; j++) {
+                        M3V_TRIPCOUNT(1, MAX_KEYS)
+                        ddr_load<AW, 2, true, MAX_DH>(M3V_DDR_ARGS, qkv, row_b * (k0 + j) + 2 * (d + col), dh,
+                                                      B.kb + j * dh);
+                        ddr_load<AW, 2, true, MAX_DH>(M3V_DDR_ARGS, qkv, row_b * (k0 + j) + 2 * (2 * d + col), dh,
+                                                      B.vb + j * dh);
+                    }
+                    loaded = kt;
+                }
+                if (pass1)
+                    tile_scores<CFG>(qb, B.kb, nq, nk, dh, score_shift, sfmt, sc, kt_n, true, kt == 0, B.m, sat_score);
+                else if (nkt > 1) // recomputed scores are the same, their saturations already counted
+                    tile_scores<CFG>(qb, B.kb, nq, nk, dh, score_shift, sfmt, sc, kt_n, false, false, B.m, sat_again);
+                if (!pass1)
+                    softmax_av_partial<CFG>(nq, nk, dh, sc, kt_n, B.vb, dh, B.m, sfmt.frac, B.psum, B.pv);
+            }
+            for (int l = 0; l < nq; l++) {
+                M3V_TRIPCOUNT(1, QT)
+                recip_t r;
+                int rk;
+                recip_int(B.psum[l], r, rk);
+                for (int cc = 0; cc < dh; cc++) {
+                    M3V_TRIPCOUNT(1, MAX_DH)
+                    M3V_HLS(pipeline II=1)
+                    B.y[cc] = av_out<CFG>(B.pv[l * dh + cc], r, rk, out_shift, fmt, B.sat);
+                }
+                ddr_store16<AW, MAX_DH>(M3V_DDR_ARGS, f[isa::F_ATTENTION_Y_REF], boff_t(2) * ((q0 + l) * d + col), dh,
+                                        B.y);
+            }
+        }
+    }
     B.sat += sat_score;
-    ddr_store16<AW, S::B_N>(M3V_DDR_ARGS, f[isa::F_ATTENTION_Y_REF], 0, t * d, B.b);
     return isa::STATUS_OK;
 }
 
 template <class CFG, int AW>
 int op_add(M3V_DDR_PARAMS, dec_bufs<CFG> &B, const ifield_t f[]) {
     typedef dec_sizes<CFG> S;
+    constexpr int TB = CFG::TOKEN_BLOCK;
+    constexpr int TBLOCKS = cdiv(CFG::MAX_TOKENS, TB);
     const int rows = f[isa::F_ADD_ROWS], cols = f[isa::F_ADD_COLS];
     const fmt_t fmt = unpack_fmt(f[isa::F_ADD_FMT]);
     if (rows < 1 || rows > CFG::MAX_TOKENS || cols < 1 || cols > CFG::MAX_DIM || !fits_fmt<CFG>(fmt))
         return isa::STATUS_OVER_LIMIT;
-    ddr_load<AW, 2, true, S::A_N>(M3V_DDR_ARGS, f[isa::F_ADD_A_REF], 0, rows * cols, B.a);
-    ddr_load<AW, 2, true, S::B_N>(M3V_DDR_ARGS, f[isa::F_ADD_B_REF], 0, rows * cols, B.b);
-    residual_add<CFG>(rows, cols, B.a, cols, B.b, cols, as_signed(f[isa::F_ADD_A_SHIFT]),
-                      as_signed(f[isa::F_ADD_B_SHIFT]), fmt, B.b, cols, B.sat);
-    ddr_store16<AW, S::B_N>(M3V_DDR_ARGS, f[isa::F_ADD_Y_REF], 0, rows * cols, B.b);
+    for (int r0 = 0; r0 < rows; r0 += TB) {
+        M3V_TRIPCOUNT(1, TBLOCKS)
+        const int nb = imin(TB, rows - r0);
+        const boff_t at = boff_t(2) * r0 * cols;
+        ddr_load<AW, 2, true, S::X_N>(M3V_DDR_ARGS, f[isa::F_ADD_A_REF], at, nb * cols, B.x);
+        ddr_load<AW, 2, true, S::Y_N>(M3V_DDR_ARGS, f[isa::F_ADD_B_REF], at, nb * cols, B.y);
+        residual_add<CFG>(nb, cols, B.x, cols, B.y, cols, as_signed(f[isa::F_ADD_A_SHIFT]),
+                          as_signed(f[isa::F_ADD_B_SHIFT]), fmt, B.y, cols, B.sat);
+        ddr_store16<AW, S::Y_N>(M3V_DDR_ARGS, f[isa::F_ADD_Y_REF], at, nb * cols, B.y);
+    }
     return isa::STATUS_OK;
 }
 
+// Logits, top-k and scores per token block; the routing of every token stays on chip (T k
+// entries) for the queues.
 template <class CFG, int AW>
-int op_moe_gate(M3V_DDR_PARAMS, dec_bufs<CFG> &B, const ifield_t f[], int task) {
+int op_moe_gate(M3V_DDR_PARAMS, dec_bufs<CFG> &B, M3V_TILE_PARAMS, const ifield_t f[], int task) {
     typedef dec_sizes<CFG> S;
     constexpr int PO = CFG::P_OUT;
-    constexpr int MAX_T = CFG::MAX_TOKENS;
+    constexpr int TB = CFG::TOKEN_BLOCK;
+    constexpr int TBK = S::TBK;
+    constexpr int TBLOCKS = cdiv(CFG::MAX_TOKENS, TB);
     constexpr int GT = cdiv(CFG::MAX_EXPERTS, PO);
     constexpr int TKM = S::TK;
     const ap_uint<24> flags = f[0] >> 8;
@@ -487,26 +718,38 @@ int op_moe_gate(M3V_DDR_PARAMS, dec_bufs<CFG> &B, const ifield_t f[], int task) 
     const int t = f[isa::F_MOE_GATE_TOKENS], d = f[isa::F_MOE_GATE_DIM];
     const int n = int(f[isa::F_MOE_GATE_EXPERTS_K] & 0xFFFF), k = int(f[isa::F_MOE_GATE_EXPERTS_K] >> 16);
     const fmt_t fmt = unpack_fmt(f[isa::F_MOE_GATE_FMT]);
-    if (t < 1 || t > MAX_T || d < 1 || d > CFG::MAX_IN || n < 1 || n > CFG::MAX_EXPERTS || k < 1 || k > n ||
-        k > CFG::MAX_K || !fits_fmt<CFG>(fmt) || (w16 && CFG::WEIGHT_BITS < 16) || (!w16 && CFG::WEIGHT_BITS < 8))
+    if (t < 1 || t > CFG::MAX_TOKENS || d < 1 || d > CFG::MAX_IN || n < 1 || n > CFG::MAX_EXPERTS || k < 1 ||
+        k > n || k > CFG::MAX_K || !fits_fmt<CFG>(fmt) || (w16 && CFG::WEIGHT_BITS < 16) ||
+        (!w16 && CFG::WEIGHT_BITS < 8))
         return isa::STATUS_OVER_LIMIT;
-    ddr_load<AW, 2, true, S::A_N>(M3V_DDR_ARGS, f[isa::F_MOE_GATE_X_REF], 0, t * d, B.a);
     const boff_t wo = boff_t(task) * f[isa::F_MOE_GATE_W_STRIDE];
     const boff_t bo = boff_t(task) * f[isa::F_MOE_GATE_BIAS_STRIDE];
     const boff_t so = boff_t(task) * f[isa::F_MOE_GATE_SHIFT_STRIDE];
+    const bool one_tile = n <= PO; // then the gate's tile is staged once for all blocks
     sat_cnt_t sat_gelu = 0;
-    for (int o0 = 0; o0 < n; o0 += PO) {
-        M3V_TRIPCOUNT(1, GT)
-        const int nc = n - o0 < PO ? n - o0 : PO;
-        gemm_slice<CFG, AW>(M3V_DDR_ARGS, B, t, d, n, o0, nc, w16, f[isa::F_MOE_GATE_W_REF], wo, true,
-                            f[isa::F_MOE_GATE_BIAS_REF], bo, f[isa::F_MOE_GATE_SHIFT_REF], so, fmt, false, fmt, d,
-                            B.b, n, o0, B.sat, sat_gelu);
+    for (int r0 = 0; r0 < t; r0 += TB) {
+        M3V_TRIPCOUNT(1, TBLOCKS)
+        const int nb = imin(TB, t - r0);
+        ddr_load<AW, 2, true, S::X_N>(M3V_DDR_ARGS, f[isa::F_MOE_GATE_X_REF], boff_t(2) * r0 * d, nb * d, B.x);
+        for (int o0 = 0; o0 < n; o0 += PO) {
+            M3V_TRIPCOUNT(1, GT)
+            const int nc = imin(PO, n - o0);
+            if (!one_tile || r0 == 0)
+                stage_tile<CFG, AW>(M3V_DDR_ARGS, B, M3V_TILE_ARGS, d, n, o0, nc, w16, f[isa::F_MOE_GATE_W_REF], wo,
+                                    true, f[isa::F_MOE_GATE_BIAS_REF], bo, f[isa::F_MOE_GATE_SHIFT_REF], so);
+            run_tile<CFG>(B, M3V_TILE_ARGS, nb, d, nc, d, fmt, false, fmt, B.y, n, o0, B.sat, sat_gelu);
+        }
+        ddr_store16<AW, S::Y_N>(M3V_DDR_ARGS, f[isa::F_MOE_GATE_LOGITS_REF], boff_t(2) * r0 * n, nb * n, B.y);
+        moe_gate<CFG>(nb, n, k, int(fmt.frac), B.y, n, B.idx_blk, B.score_blk, B.sat);
+        for (int i = 0; i < nb * k; i++) {
+            M3V_TRIPCOUNT(1, TBK)
+            M3V_HLS(pipeline II=1)
+            B.idx[r0 * k + i] = B.idx_blk[i];
+        }
+        ddr_store16<AW, S::TBK>(M3V_DDR_ARGS, f[isa::F_MOE_GATE_IDX_REF], boff_t(2) * r0 * k, nb * k, B.idx_blk);
+        ddr_store16<AW, S::TBK>(M3V_DDR_ARGS, f[isa::F_MOE_GATE_SCORE_REF], boff_t(2) * r0 * k, nb * k, B.score_blk);
     }
-    ddr_store16<AW, S::B_N>(M3V_DDR_ARGS, f[isa::F_MOE_GATE_LOGITS_REF], 0, t * n, B.b);
-    moe_gate<CFG>(t, n, k, int(fmt.frac), B.b, n, B.idx, B.score, B.sat);
     expert_queues<CFG>(t, k, n, B.idx, B.q_tok, B.q_slot, B.q_off);
-    ddr_store16<AW, S::TK>(M3V_DDR_ARGS, f[isa::F_MOE_GATE_IDX_REF], 0, t * k, B.idx);
-    ddr_store16<AW, S::TK>(M3V_DDR_ARGS, f[isa::F_MOE_GATE_SCORE_REF], 0, t * k, B.score);
     // q_dst = token k + slot: the row of the expert-output buffer the combine reads
     for (int i = 0; i < t * k; i++) {
         M3V_TRIPCOUNT(1, TKM)
@@ -524,13 +767,14 @@ int op_moe_gate(M3V_DDR_PARAMS, dec_bufs<CFG> &B, const ifield_t f[], int task) 
 template <class CFG, int AW>
 int op_moe_combine(M3V_DDR_PARAMS, dec_bufs<CFG> &B, const ifield_t f[]) {
     typedef dec_sizes<CFG> S;
+    constexpr int TB = CFG::TOKEN_BLOCK;
+    constexpr int TBK = S::TBK;
+    constexpr int TBLOCKS = cdiv(CFG::MAX_TOKENS, TB);
     const int t = f[isa::F_MOE_COMBINE_TOKENS], k = f[isa::F_MOE_COMBINE_K], d = f[isa::F_MOE_COMBINE_DIM];
     const fmt_t fmt = unpack_fmt(f[isa::F_MOE_COMBINE_FMT]);
     if (t < 1 || t > CFG::MAX_TOKENS || k < 1 || k > CFG::MAX_K || d < 1 || d > CFG::MAX_DIM || !fits_fmt<CFG>(fmt))
         return isa::STATUS_OVER_LIMIT;
-    ddr_load<AW, 2, false, S::TK>(M3V_DDR_ARGS, f[isa::F_MOE_COMBINE_SCORE_REF], 0, t * k, B.score);
     ddr_load<AW, 2, false, S::TK>(M3V_DDR_ARGS, f[isa::F_MOE_COMBINE_IDX_REF], 0, t * k, B.idx);
-    ddr_load<AW, 2, true, S::A_N>(M3V_DDR_ARGS, f[isa::F_MOE_COMBINE_Y_REF], 0, t * k * d, B.a);
     // the combine shifts are per expert: load as many as the highest routed index needs
     constexpr int TKM = S::TK;
     int ne = 0;
@@ -541,8 +785,21 @@ int op_moe_combine(M3V_DDR_PARAMS, dec_bufs<CFG> &B, const ifield_t f[]) {
     if (ne > CFG::MAX_EXPERTS)
         return isa::STATUS_OVER_LIMIT;
     ddr_load<AW, 1, true, CFG::MAX_EXPERTS>(M3V_DDR_ARGS, f[isa::F_MOE_COMBINE_SHIFT_REF], 0, ne, B.shift);
-    moe_combine<CFG>(t, k, d, B.score, B.a, B.idx, B.shift, true, fmt, B.b, B.sat);
-    ddr_store16<AW, S::B_N>(M3V_DDR_ARGS, f[isa::F_MOE_COMBINE_OUT_REF], 0, t * d, B.b);
+    for (int r0 = 0; r0 < t; r0 += TB) {
+        M3V_TRIPCOUNT(1, TBLOCKS)
+        const int nb = imin(TB, t - r0);
+        ddr_load<AW, 2, false, S::TBK>(M3V_DDR_ARGS, f[isa::F_MOE_COMBINE_SCORE_REF], boff_t(2) * r0 * k, nb * k,
+                                       B.score_blk);
+        ddr_load<AW, 2, true, S::X_N>(M3V_DDR_ARGS, f[isa::F_MOE_COMBINE_Y_REF], boff_t(2) * r0 * k * d, nb * k * d,
+                                      B.x);
+        for (int i = 0; i < nb * k; i++) {
+            M3V_TRIPCOUNT(1, TBK)
+            M3V_HLS(pipeline II=1)
+            B.idx_blk[i] = B.idx[r0 * k + i];
+        }
+        moe_combine<CFG>(nb, k, d, B.score_blk, B.x, B.idx_blk, B.shift, true, fmt, B.y, B.sat);
+        ddr_store16<AW, S::Y_N>(M3V_DDR_ARGS, f[isa::F_MOE_COMBINE_OUT_REF], boff_t(2) * r0 * d, nb * d, B.y);
+    }
     return isa::STATUS_OK;
 }
 
@@ -564,7 +821,22 @@ int run_program(const ap_uint<BLD::AXI_W> *prog, const ap_uint<BLD::AXI_W> *wgt,
                 sat_cnt_t &sat) {
     constexpr int AW = BLD::AXI_W;
     constexpr int W = isa::WORDS;
+    typedef dec_sizes<CFG> S;
+    static_assert(S::BYTES == BLD::ONCHIP_BYTES, "the kernel's buffers differ from project.decoder_buffers()");
     static dec_bufs<CFG> B;
+    // P_IN x P_OUT weights, P_IN x ATT_QT queries and P_IN scores are read per cycle.
+    static typename CFG::wgt_t wt[S::KT][CFG::P_IN][CFG::P_OUT];
+    M3V_HLS(array_partition variable=wt complete dim=2)
+    M3V_HLS(array_partition variable=wt complete dim=3)
+    static typename CFG::acc_t bias_l[CFG::P_OUT];
+    M3V_HLS(array_partition variable=bias_l complete)
+    static int shift_l[CFG::P_OUT];
+    M3V_HLS(array_partition variable=shift_l complete)
+    static typename CFG::act_t qb[S::DKT][CFG::P_IN][CFG::ATT_QT];
+    M3V_HLS(array_partition variable=qb complete dim=2)
+    M3V_HLS(array_partition variable=qb complete dim=3)
+    static typename CFG::act_t sc[S::SC_N];
+    M3V_HLS(array_partition variable=sc cyclic factor=CFG::P_IN)
     n_done = 0;
     sat = 0;
     ifield_t hdr[W];
@@ -613,17 +885,17 @@ int run_program(const ap_uint<BLD::AXI_W> *prog, const ap_uint<BLD::AXI_W> *wgt,
         else if (op == isa::OP_PATCHIFY)
             st = op_patchify<CFG, AW>(M3V_DDR_ARGS, B, f);
         else if (op == isa::OP_GEMM)
-            st = op_gemm<CFG, AW>(M3V_DDR_ARGS, B, f);
+            st = op_gemm<CFG, AW>(M3V_DDR_ARGS, B, M3V_TILE_ARGS, f);
         else if (op == isa::OP_EMBED)
             st = op_embed<CFG, AW>(M3V_DDR_ARGS, B, f);
         else if (op == isa::OP_LAYERNORM)
             st = op_layernorm<CFG, AW>(M3V_DDR_ARGS, B, f);
         else if (op == isa::OP_ATTENTION)
-            st = op_attention<CFG, AW>(M3V_DDR_ARGS, B, f);
+            st = op_attention<CFG, AW>(M3V_DDR_ARGS, B, qb, sc, f);
         else if (op == isa::OP_ADD)
             st = op_add<CFG, AW>(M3V_DDR_ARGS, B, f);
         else if (op == isa::OP_MOE_GATE)
-            st = op_moe_gate<CFG, AW>(M3V_DDR_ARGS, B, f, task);
+            st = op_moe_gate<CFG, AW>(M3V_DDR_ARGS, B, M3V_TILE_ARGS, f, task);
         else if (op == isa::OP_MOE_COMBINE)
             st = op_moe_combine<CFG, AW>(M3V_DDR_ARGS, B, f);
         else
@@ -642,6 +914,8 @@ int run_program(const ap_uint<BLD::AXI_W> *prog, const ap_uint<BLD::AXI_W> *wgt,
 
 #undef M3V_DDR_ARGS
 #undef M3V_DDR_PARAMS
+#undef M3V_TILE_ARGS
+#undef M3V_TILE_PARAMS
 
 } // namespace m3v
 

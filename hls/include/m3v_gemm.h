@@ -52,6 +52,62 @@ void gemm_epilogue(const gemm_args &a, const typename CFG::acc_t &acc, int shift
         y[at] = v;
 }
 
+// One output tile of the engine: rows [0, a.rows) against the staged weight columns
+// o0 .. o0 + P_OUT - 1 (wbuf[i / P_IN][i % P_IN][j] = w(i, o0 + j)) with the tile's biases and
+// shifts. The decoder stages a tile once and streams row blocks through it.
+template <class CFG, class WT>
+void gemm_tile(const gemm_args &a, int o0, const typename CFG::act_t x[], const idx_t gather_idx[],
+               const WT wbuf[][CFG::P_IN][CFG::P_OUT], const typename CFG::acc_t bias_l[CFG::P_OUT],
+               const int shift_l[CFG::P_OUT], const score_t score[], const idx_t scatter_idx[],
+               typename CFG::act_t y[], typename CFG::acc_t comb[], sat_cnt_t &sat, sat_cnt_t &sat_gelu) {
+    typedef typename CFG::act_t act_t;
+    typedef typename CFG::acc_t acc_t;
+    constexpr int PI = CFG::P_IN;
+    constexpr int PO = CFG::P_OUT;
+    constexpr int KT = cdiv(CFG::MAX_IN, PI);
+    constexpr int MAX_ROWS = CFG::MAX_ROWS;
+    acc_t acc[PO];
+    M3V_HLS(array_partition variable=acc complete)
+    act_t xv[PI];
+    M3V_HLS(array_partition variable=xv complete)
+    for (int r = 0; r < a.rows; r++) {
+        M3V_TRIPCOUNT(1, MAX_ROWS)
+        const int src = a.gather ? int(gather_idx[r]) : r;
+        const int dst = a.scatter ? int(scatter_idx[r]) : r;
+        for (int j = 0; j < PO; j++) {
+            M3V_HLS(unroll)
+            acc[j] = bias_l[j];
+        }
+        for (int kt = 0; kt < cdiv(a.in_dim, PI); kt++) {
+            M3V_TRIPCOUNT(1, KT)
+            M3V_HLS(pipeline II=1)
+            for (int i = 0; i < PI; i++) {
+                M3V_HLS(unroll)
+                const int ii = kt * PI + i;
+                // the ragged end of the last slice reads 0, whatever wbuf holds there
+                xv[i] = ii < a.in_dim ? act_t(x[src * a.x_ld + a.x_off + ii]) : act_t(0);
+            }
+            for (int j = 0; j < PO; j++) {
+                M3V_HLS(unroll)
+                // exact: every partial sum is bounded by the layer's accumulator bound
+                acc_t sum = 0;
+                for (int i = 0; i < PI; i++) {
+                    M3V_HLS(unroll)
+                    sum += xv[i] * wbuf[kt][i][j];
+                }
+                acc[j] += sum;
+            }
+        }
+        const score_t sc = a.combine ? score[r] : score_t(0);
+        for (int j = 0; j < PO; j++) {
+            M3V_HLS(pipeline II=1)
+            const int o = o0 + j;
+            if (o < a.out_dim)
+                gemm_epilogue<CFG>(a, acc[j], shift_l[j], sc, dst * a.y_ld + a.y_off + o, y, comb, sat, sat_gelu);
+        }
+    }
+}
+
 // The engine. WT is the weight element type: CFG::wgt_t for layers, CFG::act_t when the
 // "weights" are activations (K for QK^T, V for A.V).
 // Preconditions: rows <= MAX_ROWS, in_dim <= MAX_IN, out_dim <= MAX_OUT, and the compile-time
@@ -61,14 +117,12 @@ void gemm(const gemm_args &a, const typename CFG::act_t x[], const idx_t gather_
           const typename CFG::acc_t bias[], const shift_t shift[], const score_t score[],
           const idx_t scatter_idx[], typename CFG::act_t y[], typename CFG::acc_t comb[], sat_cnt_t &sat,
           sat_cnt_t &sat_gelu) {
-    typedef typename CFG::act_t act_t;
     typedef typename CFG::acc_t acc_t;
     constexpr int PI = CFG::P_IN;
     constexpr int PO = CFG::P_OUT;
     constexpr int KT = cdiv(CFG::MAX_IN, PI);
     constexpr int OT = cdiv(CFG::MAX_OUT, PO);
     constexpr int MAX_IN = CFG::MAX_IN;
-    constexpr int MAX_ROWS = CFG::MAX_ROWS;
 
     // Weight tile: P_IN x P_OUT words readable per cycle.
     WT wbuf[KT][PI][PO];
@@ -78,10 +132,6 @@ void gemm(const gemm_args &a, const typename CFG::act_t x[], const idx_t gather_
     M3V_HLS(array_partition variable=bias_l complete)
     int shift_l[PO];
     M3V_HLS(array_partition variable=shift_l complete)
-    acc_t acc[PO];
-    M3V_HLS(array_partition variable=acc complete)
-    act_t xv[PI];
-    M3V_HLS(array_partition variable=xv complete)
 
     for (int o0 = 0; o0 < a.out_dim; o0 += PO) {
         M3V_TRIPCOUNT(1, OT)
@@ -102,43 +152,7 @@ void gemm(const gemm_args &a, const typename CFG::act_t x[], const idx_t gather_
                 wbuf[i / PI][i % PI][j] = o < a.out_dim ? WT(w[at]) : WT(0);
             }
         }
-        for (int r = 0; r < a.rows; r++) {
-            M3V_TRIPCOUNT(1, MAX_ROWS)
-            const int src = a.gather ? int(gather_idx[r]) : r;
-            const int dst = a.scatter ? int(scatter_idx[r]) : r;
-            for (int j = 0; j < PO; j++) {
-                M3V_HLS(unroll)
-                acc[j] = bias_l[j];
-            }
-            for (int kt = 0; kt < cdiv(a.in_dim, PI); kt++) {
-                M3V_TRIPCOUNT(1, KT)
-                M3V_HLS(pipeline II=1)
-                for (int i = 0; i < PI; i++) {
-                    M3V_HLS(unroll)
-                    const int ii = kt * PI + i;
-                    // the ragged end of the last slice reads 0, whatever wbuf holds there
-                    xv[i] = ii < a.in_dim ? act_t(x[src * a.x_ld + a.x_off + ii]) : act_t(0);
-                }
-                for (int j = 0; j < PO; j++) {
-                    M3V_HLS(unroll)
-                    // exact: every partial sum is bounded by the layer's accumulator bound
-                    acc_t sum = 0;
-                    for (int i = 0; i < PI; i++) {
-                        M3V_HLS(unroll)
-                        sum += xv[i] * wbuf[kt][i][j];
-                    }
-                    acc[j] += sum;
-                }
-            }
-            const score_t sc = a.combine ? score[r] : score_t(0);
-            for (int j = 0; j < PO; j++) {
-                M3V_HLS(pipeline II=1)
-                const int o = o0 + j;
-                if (o < a.out_dim)
-                    gemm_epilogue<CFG>(a, acc[j], shift_l[j], sc, dst * a.y_ld + a.y_off + o, y, comb, sat,
-                                       sat_gelu);
-            }
-        }
+        gemm_tile<CFG, WT>(a, o0, x, gather_idx, wbuf, bias_l, shift_l, score, scatter_idx, y, comb, sat, sat_gelu);
     }
 }
 
