@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(cheap on CPU for large presets; the heads stay untrained)")
     p["train"].add_argument("--tasks-per-step", type=int, metavar="N",
                             help="visit only N tasks per step, in turn (default: every task)")
+    p["train"].add_argument("--keep-tokens", type=float, metavar="F",
+                            help="with --probe-heads: run each step on this fraction of the patch tokens (default: all)")
     p["train"].add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
     add_model_args(p["export"])

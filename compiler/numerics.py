@@ -472,11 +472,46 @@ def exp_int(t, frac: int, contract: Contract = CONTRACT) -> np.ndarray:
     t = _i64(t)
     if t.size and t.min() < 0:
         raise ValueError("exp_int needs t >= 0 (t = max - s)")
+    if t.size >= _EXP_TABLE_MIN_USE:
+        table = _exp_table(frac, contract)
+        if table is not None:
+            # p is 0 from len(table) - 1 on (v is monotone in t), so clamping t is exact
+            return np.take(table, t, mode="clip")
+    return _exp_direct(t, frac, contract)
+
+
+# Attention calls exp_int on every score (12.6 M per block on m3vit-small), so large calls read
+# p from a per-frac table of every t up to the first one with p = 0, built by the formula itself.
+_EXP_TABLE_MAX = 1 << 20    # entries (8 MB); larger fracs use the formula
+_EXP_TABLE_MIN_USE = 1 << 12
+
+
+def _exp_direct(t: np.ndarray, frac: int, contract: Contract) -> np.ndarray:
     lut, _ = exp2_lut(contract)
     L, P = contract.exp_lut_bits, contract.exp_frac
     v = rshift_round(t * contract.l2e, frac + contract.exp_l2e_frac - L)
     n = np.minimum(v >> L, P + 2)
-    return rshift_round(lut[v & ((1 << L) - 1)], n)
+    # rshift_round(lut[j], n) for n >= 0 (v >= 0), without its general-shift checks
+    return (lut[v & ((1 << L) - 1)] + (np.left_shift(np.int64(1), n) >> 1)) >> n
+
+
+@functools.lru_cache(maxsize=None)
+def _exp_table(frac: int, contract: Contract) -> np.ndarray | None:
+    L, P, C = contract.exp_lut_bits, contract.exp_frac, contract.exp_l2e_frac
+    sh, l2e, v_zero = frac + C - L, contract.l2e, (P + 2) << L
+    # smallest t with v >= v_zero, i.e. n at its cap P + 2, where every LUT entry rounds to 0
+    if sh > 0:
+        t_zero = -(-((v_zero << sh) - (1 << (sh - 1))) // l2e)
+    else:
+        t_zero = -(-v_zero // (l2e << -sh))
+    t_zero = max(t_zero, 0)
+    if t_zero + 1 > _EXP_TABLE_MAX:
+        return None
+    table = _exp_direct(np.arange(t_zero + 1, dtype=np.int64), frac, contract)
+    lut, _ = exp2_lut(contract)
+    if table[-1] != 0 or (rshift_round(lut, P + 2) != 0).any():
+        raise AssertionError("exp_int table: p does not vanish where the contract says it does")
+    return _frozen(table)
 
 
 def recip_int(S, contract: Contract = CONTRACT):

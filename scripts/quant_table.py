@@ -2,10 +2,14 @@
 """Fidelity table for docs/quantization.md: one model, several precision specs, one calibration.
 
     scripts/quant_table.py --preset edge-moe [--checkpoint F] [--spec NAME=P ...] [--images 8]
-                           [--calib-images 16] [--json out.json]
+                           [--calib-images 16] [--task T ...] [--json out.json]
+    scripts/quant_table.py --markdown out.json [more.json ...]
 
-Each --spec is NAME=P with P a preset (W8A8), a spec file, or inline JSON. The float model is
-calibrated once; every spec re-derives its formats from the same ranges.
+Each --spec is NAME=P with P a preset (W8A8), a spec file, inline JSON, or `default` (the default
+spec, quantize.DEFAULT_SPEC). The float model is calibrated once; every spec re-derives its
+formats from the same ranges. `--task` evaluates only those tasks, so a large model's tasks can run
+as separate processes sharing one `--calib-file`; `--markdown` merges the reports of one model and
+spec (one row, minimum over all their tasks).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ DEFAULT_SPECS = [
     "W8A16=W8A16",
     'W8A16+gate16={"precision": "W8A16", "layer_type": {"gate": "W16A16"}}',
     "W16A16=W16A16",
+    "default=default",
 ]
 
 
@@ -29,6 +34,8 @@ def _spec(text: str):
     from m3vit.compiler.quantize import load_precision, normalise_spec
 
     text = text.strip()
+    if text == "default":
+        return load_precision(None)
     return normalise_spec(json.loads(text)) if text.startswith("{") else load_precision(text)
 
 
@@ -45,6 +52,45 @@ def markdown_row(rep: dict) -> str:
             f"{'yes' if rep['targets']['met'] else 'no'} |")
 
 
+PER_TASK_KEYS = ("output_cosine", "output_cosine_worst_image", "output_sqnr_db", "routing_agreement",
+                 "routing_agreement_isolated", "routing_agreement_min_layer")
+
+
+def _num(v) -> float:
+    return float(v) if not isinstance(v, str) else (float("inf") if v == "inf" else float("-inf"))
+
+
+def merge_reports(reps: list[dict]) -> list[dict]:
+    """Reports of the same model, checkpoint and spec on disjoint task sets, merged into one
+    (per-task entries united, minima and the targets recomputed); others pass unchanged."""
+    groups: dict[tuple, list[dict]] = {}
+    for rep in reps:
+        m = rep["model"]
+        key = (m["name"], m.get("dataset"), m.get("checkpoint"), rep.get("spec_name"), json.dumps(rep["precision"]))
+        groups.setdefault(key, []).append(rep)
+    out = []
+    for group in groups.values():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        if any(r["images"] != group[0]["images"] for r in group):
+            raise SystemExit(f"cannot merge {group[0]['model']['name']} reports over different images")
+        merged = dict(group[0])
+        for key in PER_TASK_KEYS:
+            if key not in merged:
+                continue
+            tasks = {}
+            for r in group:
+                tasks.update({t: v for t, v in r[key].items() if t != "min"})
+            merged[key] = {**tasks, "min": min(tasks.values(), key=_num)}
+        tg = merged["targets"]
+        met = _num(merged["output_cosine"]["min"]) >= tg["output_cosine"] and \
+            _num(merged["routing_agreement"]["min"]) >= tg["routing_agreement"]
+        merged["targets"] = {**tg, "met": bool(met)}
+        out.append(merged)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="edge-moe")
@@ -54,14 +100,17 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--calib-images", type=int, default=16)
     ap.add_argument("--calib-file", metavar="FILE", help="reuse this calibration if it exists, else write it")
+    ap.add_argument("--task", action="append", help="evaluate only this task (repeatable; default: every task)")
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--markdown", nargs="+", metavar="JSON", help="print the table rows of saved results and exit")
     args = ap.parse_args(argv)
     if args.markdown:
+        reps = []
         for path in args.markdown:
             with open(path) as f:
-                for rep in json.load(f):
-                    print(markdown_row(rep))
+                reps.extend(json.load(f))
+        for rep in merge_reports(reps):
+            print(markdown_row(rep))
         return 0
 
     from m3vit.compiler.fidelity import eval_images, evaluate, summary_text
@@ -86,7 +135,7 @@ def main(argv=None) -> int:
     for item in args.spec or DEFAULT_SPECS:
         name, _, text = item.partition("=")
         graph = build_qgraph(model, base.with_spec(model, _spec(text)))
-        rep = evaluate(model, graph, images, progress=True)
+        rep = evaluate(model, graph, images, tasks=args.task, progress=True)
         rep["spec_name"] = name
         rep["model"]["checkpoint"] = args.checkpoint
         rows.append(rep)

@@ -267,3 +267,44 @@ def test_cli_train_writes_a_checkpoint(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 3 and out.exists()
     assert load_checkpoint(out).cfg.name == "tiny"
+
+
+def test_a_signal_ends_training_after_the_current_step_and_the_cli_still_saves(tmp_path, monkeypatch, capsys):
+    import signal
+
+    from m3vit.model import train as train_mod
+
+    calls = []
+    images = train_mod.SyntheticTasks.images
+
+    def images_then_signal(self, batch):
+        calls.append(batch)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGTERM)
+        return images(self, batch)
+
+    monkeypatch.setattr(train_mod.SyntheticTasks, "images", images_then_signal)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "tiny.pt"
+    assert main(["train", "--preset", "tiny", "--steps", "50", "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 3 and summary["stopped_early"] and len(calls) == 3
+    assert signal.getsignal(signal.SIGTERM) is before
+    payload = torch.load(out, map_location="cpu", weights_only=True)
+    assert payload["extra"]["steps"] == 3 and payload["extra"]["requested_steps"] == 50
+
+
+def test_probe_training_on_a_token_subset_runs_the_subset_only():
+    model = build_model(_tiny(), seed=0)
+    n = model.cfg.grid[0] * model.cfg.grid[1]
+    seen = []
+    hook = model.blocks[0].register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[1]))
+    before = model.moe_layers[0].gate.weight.detach().clone()
+    result = train(model, steps=4, batch=2, progress=False, probe_heads=True, keep_tokens=0.25)
+    hook.remove()
+    assert seen == [1 + max(1, round(0.25 * n))] * len(seen) and len(seen) == 4 * len(model.cfg.tasks)
+    assert not torch.equal(before, model.moe_layers[0].gate.weight) and result.steps == 4
+    with pytest.raises(ValueError):
+        train(model, steps=1, keep_tokens=0.5)
+    with pytest.raises(ValueError):
+        train(model, steps=1, probe_heads=True, keep_tokens=0.0)
