@@ -52,7 +52,7 @@ class Assumptions:
     fill_drain: str = "tile"            # charged per weight pass, per P_out-output tile, or once
     tile_load_cycles: int = 1           # weight buffer -> shadow tile register, per P_in x P_out tile
     vector_lanes: int | None = None     # elements/cycle of LayerNorm, add, embed, patchify (p_out)
-    softmax_lanes: int | None = None    # exp evaluations/cycle of the softmax unit (p_out)
+    softmax_lanes: int | None = None    # exp evaluations/cycle of the softmax unit (hw.softmax_lanes)
     layernorm_passes: int = 2           # statistics, then normalise (the row stays on chip)
     topk_cycles_per_token: int | None = None  # gate top-k unit: one maximum per cycle (k)
     weight_buffer_share: float = 0.5    # of buffers.weights usable by one instruction (ping-pong)
@@ -97,7 +97,7 @@ class _Machine:
         ddr = a.ddr_peak_gbps * 1e9 / (hw.clock_mhz * 1e6)
         return cls(hw, a, min(axi, ddr),
                    compute_unit_latency(hw) if a.pipeline_latency is None else a.pipeline_latency,
-                   a.vector_lanes or hw.p_out, a.softmax_lanes or hw.p_out, (hw.act_bits + 7) // 8)
+                   a.vector_lanes or hw.p_out, a.softmax_lanes or hw.softmax_lanes, (hw.act_bits + 7) // 8)
 
 
 @dataclass

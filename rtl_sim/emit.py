@@ -38,11 +38,30 @@ def contract_params() -> dict[str, int]:
         "GELU_FD": c.gelu_frac,
         "GELU_N": c.gelu_entries,
         "GELU_LUT_W": gelu["value_bits"],
+        "EXP_C": c.exp_l2e_frac,
+        "EXP_L": c.exp_lut_bits,
+        "EXP_P": c.exp_frac,
+        "EXP_L2E": c.l2e,
+        "RECIP_M": c.recip_mant_frac,
+        "RECIP_R": c.recip_frac,
+        "RECIP_LR": c.recip_lut_bits,
+        "MAX_KEYS": c.max_keys,
+        "GATE_BITS": c.gate_bits,
+        "GATE_FRAC": c.gate_frac,
+        "RSQRT_M": c.rsqrt_mant_frac,
+        "RSQRT_R": c.rsqrt_frac,
+        "RSQRT_LS": c.rsqrt_lut_bits,
+        "NORM_W": c.norm_bits,
+        "NORM_F": c.norm_frac,
     }
 
 
 def render_svh(hw: HwConfig) -> str:
-    params = sorted(hw.rtl_params().items())
+    # the limits size the gate unit (experts, top-k, token counters and queue RAMs) and the
+    # LayerNorm row buffer (max_dim)
+    limits = {"MAX_EXPERTS": hw.limits.max_experts, "MAX_K": hw.limits.max_k,
+              "MAX_TOKENS": hw.limits.max_tokens, "MAX_DIM": hw.limits.max_dim}
+    params = sorted({**hw.rtl_params(), **limits}.items())
     contract = sorted(contract_params().items())
     return _env.get_template("hw_config.svh.j2").render(hw=hw, hash=hw.hash(), params=params,
                                                          contract=contract)
@@ -50,10 +69,15 @@ def render_svh(hw: HwConfig) -> str:
 
 def mem_tables() -> dict[str, tuple[list[int], int]]:
     """The contract's lookup tables as $readmemh files: name -> (values, width in bits)."""
-    from m3vit.compiler.numerics import gelu_lut
+    from m3vit.compiler.numerics import exp2_lut, gelu_lut, recip_lut, rsqrt_lut
 
     lut, params = gelu_lut()
-    return {"m3v_gelu_lut.mem": ([int(v) for v in lut], params["value_bits"])}
+    tables = {"m3v_gelu_lut.mem": ([int(v) for v in lut], params["value_bits"])}
+    for name, gen in (("m3v_exp2_lut.mem", exp2_lut), ("m3v_recip_lut.mem", recip_lut),
+                      ("m3v_rsqrt_lut.mem", rsqrt_lut)):
+        lut, params = gen()
+        tables[name] = ([int(v) for v in lut], params["value_bits"])
+    return tables
 
 
 def render_mem(name: str, values: list[int], width: int) -> str:

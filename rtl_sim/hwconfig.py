@@ -66,6 +66,7 @@ class HwConfig:
     clock_mhz: int = 300
     p_in: int = 32
     p_out: int = 48
+    softmax_lanes: int = 16
     act_bits: int = 16
     weight_bits: int = 16
     acc_bits: int = 48
@@ -117,14 +118,27 @@ class HwConfig:
 
     @property
     def dsp_estimate(self) -> int:
-        """One DSP48E2 per MAC plus one per output lane for the combine multiplier."""
+        """The compute unit: one DSP48E2 per MAC plus one per output lane for the combine multiplier."""
         return self.p_in * self.p_out + self.p_out
+
+    def dsp_units(self) -> dict[str, int]:
+        """DSP48E2 per datapath unit, as synthesised (docs/hw_config.md): the softmax unit has three
+        per lane and four shared, the LayerNorm unit three per lane (min(p_out, 8) lanes) and 22
+        shared, the top-k gate five."""
+        ln_lanes = min(self.p_out, 8)
+        return {"compute_unit": self.dsp_estimate, "softmax_unit": 3 * self.softmax_lanes + 4,
+                "layernorm_unit": 3 * ln_lanes + 22, "topk_gate": 5}
+
+    @property
+    def dsp_datapath(self) -> int:
+        return sum(self.dsp_units().values())
 
     def rtl_params(self) -> dict[str, int]:
         """The Verilog parameters of compute_unit (names as in the RTL)."""
         return {
             "P_IN": self.p_in,
             "P_OUT": self.p_out,
+            "SM_P": self.softmax_lanes,
             "ACT_W": self.act_bits,
             "W_W": self.weight_bits,
             "ACC_W": self.acc_bits,
@@ -146,6 +160,7 @@ class HwConfig:
         _int_in(where, "clock_mhz", self.clock_mhz, 1, 800)
         _int_in(where, "p_in", self.p_in, 1, 256)
         _int_in(where, "p_out", self.p_out, 1, 256)
+        _int_in(where, "softmax_lanes", self.softmax_lanes, 1, 256)
         _int_in(where, "act_bits", self.act_bits, 2, DSP_A_BITS - 1)
         _int_in(where, "weight_bits", self.weight_bits, 2, DSP_B_BITS)
         if self.acc_bits != 48:
@@ -174,9 +189,11 @@ class HwConfig:
         if sum_bits > self.acc_bits:
             raise ConfigError(f"{where}: act_bits + weight_bits + log2(p_in) = {sum_bits} exceeds the "
                               f"{self.acc_bits}-bit accumulator")
-        if self.dsp_estimate > ZCU104["dsp"]:
-            raise ConfigError(f"{where}: {self.p_in}x{self.p_out} needs {self.dsp_estimate} DSP48E2 "
-                              f"(p_in*p_out + p_out), more than the {ZCU104['dsp']} of the {self.board}")
+        if self.dsp_datapath > ZCU104["dsp"]:
+            split = ", ".join(f"{k} {v}" for k, v in self.dsp_units().items())
+            raise ConfigError(f"{where}: a {self.p_in}x{self.p_out} array with {self.softmax_lanes} softmax lanes "
+                              f"needs {self.dsp_datapath} DSP48E2 ({split}), more than the {ZCU104['dsp']} of the "
+                              f"{self.board}")
         return self
 
 

@@ -1,6 +1,7 @@
 """Resource and logic-depth estimates from yosys `synth_xilinx -family xcup` (ZCU104, xczu7ev).
 
     synth_report(hw)                       # the datapath (today: compute_unit), JSON-able dict
+    synth_report(hw, units=["all"])        # every datapath unit, each on its own, and their total
     m3vit synth --parallel 8x8 --json      # the CLI (parser: add_synth_args, handler: cli_synth)
 
 Counts: dsp (DSP48E2), lut (LUT1..LUT6), lutram (LUTs used as distributed RAM), srl (SRL16E /
@@ -49,6 +50,8 @@ from m3vit.rtl_sim.emit import emit_svh
 from m3vit.rtl_sim.hwconfig import ZCU104, HwConfig, load_hw_config
 
 DATAPATH = ["compute_unit"]          # the units that make up the whole datapath today
+# "all": the MAC array with its GELU epilogue and the nonlinear units, those present in rtl/
+ALL_UNITS = ("compute_unit", "softmax_unit", "layernorm_unit", "topk_gate")
 FULL_DSP_LIMIT = 200                 # "auto" synthesises in full up to this many DSPs
 RESOURCES = ("dsp", "lut", "lutram", "srl", "ff", "bram36", "uram", "carry")
 LUTRAM_LUTS = {"RAM32M16": 8, "RAM64M8": 8, "RAM32M": 4, "RAM64M": 4, "RAM32X1D": 2, "RAM64X1D": 2,
@@ -67,7 +70,24 @@ def _unit_params(unit: str, hw: HwConfig) -> dict[str, int]:
                     "MAX_LSHIFT": p["ACT_W"]},
         "epilogue": {"P_OUT": p["P_OUT"], "DATA_W": p["ACT_W"], "OB_W": p["OB_W"]},
         "gelu_unit": {"P": p["P_OUT"], "DATA_W": p["ACT_W"], "OB_W": p["OB_W"]},   # inside epilogue
+        "layernorm_unit": {"P": min(p["P_OUT"], 8), "DATA_W": p["ACT_W"], "G_W": p["W_W"], "B_W": p["ACC_W"],
+                           "SHIFT_W": p["SHIFT_W"], "OB_W": p["OB_W"], "MAX_DIM": hw.limits.max_dim},
+        "softmax_unit": {"P": p["SM_P"], "DATA_W": p["ACT_W"], "SCORE_W": p["SCORE_W"], "OB_W": p["OB_W"]},
+        "topk_gate": {"MAX_E": hw.limits.max_experts, "MAX_K": hw.limits.max_k, "MAX_T": hw.limits.max_tokens,
+                      "LOGIT_W": p["ACT_W"]},
     }.get(unit, {})
+
+
+def _lanes(unit: str, hw: HwConfig) -> int | None:
+    """Lanes of a unit whose resources are per lane or shared (the scaled method varies P_OUT,
+    which sets them); None for a unit without lanes."""
+    if unit in ("compute_unit", "mac_array", "epilogue", "gelu_unit"):
+        return hw.p_out
+    if unit == "softmax_unit":
+        return hw.softmax_lanes
+    if unit == "layernorm_unit":
+        return _unit_params(unit, hw)["P"]
+    return None
 
 
 # ---------------------------------------------------------------------------- one yosys run
@@ -122,6 +142,7 @@ def run_yosys(unit: str, hw: HwConfig, workdir: Path, netlist: bool = False) -> 
     workdir.mkdir(parents=True, exist_ok=True)
     inc = workdir / "include"
     emit_svh(hw, inc)
+    runner.emit_program_headers(hw, inc)   # the accelerator top includes the ISA and register map headers
     stat_out, json_out, log_out = workdir / "stat.txt", workdir / "netlist.json", workdir / "yosys.log"
     script = _yosys_script(unit, hw, inc, json_out if netlist else None, stat_out)
     t0 = time.monotonic()
@@ -238,9 +259,10 @@ def synth_unit(unit: str, hw: HwConfig, method: str = "auto", workdir: Path | No
     if method not in ("auto", "full", "scaled"):
         raise UsageError(f"method must be auto, full or scaled, got {method!r}")
     workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="m3vit-synth-"))
-    scalable = unit in ("compute_unit", "mac_array", "epilogue", "gelu_unit")
+    lanes = _lanes(unit, hw)
+    scalable = lanes is not None
     if method == "auto":
-        method = ("full" if hw.dsp_estimate <= FULL_DSP_LIMIT or not scalable or hw.p_out <= SCALE_FROM[-1]
+        method = ("full" if hw.dsp_estimate <= FULL_DSP_LIMIT or not scalable or lanes <= SCALE_FROM[-1]
                   else "scaled")
     if method == "scaled" and not scalable:
         raise UsageError(f"{unit} has no output lanes to scale; use --method full")
@@ -251,16 +273,18 @@ def synth_unit(unit: str, hw: HwConfig, method: str = "auto", workdir: Path | No
         out = {"method": "full", "seconds": r["seconds"], **res}
         levels_from = r
     else:
-        hws = [hw.replace(p_out=p) for p in SCALE_FROM]
+        # the softmax unit's lanes are their own parameter; every other unit's follow P_OUT
+        hws = [hw.replace(softmax_lanes=p) if unit == "softmax_unit" else hw.replace(p_out=p) for p in SCALE_FROM]
         with ThreadPoolExecutor(max_workers=2) as pool:
-            runs = list(pool.map(lambda h: run_yosys(unit, h, workdir / f"{unit}-pout{h.p_out}", netlist=True),
-                                 hws))
-        res = _scaled(runs[0]["resources"], runs[1]["resources"], 1, 2, hw.p_out)
-        out = {"method": f"scaled from P_OUT=1,2,3 to P_OUT={hw.p_out}",
+            runs = list(pool.map(lambda h: run_yosys(unit, h, workdir / f"{unit}-lanes{_lanes(unit, h)}",
+                                                     netlist=True), hws))
+        res = _scaled(runs[0]["resources"], runs[1]["resources"], 1, 2, lanes)
+        target = f"P_OUT={hw.p_out}" if lanes == hw.p_out else f"{lanes} lanes"
+        out = {"method": f"scaled from P_OUT=1,2,3 to {target}",
                "seconds": round(sum(r["seconds"] for r in runs), 1), **res}
         levels_from = dict(runs[2])
         levels_from["ff_dsp_packable"] = _scaled({"n": runs[1]["ff_dsp_packable"]},
-                                                 {"n": runs[2]["ff_dsp_packable"]}, 2, 3, hw.p_out)["n"]
+                                                 {"n": runs[2]["ff_dsp_packable"]}, 2, 3, lanes)["n"]
     if "logic_levels" in levels_from:
         out["logic_levels"] = levels_from["logic_levels"]
         out["lut_levels"] = levels_from["lut_levels"]
@@ -275,7 +299,10 @@ def synth_report(hw: HwConfig, units: list[str] | None = None, method: str = "au
     units = list(units) if units else ["datapath"]
     expanded = []
     for u in units:
-        expanded.extend(DATAPATH if u == "datapath" else [u])
+        if u == "all":
+            expanded.extend(a for a in ALL_UNITS if a in runner.units())
+        else:
+            expanded.extend(DATAPATH if u == "datapath" else [u])
     wd = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="m3vit-synth-"))
     per_unit = {u: synth_unit(u, hw, method, wd) for u in expanded}
     total = {k: sum(r[k] for r in per_unit.values()) for k in RESOURCES}
@@ -331,7 +358,8 @@ def add_synth_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hw", metavar="FILE", help="hardware config (default: the shipped rtl_sim/hw.json)")
     parser.add_argument("--parallel", metavar="PINxPOUT", help="override the MAC array, e.g. 8x8")
     parser.add_argument("--unit", action="append", metavar="NAME",
-                        help="RTL module to synthesise (repeatable; default: datapath = the whole datapath)")
+                        help="RTL module to synthesise (repeatable; default: datapath = the MAC array; "
+                             "all = the MAC array and every nonlinear unit, with their total)")
     parser.add_argument("--method", choices=("auto", "full", "scaled"), default="auto",
                         help="full synthesis, or P_OUT=1,2,3 runs scaled to P_OUT (auto: full for small arrays)")
     parser.add_argument("--workdir", metavar="DIR", help="keep yosys logs and netlists here")
@@ -344,8 +372,8 @@ def cli_synth(args: argparse.Namespace) -> int:
         hw = hw.with_parallel(args.parallel)
     units = getattr(args, "unit", None) or ["datapath"]
     for u in units:
-        if u != "datapath" and u not in runner.units():
-            raise UsageError(f"unknown unit '{u}'; choose datapath or one of: {', '.join(runner.units())}")
+        if u not in ("datapath", "all") and u not in runner.units():
+            raise UsageError(f"unknown unit '{u}'; choose datapath, all or one of: {', '.join(runner.units())}")
     rep = synth_report(hw, units, getattr(args, "method", "auto"), getattr(args, "workdir", None))
     print(json.dumps(rep, indent=2, sort_keys=True) if args.json else format_report(rep))
     return 0 if rep["fits"] else 1

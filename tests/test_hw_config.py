@@ -17,7 +17,7 @@ def test_shipped_hw_json_is_the_documented_default():
     assert (hw.board, hw.part, hw.clock_mhz) == ("zcu104", "xczu7ev-ffvc1156-2-e", 300)
     assert (hw.p_in, hw.p_out, hw.act_bits, hw.weight_bits, hw.acc_bits, hw.score_bits) == (32, 48, 16, 16, 48, 16)
     assert hw.axi_width_bits == 128
-    assert hw.dsp_estimate <= 1728
+    assert hw.dsp_estimate == 32 * 48 + 48 and hw.dsp_datapath <= 1728
 
 
 def test_hash_is_stable_and_sensitive():
@@ -41,7 +41,7 @@ def test_round_trip_and_missing_keys_take_defaults(tmp_path):
     ({"p_in": "32"}, "p_in must be an integer"),
     ({"p_in": True}, "p_in must be an integer"),
     ({"p_in": 0}, "p_in must be between 1 and 256"),
-    ({"p_in": 64, "p_out": 64}, "needs 4160 DSP48E2"),
+    ({"p_in": 64, "p_out": 64}, "needs 4263 DSP48E2 (compute_unit 4160, softmax_unit 52, layernorm_unit 46, topk_gate 5)"),
     ({"acc_bits": 32}, "acc_bits must be 48"),
     ({"score_bits": 8}, "score_bits must be 16"),
     ({"act_bits": 40}, "act_bits must be between 2 and 26"),
@@ -82,7 +82,7 @@ def test_with_parallel():
 
 
 def test_rtl_params_of_the_default():
-    assert HwConfig().rtl_params() == {"P_IN": 32, "P_OUT": 48, "ACT_W": 16, "W_W": 16, "ACC_W": 48, "SCORE_W": 16,
+    assert HwConfig().rtl_params() == {"P_IN": 32, "P_OUT": 48, "SM_P": 16, "ACT_W": 16, "W_W": 16, "ACC_W": 48, "SCORE_W": 16,
                                        "SHIFT_W": 7, "CSH_W": 6, "OB_W": 5, "SLOTS": 32, "TAG_W": 11}
 
 

@@ -18,8 +18,10 @@
 //     with that probability (per-port LFSRs, seeded from the port number).
 // Memory is MEM_WORDS words of DATA_W bits from address 0. Contents come from files: with
 // +ddr_load=MANIFEST each line "<hex byte address> <file>" is read with $readmemh (one DATA_W
-// hex word per line) at time 0; a pulse on `dump` writes every line "<hex byte address> <words>
-// <file>" of +ddr_dump=MANIFEST with $writememh. The testbench counts cycles and bytes itself
+// hex word per line) at time 0; a pulse on `load` reads the lines of +ddr_reload=MANIFEST the
+// same way at run time (the host writing DDR between runs); a pulse on `dump` writes every line
+// "<hex byte address> <words> <file>" of +ddr_dump=MANIFEST with $writememh. Both manifests are
+// opened at the pulse, so the harness may rewrite them between pulses. The testbench counts cycles and bytes itself
 // from the handshakes; bytes_rd / bytes_wr here are the model's own count for cross-checking.
 module axi_ddr_model #(
     parameter int PORTS     = 4,
@@ -35,6 +37,7 @@ module axi_ddr_model #(
     input  logic                     clk,
     input  logic                     rst_n,
     input  logic [9:0]               stall_permille,
+    input  logic                     load,
     input  logic                     dump,
     // read address / data, PORTS channels packed side by side
     input  logic [PORTS-1:0]         arvalid,
@@ -114,13 +117,31 @@ module axi_ddr_model #(
     endfunction
 
     // ---- contents from files
-    initial begin : load
+    initial begin : initial_load
         string manifest, path;
         int fd, n;
         logic [63:0] addr;
         if ($value$plusargs("ddr_load=%s", manifest)) begin
             fd = $fopen(manifest, "r");
             if (fd == 0) $fatal(1, "axi_ddr_model: cannot open load manifest %s", manifest);
+            while (!$feof(fd)) begin
+                n = $fscanf(fd, "%h %s\n", addr, path);
+                if (n == 2) begin
+                    if (addr % BEAT64 != 0) $fatal(1, "axi_ddr_model: load address %h is not aligned", addr);
+                    $readmemh(path, mem, int'(addr / BEAT64));
+                end
+            end
+            $fclose(fd);
+        end
+    end
+
+    always @(posedge clk) begin : load_files
+        string manifest, path;
+        int fd, n;
+        logic [63:0] addr;
+        if (load && $value$plusargs("ddr_reload=%s", manifest)) begin
+            fd = $fopen(manifest, "r");
+            if (fd == 0) $fatal(1, "axi_ddr_model: cannot open reload manifest %s", manifest);
             while (!$feof(fd)) begin
                 n = $fscanf(fd, "%h %s\n", addr, path);
                 if (n == 2) begin

@@ -65,6 +65,7 @@ class Master:
         d.rready.value = 0
         d.bready.value = (1 << PORTS) - 1
         d.dump.value = 0
+        d.load.value = 0
 
     async def run(self, max_cycles: int, until_idle: bool = True):
         d = self.dut
