@@ -7,7 +7,6 @@ parameter set. The cocotb tests are tests/rtl/cocotb_layernorm_unit.py.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,8 @@ import pytest
 from m3vit.rtl_sim import runner
 from m3vit.rtl_sim.hwconfig import HwConfig, Limits
 
-TB_DIR = Path(__file__).parent / "rtl"
+from rtl_seeds import simulate_seeds
+
 
 # The two parameter sets of the other RTL tests (shared include directories): P = 4 lanes of
 # 16-bit values with 8-bit γ, and P = 5 lanes of 8-bit values with 6-bit γ (rows of 3P - 1, 37 and
@@ -32,18 +32,7 @@ SIMS = {"layernorm_unit": ("cocotb_layernorm_unit", 4), "rsqrt_unit": ("cocotb_r
 
 def _simulate(unit: str, hw: HwConfig, seeds=SEEDS, extra_env=None) -> dict[int, dict[str, str]]:
     module, n_tests = SIMS[unit]
-    digests, power_ups = {}, []
-    for seed in seeds:
-        result = runner.run(unit, hw, module, seed=seed, module_dir=TB_DIR, extra_env=extra_env)
-        assert result.ok and result.tests == n_tests, (
-            f"{unit} seed {seed}: {result.failed} of {result.tests} cocotb tests failed "
-            f"(log {result.log}):\n{runner.failure_summary(result)}")
-        digests[seed] = {p.stem: p.read_text() for p in sorted(result.test_dir.glob("*.digest"))}
-        assert digests[seed], "no digests written"
-        power_ups.append((result.test_dir / "power_up.txt").read_text())
-    # The seeds must really give different power-up states, or comparing them proves nothing.
-    assert len(set(power_ups)) == len(power_ups), "Verilator seeds gave the same power-up state"
-    return digests
+    return simulate_seeds(unit, hw, module, n_tests, seeds, extra_env)
 
 
 @pytest.mark.parametrize("name", sorted(PARAM_SETS))

@@ -7,14 +7,14 @@ The cocotb test modules live in tests/rtl/ (cocotb_<unit>.py, sharing streams.py
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
 from m3vit.rtl_sim import runner
 from m3vit.rtl_sim.hwconfig import HwConfig, Limits
 
-TB_DIR = Path(__file__).parent / "rtl"
+from rtl_seeds import simulate_seeds
+
 
 # Two parameter sets, the same as tests/test_rtl_units.py's (so compute_unit builds are shared):
 # four 16-bit lanes, and five 8-bit lanes (narrow containers, odd lane count).
@@ -40,18 +40,7 @@ def _need_yosys():
 def _simulate(sim: str, hw: HwConfig, seeds=SEEDS, extra_env=None) -> dict[int, dict[str, str]]:
     """Run a simulation's cocotb tests once per Verilator seed; returns the output digests per seed."""
     unit, module, n_tests = SIMS[sim]
-    digests, power_ups = {}, []
-    for seed in seeds:
-        result = runner.run(unit, hw, module, seed=seed, module_dir=TB_DIR, extra_env=extra_env)
-        assert result.ok and result.tests == n_tests, (
-            f"{unit} seed {seed}: {result.failed} of {result.tests} cocotb tests failed "
-            f"(log {result.log}):\n{runner.failure_summary(result)}")
-        digests[seed] = {p.stem: p.read_text() for p in sorted(result.test_dir.glob("*.digest"))}
-        assert digests[seed], "no digests written"
-        power_ups.append((result.test_dir / "power_up.txt").read_text())
-    # The seeds must really give different power-up states, or comparing them proves nothing.
-    assert len(set(power_ups)) == len(power_ups), "Verilator seeds gave the same power-up state"
-    return digests
+    return simulate_seeds(unit, hw, module, n_tests, seeds, extra_env)
 
 
 @pytest.mark.parametrize("name", sorted(PARAM_SETS))

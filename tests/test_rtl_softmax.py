@@ -7,14 +7,14 @@ Every .sv file is also linted and yosys-parsed by tests/test_rtl_units.py.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
 from m3vit.rtl_sim import runner
 from m3vit.rtl_sim.hwconfig import HwConfig, Limits
 
-TB_DIR = Path(__file__).parent / "rtl"
+from rtl_seeds import simulate_seeds
+
 
 # The parameter sets of tests/test_rtl_nonlinear.py with as many softmax lanes as output lanes:
 # four 16-bit lanes, five 8-bit lanes.
@@ -29,18 +29,7 @@ UNITS = ("exp_unit", "recip_unit", "softmax_unit")
 
 
 def _simulate(hw: HwConfig, seeds=SEEDS, extra_env=None) -> dict[int, dict[str, str]]:
-    digests, power_ups = {}, []
-    for seed in seeds:
-        result = runner.run(UNIT, hw, MODULE, seed=seed, module_dir=TB_DIR, extra_env=extra_env)
-        assert result.ok and result.tests == N_TESTS, (
-            f"{UNIT} seed {seed}: {result.failed} of {result.tests} cocotb tests failed "
-            f"(log {result.log}):\n{runner.failure_summary(result)}")
-        digests[seed] = {p.stem: p.read_text() for p in sorted(result.test_dir.glob("*.digest"))}
-        assert digests[seed], "no digests written"
-        power_ups.append((result.test_dir / "power_up.txt").read_text())
-    # The seeds must really give different power-up states, or comparing them proves nothing.
-    assert len(set(power_ups)) == len(power_ups), "Verilator seeds gave the same power-up state"
-    return digests
+    return simulate_seeds(UNIT, hw, MODULE, N_TESTS, seeds, extra_env)
 
 
 @pytest.mark.parametrize("name", sorted(PARAM_SETS))

@@ -7,14 +7,14 @@ Lint and yosys parse with the default configuration run in tests/test_rtl_units.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
 from m3vit.rtl_sim import runner
 from m3vit.rtl_sim.hwconfig import HwConfig, Limits
 
-TB_DIR = Path(__file__).parent / "rtl"
+from rtl_seeds import simulate_seeds
+
 UNIT, MODULE, N_TESTS = "topk_gate", "cocotb_topk_gate", 5
 UNITS = ("topk_gate",)
 
@@ -28,18 +28,7 @@ SEEDS = (1, 2)
 
 
 def _simulate(hw: HwConfig, seeds=SEEDS, extra_env=None) -> dict[int, dict[str, str]]:
-    digests, power_ups = {}, []
-    for seed in seeds:
-        result = runner.run(UNIT, hw, MODULE, seed=seed, module_dir=TB_DIR, extra_env=extra_env)
-        assert result.ok and result.tests == N_TESTS, (
-            f"{UNIT} seed {seed}: {result.failed} of {result.tests} cocotb tests failed "
-            f"(log {result.log}):\n{runner.failure_summary(result)}")
-        digests[seed] = {p.stem: p.read_text() for p in sorted(result.test_dir.glob("*.digest"))}
-        assert digests[seed], "no digests written"
-        power_ups.append((result.test_dir / "power_up.txt").read_text())
-    # The seeds must really give different power-up states, or comparing them proves nothing.
-    assert len(set(power_ups)) == len(power_ups), "Verilator seeds gave the same power-up state"
-    return digests
+    return simulate_seeds(UNIT, hw, MODULE, N_TESTS, seeds, extra_env)
 
 
 @pytest.mark.parametrize("name", sorted(PARAM_SETS))

@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from m3vit.rtl_sim import runner
 from m3vit.rtl_sim.hwconfig import HwConfig, Limits
 
+from rtl_seeds import simulate_seeds
+
 TB_DIR = Path(__file__).parent / "rtl"
 sys.path.insert(0, str(TB_DIR))
 import refmodel  # noqa: E402
@@ -126,19 +128,8 @@ def test_yosys_parses_every_module(unit):
 
 def _simulate(hw: HwConfig, seeds=SEEDS, extra_env=None) -> dict[int, dict[str, str]]:
     """Run every cocotb test once per Verilator seed; returns the output digests per seed."""
-    digests, power_ups = {}, []
-    for seed in seeds:
-        result = runner.run("compute_unit", hw, "cocotb_compute_unit", seed=seed, module_dir=TB_DIR,
-                            extra_env=extra_env)
-        assert result.ok and result.tests == COCOTB_TESTS, (
-            f"seed {seed}: {result.failed} of {result.tests} cocotb tests failed "
-            f"(log {result.log}):\n{runner.failure_summary(result)}")
-        digests[seed] = {p.stem: p.read_text() for p in sorted(result.test_dir.glob("*.digest"))}
-        assert len(digests[seed]) == COCOTB_TESTS
-        power_ups.append((result.test_dir / "power_up.txt").read_text())
-    # The seeds must really give different power-up states, or comparing them proves nothing.
-    assert len(set(power_ups)) == len(power_ups), "Verilator seeds gave the same power-up state"
-    return digests
+    return simulate_seeds("compute_unit", hw, "cocotb_compute_unit", COCOTB_TESTS, seeds, extra_env,
+                          digests_per_run=COCOTB_TESTS)
 
 
 @pytest.mark.parametrize("name", sorted(PARAM_SETS))
