@@ -1204,38 +1204,32 @@ module eng_gemm #(
         .wdata(m_wdata[2*DW +: DW]), .wstrb(m_wstrb[2*DW/8 +: DW/8]), .wlast(m_wlast[2]),
         .bvalid(m_bvalid[2]), .bready(m_bready[2]), .bid(m_bid[2*ID_W +: ID_W]), .bresp(m_bresp[4 +: 2]));
 
-    // the channels no engine block drives
-    always_comb begin
-        m_arvalid[2] = 1'b0;
-        m_araddr[2*ADDR_W +: ADDR_W] = '0;
-        m_arlen[16 +: 8] = '0;
-        m_arsize[6 +: 3] = '0;
-        m_arburst[4 +: 2] = '0;
-        m_arid[2*ID_W +: ID_W] = '0;
-        m_rready[2] = 1'b0;
-        for (int p = 0; p < PORTS; p++) begin
-            if (p != 2) begin
-                m_awvalid[p] = 1'b0;
-                m_awaddr[p*ADDR_W +: ADDR_W] = '0;
-                m_awlen[p*8 +: 8] = '0;
-                m_awsize[p*3 +: 3] = '0;
-                m_awburst[p*2 +: 2] = '0;
-                m_awid[p*ID_W +: ID_W] = '0;
-                m_wvalid[p] = 1'b0;
-                m_wdata[p*DW +: DW] = '0;
-                m_wstrb[p*DW/8 +: DW/8] = '0;
-                m_wlast[p] = 1'b0;
-                m_bready[p] = 1'b0;
+    // the channels no DMA engine drives: writes on ports 0, 1, 3 and up, reads on port 2 and from 4
+    genvar gp;
+    generate
+        for (gp = 0; gp < PORTS; gp++) begin : g_idle
+            if (gp != 2) begin : g_no_wr
+                assign m_awvalid[gp] = 1'b0;
+                assign m_awaddr[gp*ADDR_W +: ADDR_W] = '0;
+                assign m_awlen[gp*8 +: 8] = '0;
+                assign m_awsize[gp*3 +: 3] = '0;
+                assign m_awburst[gp*2 +: 2] = '0;
+                assign m_awid[gp*ID_W +: ID_W] = '0;
+                assign m_wvalid[gp] = 1'b0;
+                assign m_wdata[gp*DW +: DW] = '0;
+                assign m_wstrb[gp*DW/8 +: DW/8] = '0;
+                assign m_wlast[gp] = 1'b0;
+                assign m_bready[gp] = 1'b0;
             end
-            if (p > 3) begin
-                m_arvalid[p] = 1'b0;
-                m_araddr[p*ADDR_W +: ADDR_W] = '0;
-                m_arlen[p*8 +: 8] = '0;
-                m_arsize[p*3 +: 3] = '0;
-                m_arburst[p*2 +: 2] = '0;
-                m_arid[p*ID_W +: ID_W] = '0;
-                m_rready[p] = 1'b0;
+            if (gp == 2 || gp > 3) begin : g_no_rd
+                assign m_arvalid[gp] = 1'b0;
+                assign m_araddr[gp*ADDR_W +: ADDR_W] = '0;
+                assign m_arlen[gp*8 +: 8] = '0;
+                assign m_arsize[gp*3 +: 3] = '0;
+                assign m_arburst[gp*2 +: 2] = '0;
+                assign m_arid[gp*ID_W +: ID_W] = '0;
+                assign m_rready[gp] = 1'b0;
             end
         end
-    end
+    endgenerate
 endmodule
