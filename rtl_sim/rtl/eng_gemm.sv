@@ -29,6 +29,7 @@
 `include "m3v_isa.svh"
 `include "m3v_accel_cfg.svh"
 `include "m3v_hw_config.svh"
+`include "m3v_mem.svh"
 
 module eng_gemm #(
     parameter int DW        = `M3V_AXI_W,
@@ -153,29 +154,11 @@ module eng_gemm #(
     endfunction
 
     function automatic logic [63:0] addr_of(input logic [31:0] r);
-        logic [63:0] b;
-        case (r[31:30])
-            2'd0: b = base_wgt;
-            2'd1: b = base_arena;
-            2'd2: b = base_in;
-            default: b = base_out;
-        endcase
-        addr_of = b + {34'd0, r[29:0]};
+        addr_of = m3v_addr(r, base_wgt, base_arena, base_in, base_out);
     endfunction
 
     function automatic logic fits(input logic [31:0] r, input logic [65:0] nb);
-        logic [31:0] s;
-        case (r[31:30])
-            2'd0: s = sz_wgt;
-            2'd1: s = sz_arena;
-            2'd2: s = sz_in;
-            default: s = sz_out;
-        endcase
-        fits = {36'd0, r[29:0]} + nb <= {34'd0, s};
-    endfunction
-
-    function automatic logic writable(input logic [1:0] sp);
-        writable = sp == 2'(`M3V_ISA_SPACE_ARENA) || sp == 2'(`M3V_ISA_SPACE_OUT);
+        fits = !nb[65] && m3v_fits(r, nb[64:0], sz_wgt, sz_arena, sz_in, sz_out);
     endfunction
 
     // a format the compute unit produces: signed, 1..ACT_W bits
@@ -314,7 +297,7 @@ module eng_gemm #(
         endcase
         g_fits = g_fits && fits(g_w, {2'b00, 64'(g_k) * 64'(g_n) * 64'(wbytes)});
         if (g_bias) g_fits = g_fits && fits(g_b, {34'd0, g_n} << 3);
-        g_fits = g_fits && fits(g_s, {34'd0, g_n}) && writable(g_y[31:30]);
+        g_fits = g_fits && fits(g_s, {34'd0, g_n}) && m3v_writable(g_y);
         case (ym)
             2'd0: g_fits = g_fits && fits(g_y, prod2(g_rows, g_yld));
             2'd1: g_fits = g_fits && fits(g_y, prod2(hi, g_yld));
@@ -331,7 +314,7 @@ module eng_gemm #(
         c_ok = c_t != 0 && c_k != 0 && c_d != 0 && c_k <= 32'(MAX_K) && fmt_ok(c_fmt[16], c_fmt[5:0]) &&
                c_t < 32'h10000 && c_k < 32'h10000 &&
                fits(c_sc, {34'd0, c_tk} << 1) && fits(c_ix, {34'd0, c_tk} << 1) &&
-               fits(c_y, prod2(c_tk, c_d)) && writable(c_out[31:30]) && fits(c_out, prod2(c_t, c_d)) &&
+               fits(c_y, prod2(c_tk, c_d)) && m3v_writable(c_out) && fits(c_out, prod2(c_t, c_d)) &&
                (!c_res || fits(c_rref, prod2(c_t, c_d)));
     end
 
