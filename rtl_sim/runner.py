@@ -126,9 +126,11 @@ def _sources_for(unit: str) -> list[Path]:
     return rtl_sources() + (sorted(TB_DIR.glob("*.sv")) if unit in tb_units() else [])
 
 
-def build_dir_for(unit: str, hw: HwConfig, build_root: str | Path | None = None) -> Path:
+def build_dir_for(unit: str, hw: HwConfig, build_root: str | Path | None = None,
+                  parameters: Mapping[str, int] | None = None) -> Path:
     root = Path(build_root) if build_root is not None else DEFAULT_BUILD_ROOT
-    return (root / f"{unit}-{hw.hash()[:12]}").resolve()
+    extra = "".join(f"-{k.lower()}{v}" for k, v in sorted((parameters or {}).items()))
+    return (root / f"{unit}-{hw.hash()[:12]}{extra}").resolve()
 
 
 def include_dir(hw: HwConfig, build_root: str | Path | None = None) -> Path:
@@ -205,20 +207,22 @@ def _digest(parts: Sequence[bytes]) -> str:
     return h.hexdigest()
 
 
-def build(unit: str, hw: HwConfig, build_root: str | Path | None = None, force: bool = False) -> Path:
-    """Verilate and compile unit for hw (cached) and return its build directory."""
+def build(unit: str, hw: HwConfig, build_root: str | Path | None = None, force: bool = False,
+          parameters: Mapping[str, int] | None = None) -> Path:
+    """Verilate and compile unit for hw (cached) and return its build directory. ``parameters``
+    override top-level parameters (each set gets its own build directory)."""
     _check_unit(unit)
     import cocotb  # imported here: the rest of m3vit must not need cocotb
     from cocotb_tools.runner import get_runner
 
-    bdir = build_dir_for(unit, hw, build_root)
+    bdir = build_dir_for(unit, hw, build_root, parameters)
     inc = bdir / "include"
     svh = emit_svh(hw, inc)
     headers = emit_program_headers(hw, inc)
     sources = _sources_for(unit)
     mems = [p.read_bytes() for p in sorted(inc.glob("*.mem"))]
     stamp_value = _digest([p.read_bytes() for p in sources] + mems + [p.read_bytes() for p in headers] +
-                          [svh.read_bytes(), unit.encode(),
+                          [svh.read_bytes(), unit.encode(), json.dumps(sorted((parameters or {}).items())).encode(),
                           json.dumps(BUILD_FLAGS).encode(), verilator_version().encode(),
                           cocotb.__version__.encode()])
     stamp = bdir / "build.stamp"
@@ -229,7 +233,7 @@ def build(unit: str, hw: HwConfig, build_root: str | Path | None = None, force: 
         runner = get_runner("verilator")
         try:
             runner.build(sources=sources, includes=[inc], hdl_toplevel=unit, build_dir=bdir,
-                         build_args=BUILD_FLAGS, timescale=TIMESCALE, always=True,
+                         build_args=BUILD_FLAGS, parameters=dict(parameters or {}), timescale=TIMESCALE, always=True,
                          log_file=bdir / "build.log")
         except (RuntimeError, SystemExit) as exc:
             log = (bdir / "build.log").read_text(errors="replace") if (bdir / "build.log").is_file() else ""
@@ -240,12 +244,13 @@ def build(unit: str, hw: HwConfig, build_root: str | Path | None = None, force: 
 
 def run(unit: str, hw: HwConfig, test_module: str, *, seed: int = 1, module_dir: str | Path | None = None,
         testcase: str | None = None, extra_env: Mapping[str, str] | None = None,
-        build_root: str | Path | None = None, name: str | None = None, plusargs: Sequence[str] = ()) -> SimResult:
+        build_root: str | Path | None = None, name: str | None = None, plusargs: Sequence[str] = (),
+        parameters: Mapping[str, int] | None = None) -> SimResult:
     """Build (cached), then run the cocotb test module against unit with Verilator seed `seed`
     (and any further plusargs)."""
     from cocotb_tools.runner import get_runner
 
-    bdir = build(unit, hw, build_root)
+    bdir = build(unit, hw, build_root, parameters=parameters)
     test_dir = bdir / (name or f"run-{test_module}-seed{seed}")
     shutil.rmtree(test_dir, ignore_errors=True)   # nothing from an earlier run may be mistaken for this one's
     test_dir.mkdir(parents=True)
