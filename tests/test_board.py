@@ -120,9 +120,9 @@ proc get_bd_addr_spaces {args} {
 proc get_bd_addr_segs {args} {
     if {[lindex $args 0] eq "-of_objects"} { return [lindex $args 1]/reg0 }
     set pat [lindex $args end]
-    if {![regexp {^(.*)/\*/HP([0-9])_DDR_LOW$} $pat -> cell hp]} { error "get_bd_addr_segs $pat" }
-    if {![cfg $cell PSU__USE__S_AXI_GP[expr {$hp + 2}]]} { return {} }
-    return $cell/SAXIGP[expr {$hp + 2}]/HP${hp}_DDR_LOW
+    if {![regexp {^(.*)/SAXIGP([0-9])/HP([0-9])_DDR_LOW$} $pat -> cell gp hp]} { error "get_bd_addr_segs $pat" }
+    if {$gp != $hp + 2 || ![cfg $cell PSU__USE__S_AXI_GP$gp]} { return {} }
+    return $pat
 }
 proc assign_bd_address {args} {
     set offset {}
