@@ -4,7 +4,8 @@ The folder is self-contained: the top function `m3v_top` (m_axi ports from hw.js
 registers at the offsets of compiler/regmap.py), the generated headers (`m3v_config.h`,
 `m3v_tables.h`, `m3v_isa.h`, `m3v_regmap.h`, `m3v_build.h`, `m3v_depth.h`), a copy of the header
 library (`hls/include`), the C-simulation testbench `m3v_tb.cpp`, `run_hls.tcl` (csim / csynth /
-cosim / export_design) and a README. The sources but `m3v_depth.h` depend on the hardware
+cosim / export_design), the board files of `m3vit.rtl_sim.board` (`vivado_bd.tcl`, the ZCU104
+block design around either the exported IP or the RTL top, with that RTL) and a README. The sources but `m3v_depth.h` depend on the hardware
 configuration alone, so one C-simulation build serves every Program compiled for it
 (`hls/csim.py` hashes exactly those sources). Output is a pure function of the inputs: no dates,
 no absolute paths; a file is rewritten only when its bytes change.
@@ -192,6 +193,9 @@ def project_files(hw, program_dir: str | Path | None = None, rel_program: str = 
     files["run_hls.tcl"] = _env.get_template("run_hls.tcl.j2").render(
         part=hw.part, period_ns=f"{1000.0 / hw.clock_mhz:.3f}", vectors=vectors)
     files[TB_INPUT] = _tb_input(pdir, sizes)
+    from m3vit.rtl_sim.board import board_files
+
+    files.update(board_files(hw, sorted({p["bundle"] for p in axi_ports(hw)}), TOP))
     files["README.md"] = _env.get_template("README.md.j2").render(
         hw_hash=hw.hash(), part=hw.part, clock_mhz=hw.clock_mhz, p_in=hw.p_in, p_out=hw.p_out,
         axi_w=hw.axi_width_bits, ports=axi_ports(hw), registers=regs,
