@@ -131,6 +131,7 @@ module eng_gemm #(
     localparam int XBD     = 2 * SLOTS * KS_MAX;                    // x banks: 2 blocks of SLOTS rows
     localparam int XAW     = $clog2(XBD);
     localparam int KAW     = $clog2(KS_MAX);
+    localparam int WKW     = $clog2(2 * KS_MAX);
     localparam int TAW     = $clog2(MAX_T);
     localparam int SBD     = SLOTS * MAX_K;
     localparam int SAW     = $clog2(SBD);
@@ -518,20 +519,25 @@ module eng_gemm #(
 
     // ================================================================ gemm: weight loader (port 1)
     localparam logic [1:0] WL_W = 2'd0, WL_B = 2'd1, WL_S = 2'd2, WL_D = 2'd3;
-    logic                     wl_busy, wt_full;
+    // two weight tiles: the loader fills one while the pusher serves the other
+    logic                     wl_busy, wl_sel, pu_sel, ld_done;
+    logic [1:0]               wt_full;
     logic [1:0]               wl_ph, wr_ph;
     logic [31:0]              wl_o0, wl_k, wr_k, wr_o, wl_nc;
     logic [63:0]              wl_addr;
     logic [KAW-1:0]           wr_kc;
     logic [$clog2(P_IN+1)-1:0] wr_ki;
-    logic [P_OUT*ACC_W-1:0]   bias_reg;
-    logic [P_OUT*SHIFT_W-1:0] shift_reg;
+    logic [P_OUT*ACC_W-1:0]   bias_reg [0:1];
+    logic [P_OUT*SHIFT_W-1:0] shift_reg [0:1];
     logic [P_OUT*W_W-1:0]     wrow;
-    logic                     wl_sv, wl_start;
+    logic                     wl_sv, wl_start, wl_whole;
 
     assign wl_nc    = min32(32'(P_OUT), g_n - wl_o0);
-    assign wl_start = run_g && !wl_busy && !wt_full && wl_o0 < g_n;
+    assign wl_start = run_g && !wl_busy && !wt_full[wl_sel] && wl_o0 < g_n;
     assign wl_sv    = run_g && wl_busy && wl_ph != 2'(WL_D);
+    assign ld_done  = run_g && wl_busy && r1_cfire && wr_ph == 2'(WL_S) && r1_cl;
+    // a tile as wide as the matrix is one contiguous block: one segment, one chunk per row k
+    assign wl_whole = wl_nc == g_n;
 
     always_comb
         for (int o = 0; o < P_OUT; o++)
@@ -557,6 +563,7 @@ module eng_gemm #(
             wr_kc   <= '0;
             wr_ki   <= '0;
             wl_addr <= '0;
+            wl_sel  <= 1'b0;
         end else begin
             if (wl_start) begin
                 wl_busy   <= 1'b1;
@@ -568,15 +575,15 @@ module eng_gemm #(
                 wr_kc     <= '0;
                 wr_ki     <= '0;
                 wl_addr   <= addr_of(g_w) + 64'(wl_o0) * 64'(wbytes);
-                bias_reg  <= '0;
-                shift_reg <= '0;
+                bias_reg[wl_sel]  <= '0;
+                shift_reg[wl_sel] <= '0;
             end
             if (wl_sv && r1_sr) begin
                 case (wl_ph)
                     2'(WL_W): begin
                         wl_addr <= wl_addr + 64'(g_n) * 64'(wbytes);
                         wl_k    <= wl_k + 32'd1;
-                        if (wl_k + 32'd1 == g_k) wl_ph <= g_bias ? 2'(WL_B) : 2'(WL_S);
+                        if (wl_whole || wl_k + 32'd1 == g_k) wl_ph <= g_bias ? 2'(WL_B) : 2'(WL_S);
                     end
                     2'(WL_B): wl_ph <= 2'(WL_S);
                     default:  wl_ph <= 2'(WL_D);
@@ -593,7 +600,7 @@ module eng_gemm #(
                         if (wr_k + 32'd1 == g_k) wr_ph <= g_bias ? 2'(WL_B) : 2'(WL_S);
                     end
                     2'(WL_B): begin
-                        bias_reg[wr_o*ACC_W +: ACC_W] <= ACC_W'(r1_cd[63:0]);
+                        bias_reg[wl_sel][wr_o*ACC_W +: ACC_W] <= ACC_W'(r1_cd[63:0]);
                         wr_o <= wr_o + 32'd1;
                         if (r1_cl) begin
                             wr_o  <= '0;
@@ -601,10 +608,11 @@ module eng_gemm #(
                         end
                     end
                     default: begin
-                        shift_reg[wr_o*SHIFT_W +: SHIFT_W] <= sh_clamp(r1_cd[7:0]);
+                        shift_reg[wl_sel][wr_o*SHIFT_W +: SHIFT_W] <= sh_clamp(r1_cd[7:0]);
                         wr_o <= wr_o + 32'd1;
                         if (r1_cl) begin
                             wl_busy <= 1'b0;
+                            wl_sel  <= !wl_sel;
                             wl_o0   <= wl_o0 + 32'(P_OUT);
                         end
                     end
@@ -620,10 +628,11 @@ module eng_gemm #(
     genvar gi;
     generate
         for (gi = 0; gi < P_IN; gi++) begin : g_wbank
-            logic [P_OUT*W_W-1:0] mem [0:KS_MAX-1];
+            logic [P_OUT*W_W-1:0] mem [0:2*KS_MAX-1];
             always_ff @(posedge clk) begin
-                if (run_g && wl_busy && r1_cfire && wr_ph == 2'(WL_W) && 32'(wr_ki) == gi) mem[wr_kc] <= wrow;
-                if (tq_load) tq_w[gi*P_OUT*W_W +: P_OUT*W_W] <= mem[pu_kc];
+                if (run_g && wl_busy && r1_cfire && wr_ph == 2'(WL_W) && 32'(wr_ki) == gi)
+                    mem[WKW'(32'(wl_sel) * 32'(KS_MAX) + 32'(wr_kc))] <= wrow;
+                if (tq_load) tq_w[gi*P_OUT*W_W +: P_OUT*W_W] <= mem[WKW'(32'(pu_sel) * 32'(KS_MAX) + 32'(pu_kc))];
             end
         end
     endgenerate
@@ -646,24 +655,26 @@ module eng_gemm #(
             tq_v    <= 1'b0;
             pu_kc   <= '0;
             pu_r0   <= '0;
-            wt_full <= 1'b0;
+            pu_sel  <= 1'b0;
+            wt_full <= '0;
         end else begin
-            if (run_g && wl_busy && r1_cfire && wr_ph == 2'(WL_S) && r1_cl) wt_full <= 1'b1;
-            if (run_g && wt_full && !pu_act) begin
+            if (ld_done) wt_full[wl_sel] <= 1'b1;
+            if (run_g && wt_full[pu_sel] && !pu_act) begin
                 pu_act <= 1'b1;
                 pu_kc  <= '0;
                 pu_r0  <= '0;
             end
             if (tq_load) begin
                 tq_v     <= 1'b1;
-                tq_bias  <= bias_reg;
-                tq_shift <= shift_reg;
+                tq_bias  <= bias_reg[pu_sel];
+                tq_shift <= shift_reg[pu_sel];
                 if (32'(pu_kc) + 32'd1 == ks) begin
                     pu_kc <= '0;
                     pu_r0 <= pu_r0 + 32'(SLOTS);
                     if (pu_r0 + 32'(SLOTS) >= rows_e) begin
                         pu_act  <= 1'b0;
-                        wt_full <= 1'b0;
+                        pu_sel  <= !pu_sel;
+                        wt_full[pu_sel] <= 1'b0;
                     end
                 end else pu_kc <= pu_kc + 1'b1;
             end else if (w_fire) tq_v <= 1'b0;
@@ -1106,7 +1117,7 @@ module eng_gemm #(
             case (wl_ph)
                 2'(WL_W): begin
                     r1_sa = ADDR_W'(wl_addr);
-                    r1_sb = wl_nc * wbytes;
+                    r1_sb = wl_whole ? g_k * g_n * wbytes : wl_nc * wbytes;
                     r1_sc = CW1'(wl_nc * wbytes);
                 end
                 2'(WL_B): begin
