@@ -79,6 +79,13 @@ def rand_fmt(rng: random.Random, lo_bits: int = 2) -> int:
     return isa.pack_fmt(bits, rng.randint(-4, 12))
 
 
+def rand_res_fmt(rng: random.Random) -> int:
+    """A residual format: signed up to 16 bits or unsigned up to 15 (the executor's bounds)."""
+    if rng.random() < 0.25:
+        return isa.pack_fmt(rng.randint(4, 15), rng.randint(-2, 10), signed=False)
+    return rand_fmt(rng, 4)
+
+
 def gemm_case(rng: random.Random, hw, name: str, xmode: str | None = None, ymode: str | None = None,
               residual: bool | None = None, big: bool = False) -> Case:
     p_in, p_out, slots = hw.p_in, hw.p_out, hw.token_block
@@ -149,7 +156,7 @@ def gemm_case(rng: random.Random, hw, name: str, xmode: str | None = None, ymode
         fields["queue_ref"] = inp.put(r.astype("<i2").tobytes())
         a_sh, b_sh = rng.randint(-3, 4), rng.randint(-3, 4)
         fields["expert"] = (a_sh & 0xFFFF) | ((b_sh & 0xFFFF) << 16)
-        fields["queue_shape"] = rand_fmt(rng, 4)
+        fields["queue_shape"] = rand_res_fmt(rng)
     if not inp.data:
         inp.put(bytes(2))
     arena_bytes = isa.align(y_bytes + arena_extra) if out_space == "arena" else 64
@@ -185,7 +192,7 @@ def combine_case(rng: random.Random, hw, name: str, k: int | None = None, residu
         r = rand_bits(rng, 16, t * d)
         a_sh, b_sh = rng.randint(-3, 4), rng.randint(-3, 4)
         fields.update(res_ref=inp.put(r.astype("<i2").tobytes()),
-                      res_shifts=(a_sh & 0xFFFF) | ((b_sh & 0xFFFF) << 16), res_fmt=rand_fmt(rng, 4))
+                      res_shifts=(a_sh & 0xFFFF) | ((b_sh & 0xFFFF) << 16), res_fmt=rand_res_fmt(rng))
     out_bytes = isa.align(2 * t * d)
     return Case(name, [isa.Instr("moe_combine", fields, flags)], bytes(wgt.data), bytes(inp.data),
                 out_bytes if out_space == "arena" else 64, out_bytes if out_space == "out" else 64)

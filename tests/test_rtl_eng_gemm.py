@@ -122,6 +122,12 @@ def test_residual_fusion_bit_exact():
     f = dict(q.instrs[0].fields)
     cases.append(Case("g_res_queued", [isa.Instr("gemm", f, q.instrs[0].flags | 1 << isa.FLAGS["residual"])],
                       q.weights, q.image, q.arena_bytes, q.output_bytes))
+    # a residual format wider than the 16-bit activations: over_limit, nothing stored
+    for c in (cases[0], cases[6]):
+        f = dict(c.instrs[0].fields)
+        f["queue_shape" if c.instrs[0].op == "gemm" else "res_fmt"] = isa.pack_fmt(16, 0, signed=False)
+        cases.append(Case(c.name + "_wide_res_fmt", [isa.Instr(c.instrs[0].op, f, c.instrs[0].flags)], c.weights,
+                          c.image, c.arena_bytes, c.output_bytes))
     run_and_compare(cases, seed=2)
 
 

@@ -136,18 +136,6 @@ module eng_gemm #(
     localparam int SBD     = SLOTS * MAX_K;
     localparam int SAW     = $clog2(SBD);
     localparam int EAW     = $clog2(MAX_E);
-`ifdef M3V_ISA_FLAG_RESIDUAL
-    localparam int FLAG_RES = `M3V_ISA_FLAG_RESIDUAL;
-`else
-    localparam int FLAG_RES = 3;
-`endif
-    // the residual fields: gemm reuses the queue words, moe_combine appends three after fmt
-    localparam int F_G_RES_REF    = `M3V_ISA_F_GEMM_QUEUE_REF;
-    localparam int F_G_RES_SHIFTS = `M3V_ISA_F_GEMM_EXPERT;
-    localparam int F_G_RES_FMT    = `M3V_ISA_F_GEMM_QUEUE_SHAPE;
-    localparam int F_C_RES_REF    = `M3V_ISA_F_MOE_COMBINE_FMT + 1;
-    localparam int F_C_RES_SHIFTS = `M3V_ISA_F_MOE_COMBINE_FMT + 2;
-    localparam int F_C_RES_FMT    = `M3V_ISA_F_MOE_COMBINE_FMT + 3;
 
     // ================================================================ decode (rec is stable until done)
     function automatic logic [31:0] word(input int k);
@@ -165,6 +153,11 @@ module eng_gemm #(
     // a format the compute unit produces: signed, 1..ACT_W bits
     function automatic logic fmt_ok(input logic is_signed, input logic [5:0] bits);
         fmt_ok = is_signed && bits != 0 && 32'(bits) <= 32'(ACT_W);
+    endfunction
+
+    // a residual format the executor accepts: it fits the 16-bit activations
+    function automatic logic res_fmt_ok(input logic is_signed, input logic [5:0] bits);
+        res_fmt_ok = bits != 0 && (is_signed ? bits <= 6'd16 : bits <= 6'd15);
     endfunction
 
     // a fraction that fits the GELU's 7-bit signed format fields
@@ -199,8 +192,8 @@ module eng_gemm #(
         g_gelu  = rec[8 + `M3V_ISA_FLAG_GELU];
         g_w16   = rec[8 + `M3V_ISA_FLAG_W16];
         g_bias  = rec[8 + `M3V_ISA_FLAG_BIAS];
-        g_res   = rec[8 + FLAG_RES];
-        c_res   = rec[8 + FLAG_RES];
+        g_res   = rec[8 + `M3V_ISA_FLAG_RESIDUAL];
+        c_res   = rec[8 + `M3V_ISA_FLAG_RESIDUAL];
         xm      = rec[8 + `M3V_ISA_XMODE_SHIFT +: 2];
         ym      = rec[8 + `M3V_ISA_YMODE_SHIFT +: 2];
         g_x     = word(`M3V_ISA_F_GEMM_X_REF);
@@ -218,9 +211,9 @@ module eng_gemm #(
         g_q     = word(`M3V_ISA_F_GEMM_QUEUE_REF);
         g_e     = word(`M3V_ISA_F_GEMM_EXPERT);
         g_qs    = word(`M3V_ISA_F_GEMM_QUEUE_SHAPE);
-        g_rref  = word(F_G_RES_REF);
-        g_rsh   = word(F_G_RES_SHIFTS);
-        g_rfmt  = word(F_G_RES_FMT);
+        g_rref  = word(`M3V_ISA_F_GEMM_RES_REF);
+        g_rsh   = word(`M3V_ISA_F_GEMM_RES_SHIFTS);
+        g_rfmt  = word(`M3V_ISA_F_GEMM_RES_FMT);
         c_sc    = word(`M3V_ISA_F_MOE_COMBINE_SCORE_REF);
         c_ix    = word(`M3V_ISA_F_MOE_COMBINE_IDX_REF);
         c_y     = word(`M3V_ISA_F_MOE_COMBINE_Y_REF);
@@ -230,9 +223,9 @@ module eng_gemm #(
         c_k     = word(`M3V_ISA_F_MOE_COMBINE_K);
         c_d     = word(`M3V_ISA_F_MOE_COMBINE_DIM);
         c_fmt   = word(`M3V_ISA_F_MOE_COMBINE_FMT);
-        c_rref  = word(F_C_RES_REF);
-        c_rsh   = word(F_C_RES_SHIFTS);
-        c_rfmt  = word(F_C_RES_FMT);
+        c_rref  = word(`M3V_ISA_F_MOE_COMBINE_RES_REF);
+        c_rsh   = word(`M3V_ISA_F_MOE_COMBINE_RES_SHIFTS);
+        c_rfmt  = word(`M3V_ISA_F_MOE_COMBINE_RES_FMT);
         queued  = xm != 2'd0 || ym != 2'd0;
         n_exp   = {16'd0, g_qs[15:0]};
         entries = {16'd0, g_qs[31:16]};
@@ -273,12 +266,17 @@ module eng_gemm #(
     logic [31:0]       r3_sb;
     logic [CW3-1:0]    r3_sc;
     logic [CH3*8-1:0]  r3_cd;
+    logic              r2_sv, r2_sr, r2_cv, r2_cr, r2_cl, r2_idle;
+    logic [CH1*8-1:0]  r2_cd;
     logic              wr_sv, wr_sr, wr_idle;
     logic [ADDR_W-1:0] wr_sa;
     logic [CWW-1:0]    wr_sb;
     logic [CH3*8-1:0]  wr_sd;
 
     logic r0_cfire, r1_cfire;
+    logic [ADDR_W-1:0] r2_sa;
+    logic [31:0]       r2_sb;
+    logic [CW1-1:0]    r2_sc;
     assign r0_cfire = r0_cv && r0_cr;
     assign r1_cfire = r1_cv && r1_cr;
 
@@ -304,7 +302,7 @@ module eng_gemm #(
             2'd1: g_fits = g_fits && fits(g_y, prod2(hi, g_yld));
             default: g_fits = g_fits && fits(g_y, prod2(max_dst + 32'd1, g_yld));
         endcase
-        if (g_res) g_fits = g_fits && fits(g_rref, prod2(g_rows, g_yld));
+        if (g_res) g_fits = g_fits && fits(g_rref, prod2(g_rows, g_yld)) && res_fmt_ok(g_rfmt[16], g_rfmt[5:0]);
     end
 
     // ---- checks of S_C0
@@ -316,7 +314,7 @@ module eng_gemm #(
                c_t < 32'h10000 && c_k < 32'h10000 &&
                fits(c_sc, {34'd0, c_tk} << 1) && fits(c_ix, {34'd0, c_tk} << 1) &&
                fits(c_y, prod2(c_tk, c_d)) && m3v_writable(c_out) && fits(c_out, prod2(c_t, c_d)) &&
-               (!c_res || fits(c_rref, prod2(c_t, c_d)));
+               (!c_res || (fits(c_rref, prod2(c_t, c_d)) && res_fmt_ok(c_rfmt[16], c_rfmt[5:0])));
     end
 
     // ---- pre-pass segments (port 0: queue table; port 1: combine indices and shifts)
@@ -536,12 +534,21 @@ module eng_gemm #(
     assign wl_start = run_g && !wl_busy && !wt_full[wl_sel] && wl_o0 < g_n;
     assign wl_sv    = run_g && wl_busy && wl_ph != 2'(WL_D);
     assign ld_done  = run_g && wl_busy && r1_cfire && wr_ph == 2'(WL_S) && r1_cl;
+    // weight rows alternate between the readers of ports 1 (even k) and 2 (odd k): short
+    // segments are bounded by the bursts in flight per port, two ports double the rate
+    logic             wl_to2, wr_from2, w_cfire, w_cl;
+    logic [CH1*8-1:0] w_cd;
+    assign wl_to2   = wl_ph == WL_W && !wl_whole && wl_k[0];
+    assign wr_from2 = wr_ph == WL_W && !wl_whole && wr_k[0];
+    assign w_cd     = wr_from2 ? r2_cd : r1_cd;
+    assign w_cl     = wr_from2 ? r2_cl : r1_cl;
+    assign w_cfire  = run_g && wl_busy && (wr_from2 ? r2_cv && r2_cr : r1_cfire);
     // a tile as wide as the matrix is one contiguous block: one segment, one chunk per row k
     assign wl_whole = wl_nc == g_n;
 
     always_comb
         for (int o = 0; o < P_OUT; o++)
-            wrow[o*W_W +: W_W] = g_w16 ? W_W'(signed'(r1_cd[o*16 +: 16])) : W_W'(signed'(r1_cd[o*8 +: 8]));
+            wrow[o*W_W +: W_W] = g_w16 ? W_W'(signed'(w_cd[o*16 +: 16])) : W_W'(signed'(w_cd[o*8 +: 8]));
 
     function automatic logic [SHIFT_W-1:0] sh_clamp(input logic [7:0] v);
         logic signed [8:0] s;
@@ -578,7 +585,7 @@ module eng_gemm #(
                 bias_reg[wl_sel]  <= '0;
                 shift_reg[wl_sel] <= '0;
             end
-            if (wl_sv && r1_sr) begin
+            if (wl_sv && (wl_to2 ? r2_sr : r1_sr)) begin
                 case (wl_ph)
                     2'(WL_W): begin
                         wl_addr <= wl_addr + 64'(g_n) * 64'(wbytes);
@@ -589,7 +596,7 @@ module eng_gemm #(
                     default:  wl_ph <= 2'(WL_D);
                 endcase
             end
-            if (run_g && wl_busy && r1_cfire) begin
+            if (w_cfire) begin
                 case (wr_ph)
                     2'(WL_W): begin
                         wr_k <= wr_k + 32'd1;
@@ -630,7 +637,7 @@ module eng_gemm #(
         for (gi = 0; gi < P_IN; gi++) begin : g_wbank
             logic [P_OUT*W_W-1:0] mem [0:2*KS_MAX-1];
             always_ff @(posedge clk) begin
-                if (run_g && wl_busy && r1_cfire && wr_ph == 2'(WL_W) && 32'(wr_ki) == gi)
+                if (w_cfire && wr_ph == 2'(WL_W) && 32'(wr_ki) == gi)
                     mem[WKW'(32'(wl_sel) * 32'(KS_MAX) + 32'(wr_kc))] <= wrow;
                 if (tq_load) tq_w[gi*P_OUT*W_W +: P_OUT*W_W] <= mem[WKW'(32'(pu_sel) * 32'(KS_MAX) + 32'(pu_kc))];
             end
@@ -1111,9 +1118,13 @@ module eng_gemm #(
         r1_sb = pre1_b;
         r1_sc = CW1'(pre1_c);
         r1_cr = state == S_CIDX || state == S_CSH;
+        r2_sv = 1'b0;
+        r2_cr = 1'b0;
         if (run_g) begin
-            r1_sv = wl_sv;
-            r1_cr = wl_busy;
+            r1_sv = wl_sv && !wl_to2;
+            r2_sv = wl_sv && wl_to2;
+            r1_cr = wl_busy && !wr_from2;
+            r2_cr = wl_busy && wr_from2;
             case (wl_ph)
                 2'(WL_W): begin
                     r1_sa = ADDR_W'(wl_addr);
@@ -1139,6 +1150,9 @@ module eng_gemm #(
             r1_sc = CW1'(2);
             r1_cr = sl_busy;
         end
+        r2_sa = r1_sa;
+        r2_sb = r1_sb;
+        r2_sc = r1_sc;
         // port 3: residual rows
         r3_sv = rs_sv;
         r3_sa = ADDR_W'(rs_addr);
@@ -1147,17 +1161,14 @@ module eng_gemm #(
     end
 
     logic unused_sig;
-    assign unused_sig = &{1'b0, task_idx, cu_o_tag, r0_idle, r1_idle, r3_idle, r3_cl, pre0_a[63:32],
+    assign unused_sig = &{1'b0, task_idx, cu_o_tag, r0_idle, r1_idle, r2_idle, r3_idle, r3_cl, w_cl, pre0_a[63:32],
                           pre1_a[63:32], yi_a[63:32], cp_e[15:EAW], os_addr[63:32], rs_addr[63:32],
                           z_fmt[31:17], z_fmt[15:6], g_fmt[31:17], g_fmt[7:6], g_gfmt[31:17], g_gfmt[7:6],
-                          c_fmt[31:17], c_fmt[15:6], m_arready[2], m_rvalid[2], m_rdata[2*DW +: DW],
-                          m_rid, m_rlast[2], m_rresp, m_awready[1:0], m_wready[1:0], m_bvalid[1:0],
-                          m_bid, m_bresp, m_awready[3], m_wready[3], m_bvalid[3]};
+                          c_fmt[31:17], c_fmt[15:6]};
     if (PORTS > 4) begin : g_unused_hi
         logic unused_hi;
         assign unused_hi = &{1'b0, m_arready[PORTS-1:4], m_rvalid[PORTS-1:4], m_rdata[PORTS*DW-1:4*DW],
-                             m_rlast[PORTS-1:4], m_awready[PORTS-1:4], m_wready[PORTS-1:4],
-                             m_bvalid[PORTS-1:4]};
+                             m_rid[PORTS*ID_W-1:4*ID_W], m_rlast[PORTS-1:4], m_rresp[PORTS*2-1:8]};
     end
 
     // ================================================================ DMA engines
@@ -1188,42 +1199,54 @@ module eng_gemm #(
         .arid(m_arid[3*ID_W +: ID_W]), .rvalid(m_rvalid[3]), .rready(m_rready[3]), .rdata(m_rdata[3*DW +: DW]),
         .rid(m_rid[3*ID_W +: ID_W]), .rlast(m_rlast[3]), .rresp(m_rresp[6 +: 2]));
 
-    seg_writer #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(MAX_BURST),
-                 .CHB(CH3), .QD(4)) u_wr (
-        .clk, .rst_n, .seg_valid(wr_sv), .seg_ready(wr_sr), .seg_addr(wr_sa), .seg_bytes(wr_sb),
-        .seg_data(wr_sd), .idle(wr_idle),
-        .awvalid(m_awvalid[2]), .awready(m_awready[2]), .awaddr(m_awaddr[2*ADDR_W +: ADDR_W]),
-        .awlen(m_awlen[16 +: 8]), .awsize(m_awsize[6 +: 3]), .awburst(m_awburst[4 +: 2]),
-        .awid(m_awid[2*ID_W +: ID_W]), .wvalid(m_wvalid[2]), .wready(m_wready[2]),
-        .wdata(m_wdata[2*DW +: DW]), .wstrb(m_wstrb[2*DW/8 +: DW/8]), .wlast(m_wlast[2]),
-        .bvalid(m_bvalid[2]), .bready(m_bready[2]), .bid(m_bid[2*ID_W +: ID_W]), .bresp(m_bresp[4 +: 2]));
+    // the output segments go round robin to the write channels of every port: each port allows
+    // MAX_OUT bursts awaiting their response, and a segment is one short burst
+    localparam int RRW = $clog2(PORTS);
+    logic [RRW-1:0]   wr_rr;
+    logic [PORTS-1:0] wp_ready, wp_idle;
+    assign wr_sr   = wp_ready[wr_rr];
+    assign wr_idle = &wp_idle;
+    always_ff @(posedge clk) begin
+        if (!rst_n || state == S_IDLE) wr_rr <= '0;
+        else if (wr_sv && wr_sr) wr_rr <= 32'(wr_rr) + 1 == PORTS ? '0 : wr_rr + 1'b1;
+    end
 
-    // the channels no DMA engine drives: writes on ports 0, 1, 3 and up, reads on port 2 and from 4
+    genvar gw;
+    generate
+        for (gw = 0; gw < PORTS; gw++) begin : g_wr
+            seg_writer #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(MAX_BURST),
+                         .CHB(CH3), .QD(4)) u_wr (
+                .clk, .rst_n, .seg_valid(wr_sv && 32'(wr_rr) == gw), .seg_ready(wp_ready[gw]), .seg_addr(wr_sa),
+                .seg_bytes(wr_sb), .seg_data(wr_sd), .idle(wp_idle[gw]),
+                .awvalid(m_awvalid[gw]), .awready(m_awready[gw]), .awaddr(m_awaddr[gw*ADDR_W +: ADDR_W]),
+                .awlen(m_awlen[gw*8 +: 8]), .awsize(m_awsize[gw*3 +: 3]), .awburst(m_awburst[gw*2 +: 2]),
+                .awid(m_awid[gw*ID_W +: ID_W]), .wvalid(m_wvalid[gw]), .wready(m_wready[gw]),
+                .wdata(m_wdata[gw*DW +: DW]), .wstrb(m_wstrb[gw*DW/8 +: DW/8]), .wlast(m_wlast[gw]),
+                .bvalid(m_bvalid[gw]), .bready(m_bready[gw]), .bid(m_bid[gw*ID_W +: ID_W]),
+                .bresp(m_bresp[gw*2 +: 2]));
+        end
+    endgenerate
+
+    seg_reader #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(MAX_BURST),
+                 .CHB(CH1), .QD(16)) u_r2 (
+        .clk, .rst_n, .seg_valid(r2_sv), .seg_ready(r2_sr), .seg_addr(r2_sa), .seg_bytes(r2_sb),
+        .seg_ch(r2_sc), .ch_valid(r2_cv), .ch_ready(r2_cr), .ch_data(r2_cd), .ch_last(r2_cl), .idle(r2_idle),
+        .arvalid(m_arvalid[2]), .arready(m_arready[2]), .araddr(m_araddr[2*ADDR_W +: ADDR_W]),
+        .arlen(m_arlen[16 +: 8]), .arsize(m_arsize[6 +: 3]), .arburst(m_arburst[4 +: 2]),
+        .arid(m_arid[2*ID_W +: ID_W]), .rvalid(m_rvalid[2]), .rready(m_rready[2]), .rdata(m_rdata[2*DW +: DW]),
+        .rid(m_rid[2*ID_W +: ID_W]), .rlast(m_rlast[2]), .rresp(m_rresp[4 +: 2]));
+
+    // the read channels of the ports beyond 3
     genvar gp;
     generate
-        for (gp = 0; gp < PORTS; gp++) begin : g_idle
-            if (gp != 2) begin : g_no_wr
-                assign m_awvalid[gp] = 1'b0;
-                assign m_awaddr[gp*ADDR_W +: ADDR_W] = '0;
-                assign m_awlen[gp*8 +: 8] = '0;
-                assign m_awsize[gp*3 +: 3] = '0;
-                assign m_awburst[gp*2 +: 2] = '0;
-                assign m_awid[gp*ID_W +: ID_W] = '0;
-                assign m_wvalid[gp] = 1'b0;
-                assign m_wdata[gp*DW +: DW] = '0;
-                assign m_wstrb[gp*DW/8 +: DW/8] = '0;
-                assign m_wlast[gp] = 1'b0;
-                assign m_bready[gp] = 1'b0;
-            end
-            if (gp == 2 || gp > 3) begin : g_no_rd
-                assign m_arvalid[gp] = 1'b0;
-                assign m_araddr[gp*ADDR_W +: ADDR_W] = '0;
-                assign m_arlen[gp*8 +: 8] = '0;
-                assign m_arsize[gp*3 +: 3] = '0;
-                assign m_arburst[gp*2 +: 2] = '0;
-                assign m_arid[gp*ID_W +: ID_W] = '0;
-                assign m_rready[gp] = 1'b0;
-            end
+        for (gp = 4; gp < PORTS; gp++) begin : g_idle
+            assign m_arvalid[gp] = 1'b0;
+            assign m_araddr[gp*ADDR_W +: ADDR_W] = '0;
+            assign m_arlen[gp*8 +: 8] = '0;
+            assign m_arsize[gp*3 +: 3] = '0;
+            assign m_arburst[gp*2 +: 2] = '0;
+            assign m_arid[gp*ID_W +: ID_W] = '0;
+            assign m_rready[gp] = 1'b0;
         end
     endgenerate
 endmodule
