@@ -144,7 +144,8 @@ def test_fused_shifts_and_operand_are_used(graph, build):
     hw, _, program, weights, meta = build
     img = _inputs(graph)[0]
     good = px.execute(program, weights, img, 0, meta=meta).output
-    for i in (next(i for i in meta["instructions"] if i["op"] == k and i.get("fused")) for k in ("gemm", "moe_combine")):
+    ins = meta["instructions"]
+    for i in (next(i for i in ins if i["op"] == k and i.get("fused")) for k in ("gemm", "moe_combine")):
         a, b = isa.unpack_res_shifts(i["fields"]["res_shifts"])
         for changed in (dict(res_shifts=isa.pack_res_shifts(a + 1, b)), dict(res_shifts=isa.pack_res_shifts(a, b - 1)),
                         dict(res_ref=meta["tensors"]["blocks.0.norm1"]["ref"]),
