@@ -378,18 +378,76 @@ int op_patchify(M3V_DDR_PARAMS, dec_bufs<CFG> &B, const ifield_t f[]) {
 
 // A GEMM instruction decoded once for all its column groups.
 struct gemm_job {
-    int xmode, ymode, in_dim, out_dim, x_ld, y_ld, rows, q0;
-    bool w16, gelu, has_bias, residual;
+    int xmode, ymode, in_dim, out_dim, x_ld, y_ld, rows, q0, expert;
+    bool w16, gelu, has_bias, residual, queued;
     fmt_t fmt, gelu_fmt, res_fmt;
     int res_a, res_b; // the fused add's shifts of the GEMM value and of the residual operand
     ap_uint<32> x_ref, y_ref, w_ref, bias_ref, shift_ref, q_ref, res_ref, tok_off, dst_off;
 };
 
+// The weight tile staged ahead by the previous GEMM: valid while nothing else used the halves;
+// `half` holds column group 0 of `job`.
+struct gemm_prefetch {
+    bool valid;
+    int half;
+    gemm_job job;
+};
+
+// Decodes a GEMM's words and checks everything but its rows: isa::STATUS_OK, BAD_OPCODE or
+// OVER_LIMIT (the order of the Python executor's checks).
+template <class CFG>
+int gemm_decode(const ifield_t f[], gemm_job &j) {
+    constexpr int MAX_LD = 1 << 16; // keeps row offsets of the 40-bit address arithmetic exact
+    const ap_uint<24> flags = f[0] >> 8;
+    j.xmode = int(flags >> isa::XMODE_SHIFT) & 3;
+    j.ymode = int(flags >> isa::YMODE_SHIFT) & 3;
+    j.w16 = flags[isa::FLAG_W16];
+    j.gelu = flags[isa::FLAG_GELU];
+    j.has_bias = flags[isa::FLAG_BIAS];
+    j.residual = flags[isa::FLAG_RESIDUAL];
+    j.queued = j.xmode != isa::XMODE_DIRECT || j.ymode != isa::YMODE_DIRECT;
+    j.in_dim = f[isa::F_GEMM_IN_DIM];
+    j.out_dim = f[isa::F_GEMM_OUT_DIM];
+    j.x_ld = f[isa::F_GEMM_X_LD];
+    j.y_ld = f[isa::F_GEMM_Y_LD];
+    j.rows = f[isa::F_GEMM_ROWS];
+    j.expert = f[isa::F_GEMM_EXPERT];
+    j.fmt = unpack_fmt(f[isa::F_GEMM_FMT]);
+    j.gelu_fmt = unpack_fmt(f[isa::F_GEMM_GELU_FMT]);
+    j.x_ref = f[isa::F_GEMM_X_REF];
+    j.y_ref = f[isa::F_GEMM_Y_REF];
+    j.w_ref = f[isa::F_GEMM_W_REF];
+    j.bias_ref = f[isa::F_GEMM_BIAS_REF];
+    j.shift_ref = f[isa::F_GEMM_SHIFT_REF];
+    j.q_ref = f[isa::F_GEMM_QUEUE_REF];
+    j.res_ref = f[isa::F_GEMM_RES_REF];
+    j.res_fmt = unpack_fmt(f[isa::F_GEMM_RES_FMT]);
+    j.res_a = int(ap_int<16>(f[isa::F_GEMM_RES_SHIFTS].range(15, 0)));
+    j.res_b = int(ap_int<16>(f[isa::F_GEMM_RES_SHIFTS].range(31, 16)));
+    j.tok_off = 0;
+    j.dst_off = 0;
+    j.q0 = 0;
+    if (j.xmode > int(isa::XMODE_QUEUE) || j.ymode > int(isa::YMODE_SCATTER) || (j.residual && j.queued))
+        return isa::STATUS_BAD_OPCODE;
+    if (j.in_dim < 1 || j.in_dim > CFG::MAX_IN || j.out_dim < 1 || j.out_dim > CFG::MAX_OUT || j.x_ld < j.in_dim ||
+        j.y_ld < j.out_dim || j.x_ld > MAX_LD || j.y_ld > MAX_LD || (j.w16 && CFG::WEIGHT_BITS < 16) ||
+        (!j.w16 && CFG::WEIGHT_BITS < 8) || !fits_fmt<CFG>(j.fmt) || (j.gelu && !fits_fmt<CFG>(j.gelu_fmt)) ||
+        (j.residual && !fits_fmt<CFG>(j.res_fmt)))
+        return isa::STATUS_OVER_LIMIT;
+    return isa::STATUS_OK;
+}
+
+// The same column group 0: every input of stage_tile for o0 = 0 is equal.
+inline bool same_tile(const gemm_job &a, const gemm_job &b) {
+    return a.w_ref == b.w_ref && a.bias_ref == b.bias_ref && a.shift_ref == b.shift_ref && a.in_dim == b.in_dim &&
+           a.out_dim == b.out_dim && a.w16 == b.w16 && a.has_bias == b.has_bias;
+}
+
 // Fetch: the weights, biases and shifts of column group o0 into one half of the ping-pong
-// (nothing when o0 is past the last group).
+// (nothing when `on` is false or o0 is past the last group).
 template <class CFG, int AW>
-void gemm_fetch(M3V_DDR_PARAMS, M3V_TILE_PARAMS, const gemm_job &j, int o0) {
-    if (o0 >= j.out_dim)
+void gemm_fetch(M3V_DDR_PARAMS, M3V_TILE_PARAMS, bool on, const gemm_job &j, int o0) {
+    if (!on || o0 >= j.out_dim)
         return;
     stage_tile<CFG, AW>(M3V_DDR_ARGS, M3V_TILE_ARGS, j.in_dim, j.out_dim, o0, imin(CFG::P_OUT, j.out_dim - o0), j.w16,
                         j.w_ref, 0, j.has_bias, j.bias_ref, 0, j.shift_ref, 0);
@@ -442,71 +500,91 @@ void gemm_columns(M3V_DDR_PARAMS, dec_bufs<CFG> &B, M3V_TILE_PARAMS, const gemm_
     }
 }
 
-// One step of the weight ping-pong: group o0 computes on the current half while group o0 + P_OUT
-// is fetched into the other. The two share no buffer and each has its own fault flag (cf for the
-// fetch), so they form a dataflow region whose weight traffic hides under the compute.
+// One step of the weight ping-pong: column group oc of job jc computes on the current half while
+// group of of job jf (the next group, or the next GEMM's first) is fetched into the other. The
+// two share no buffer and each has its own fault flag (cf for the fetch), so they form a dataflow
+// region whose weight traffic hides under the compute.
 template <class CFG, int AW>
 void gemm_step(const ap_uint<AW> *wgt, ap_uint<AW> *arena, const ap_uint<AW> *in, ap_uint<AW> *out, ddr_ctx &c,
                ddr_ctx &cf, dec_bufs<CFG> &B, M3V_TILE_PARAMS, typename CFG::wgt_t wt_n[][CFG::P_IN][CFG::P_OUT],
-               typename CFG::acc_t bias_n[CFG::P_OUT], int shift_n[CFG::P_OUT], const gemm_job &j, int o0,
-               sat_cnt_t &sat_gelu) {
+               typename CFG::acc_t bias_n[CFG::P_OUT], int shift_n[CFG::P_OUT], bool fetch, const gemm_job &jf,
+               int of, const gemm_job &jc, int oc, sat_cnt_t &sat_gelu) {
     M3V_HLS(dataflow)
-    gemm_fetch<CFG, AW>(wgt, arena, in, out, cf, wt_n, bias_n, shift_n, j, o0 + CFG::P_OUT);
-    gemm_columns<CFG, AW>(M3V_DDR_ARGS, B, M3V_TILE_ARGS, j, o0, sat_gelu);
+    gemm_fetch<CFG, AW>(wgt, arena, in, out, cf, wt_n, bias_n, shift_n, fetch, jf, of);
+    gemm_columns<CFG, AW>(M3V_DDR_ARGS, B, M3V_TILE_ARGS, jc, oc, sat_gelu);
+}
+
+// Word i (32 bits) of the program memory.
+template <int AW>
+ap_uint<32> prog_word(const ap_uint<AW> *prog, int i) {
+    constexpr int PER = AW / 32;
+    const ap_uint<AW> w = prog[i / PER];
+    const int lo = (i % PER) * 32;
+    return w.range(lo + 31, lo);
+}
+
+// The next GEMM whose weights may be fetched ahead: the first one after instruction pc that will
+// run rows (queued GEMMs of idle experts do nothing and are passed over), its weights, biases and
+// shifts in the read-only wgt space (so no instruction in between can change them), before any
+// moe_gate (which stages its own tile) or end. Reads only; its faults are its own (a scratch
+// context), the instruction itself checks everything again when it runs.
+template <class CFG, int AW>
+bool next_gemm(const ap_uint<AW> *prog, M3V_DDR_PARAMS, int pc, int n_instr, gemm_job &nj) {
+    constexpr int W = isa::WORDS;
+    constexpr int LOOKAHEAD = 2 * CFG::MAX_EXPERTS + 4; // an MoE layer's expert GEMMs and its neighbours
+    ddr_ctx s = c;
+    s.fault = false;
+    ifield_t g[W];
+    for (int k = pc + 1; k < n_instr && k <= pc + LOOKAHEAD; k++) {
+        M3V_TRIPCOUNT(1, LOOKAHEAD)
+        for (int i = 0; i < W; i++) {
+            M3V_HLS(pipeline II=1)
+            g[i] = prog_word<AW>(prog, W * (1 + k) + i);
+        }
+        const int op = int(g[0] & 0xFF);
+        if (op == isa::OP_END || op == isa::OP_MOE_GATE)
+            return false;
+        if (op != isa::OP_GEMM)
+            continue;
+        if (gemm_decode<CFG>(g, nj) != isa::STATUS_OK)
+            return false;
+        if (nj.queued) {
+            idx_t off2[2];
+            ddr_load<AW, 2, false, 2>(wgt, arena, in, out, s, nj.q_ref, boff_t(2 * nj.expert), 2, off2);
+            if (s.fault)
+                return false;
+            if (off2[1] <= off2[0])
+                continue; // an idle expert: it fetches nothing, the next GEMM may
+        }
+        return ref_space(nj.w_ref) == isa::SPACE_WGT && ref_space(nj.shift_ref) == isa::SPACE_WGT &&
+               (!nj.has_bias || ref_space(nj.bias_ref) == isa::SPACE_WGT);
+    }
+    return false;
 }
 
 // Weight-stationary per group of P_OUT output columns, the groups double-buffered: the tile of
-// group g + 1 is fetched while group g's rows stream through tile g (gemm_step); the halves
-// alternate, so each group's weights are read once. With flag `residual` (direct modes only)
-// the add that followed the GEMM is applied to each output block before it is stored.
+// group g + 1 is fetched while group g's rows stream through tile g (gemm_step), and during the
+// last group the first tile of the next GEMM (`nj`, when `has_next`: the next expert, or the
+// layer after an attention or LayerNorm) goes into the free half; `pf` carries it to that GEMM,
+// which starts computing at once when the tile is its own. Each group's weights are read once.
+// With flag `residual` (direct modes only) the add that followed the GEMM is applied to each
+// output block before it is stored.
 template <class CFG, int AW>
 int op_gemm(M3V_DDR_PARAMS, dec_bufs<CFG> &B, M3V_TILE_PARAMS, typename CFG::wgt_t wt2[][CFG::P_IN][CFG::P_OUT],
-            typename CFG::acc_t bias_l2[CFG::P_OUT], int shift_l2[CFG::P_OUT], const ifield_t f[]) {
+            typename CFG::acc_t bias_l2[CFG::P_OUT], int shift_l2[CFG::P_OUT], const ifield_t f[], gemm_prefetch &pf,
+            bool has_next, const gemm_job &nj) {
     typedef dec_sizes<CFG> S;
     constexpr int PO = CFG::P_OUT;
     constexpr int OT = cdiv(CFG::MAX_OUT, PO);
-    constexpr int MAX_LD = 1 << 16; // keeps row offsets of the 40-bit address arithmetic exact
-    const ap_uint<24> flags = f[0] >> 8;
     gemm_job j;
-    j.xmode = int(flags >> isa::XMODE_SHIFT) & 3;
-    j.ymode = int(flags >> isa::YMODE_SHIFT) & 3;
-    j.w16 = flags[isa::FLAG_W16];
-    j.gelu = flags[isa::FLAG_GELU];
-    j.has_bias = flags[isa::FLAG_BIAS];
-    j.residual = flags[isa::FLAG_RESIDUAL];
-    j.in_dim = f[isa::F_GEMM_IN_DIM];
-    j.out_dim = f[isa::F_GEMM_OUT_DIM];
-    j.x_ld = f[isa::F_GEMM_X_LD];
-    j.y_ld = f[isa::F_GEMM_Y_LD];
-    j.fmt = unpack_fmt(f[isa::F_GEMM_FMT]);
-    j.gelu_fmt = unpack_fmt(f[isa::F_GEMM_GELU_FMT]);
-    j.x_ref = f[isa::F_GEMM_X_REF];
-    j.y_ref = f[isa::F_GEMM_Y_REF];
-    j.w_ref = f[isa::F_GEMM_W_REF];
-    j.bias_ref = f[isa::F_GEMM_BIAS_REF];
-    j.shift_ref = f[isa::F_GEMM_SHIFT_REF];
-    j.q_ref = f[isa::F_GEMM_QUEUE_REF];
-    j.res_ref = f[isa::F_GEMM_RES_REF];
-    j.res_fmt = unpack_fmt(f[isa::F_GEMM_RES_FMT]);
-    j.res_a = int(ap_int<16>(f[isa::F_GEMM_RES_SHIFTS].range(15, 0)));
-    j.res_b = int(ap_int<16>(f[isa::F_GEMM_RES_SHIFTS].range(31, 16)));
-    j.tok_off = 0;
-    j.dst_off = 0;
-    j.q0 = 0;
-    const bool queued = j.xmode != isa::XMODE_DIRECT || j.ymode != isa::YMODE_DIRECT;
-    if (j.xmode > int(isa::XMODE_QUEUE) || j.ymode > int(isa::YMODE_SCATTER) || (j.residual && queued))
-        return isa::STATUS_BAD_OPCODE;
-    if (j.in_dim < 1 || j.in_dim > CFG::MAX_IN || j.out_dim < 1 || j.out_dim > CFG::MAX_OUT || j.x_ld < j.in_dim ||
-        j.y_ld < j.out_dim || j.x_ld > MAX_LD || j.y_ld > MAX_LD || (j.w16 && CFG::WEIGHT_BITS < 16) ||
-        (!j.w16 && CFG::WEIGHT_BITS < 8) || !fits_fmt<CFG>(j.fmt) || (j.gelu && !fits_fmt<CFG>(j.gelu_fmt)) ||
-        (j.residual && !fits_fmt<CFG>(j.res_fmt)))
-        return isa::STATUS_OVER_LIMIT;
-    const int rows_max = f[isa::F_GEMM_ROWS];
-    j.rows = rows_max;
-    if (queued) {
+    const int st = gemm_decode<CFG>(f, j);
+    if (st != isa::STATUS_OK)
+        return st;
+    const int rows_max = j.rows;
+    if (j.queued) {
         // queue_shape = N | T k << 16 locates q_tok and q_dst; expert e's queue is
         // q_off[e] .. q_off[e+1] - 1, and `rows` bounds its length.
-        const int e = f[isa::F_GEMM_EXPERT];
+        const int e = j.expert;
         const int n_exp = int(f[isa::F_GEMM_QUEUE_SHAPE] & 0xFFFF), tk = int(f[isa::F_GEMM_QUEUE_SHAPE] >> 16);
         if (n_exp < 1 || n_exp > CFG::MAX_EXPERTS || e >= n_exp || tk < 1 || tk > S::TK)
             return isa::STATUS_OVER_LIMIT;
@@ -520,7 +598,7 @@ int op_gemm(M3V_DDR_PARAMS, dec_bufs<CFG> &B, M3V_TILE_PARAMS, typename CFG::wgt
         if (j.rows < 0 || j.rows > rows_max || j.q0 + j.rows > tk)
             return isa::STATUS_OVER_LIMIT;
         if (j.rows == 0)
-            return isa::STATUS_OK; // an idle expert fetches nothing and writes nothing
+            return isa::STATUS_OK; // an idle expert fetches nothing and writes nothing (a prefetch stays)
     }
     if (j.rows < 1 || j.rows > CFG::MAX_ROWS)
         return isa::STATUS_OVER_LIMIT;
@@ -528,17 +606,37 @@ int op_gemm(M3V_DDR_PARAMS, dec_bufs<CFG> &B, M3V_TILE_PARAMS, typename CFG::wgt
     if (j.residual && !ddr_in_range(c, ref_space(j.res_ref), ref_off(j.res_ref), boff_t(2) * j.rows * j.y_ld))
         return isa::STATUS_OVER_LIMIT;
     sat_cnt_t sat_gelu = 0;
-    ddr_ctx cf = c; // the fetch's own fault flag, merged after the last group
+    ddr_ctx cf = c; // the fetches' own fault flags: this GEMM's (merged at the end) and the prefetch's
     cf.fault = false;
-    gemm_fetch<CFG, AW>(wgt, arena, in, out, cf, M3V_TILE_ARGS, j, 0);
-    for (int o0 = 0, g = 0; o0 < j.out_dim; o0 += PO, g++) {
+    ddr_ctx cn = cf;
+    // group 0: staged ahead by the previous GEMM, or fetched now
+    int h0 = 0;
+    if (pf.valid && same_tile(pf.job, j))
+        h0 = pf.half;
+    else
+        gemm_fetch<CFG, AW>(wgt, arena, in, out, cf, M3V_TILE_ARGS, true, j, 0);
+    pf.valid = false;
+    const int groups = (j.out_dim + PO - 1) / PO;
+    for (int g = 0; g < groups; g++) {
         M3V_TRIPCOUNT(1, OT)
-        if ((g & 1) == 0)
-            gemm_step<CFG, AW>(wgt, arena, in, out, c, cf, B, M3V_TILE_ARGS, wt2, bias_l2, shift_l2, j, o0, sat_gelu);
+        const bool last = g == groups - 1;
+        const gemm_job &jf = last ? nj : j;
+        ddr_ctx &cx = last ? cn : cf;
+        const bool fetch = !last || has_next;
+        const int of = last ? 0 : (g + 1) * PO;
+        if (((h0 + g) & 1) == 0)
+            gemm_step<CFG, AW>(wgt, arena, in, out, c, cx, B, M3V_TILE_ARGS, wt2, bias_l2, shift_l2, fetch, jf, of, j,
+                               g * PO, sat_gelu);
         else
-            gemm_step<CFG, AW>(wgt, arena, in, out, c, cf, B, wt2, bias_l2, shift_l2, M3V_TILE_ARGS, j, o0, sat_gelu);
+            gemm_step<CFG, AW>(wgt, arena, in, out, c, cx, B, wt2, bias_l2, shift_l2, M3V_TILE_ARGS, fetch, jf, of, j,
+                               g * PO, sat_gelu);
     }
     c.fault = c.fault || cf.fault;
+    if (has_next && !cn.fault) {
+        pf.valid = true;
+        pf.half = (h0 + groups) & 1;
+        pf.job = nj;
+    }
     B.sat += sat_gelu;
     return isa::STATUS_OK;
 }
@@ -901,15 +999,6 @@ int op_moe_combine(M3V_DDR_PARAMS, dec_bufs<CFG> &B, const ifield_t f[]) {
 
 // ---------------------------------------------------------------------------- the sequencer
 
-// Word i (32 bits) of the program memory.
-template <int AW>
-ap_uint<32> prog_word(const ap_uint<AW> *prog, int i) {
-    constexpr int PER = AW / 32;
-    const ap_uint<AW> w = prog[i / PER];
-    const int lo = (i % PER) * 32;
-    return w.range(lo + 31, lo);
-}
-
 // Runs the Program; returns its status (isa::STATUS_*). n_done: instructions completed.
 template <class CFG, class BLD>
 int run_program(const ap_uint<BLD::AXI_W> *prog, const ap_uint<BLD::AXI_W> *wgt, ap_uint<BLD::AXI_W> *arena,
@@ -975,6 +1064,10 @@ int run_program(const ap_uint<BLD::AXI_W> *prog, const ap_uint<BLD::AXI_W> *wgt,
     int status = isa::STATUS_OK;
     ifield_t f[W];
     M3V_HLS(array_partition variable=f complete)
+    gemm_prefetch pf;
+    pf.valid = false;
+    pf.half = 0;
+    gemm_job nj;
     constexpr int MAX_INSTR = BLD::MAX_INSTR;
     for (int pc = 0; pc < n_instr; pc++) {
         M3V_TRIPCOUNT(1, MAX_INSTR)
@@ -988,8 +1081,10 @@ int run_program(const ap_uint<BLD::AXI_W> *prog, const ap_uint<BLD::AXI_W> *wgt,
             break;
         else if (op == isa::OP_PATCHIFY)
             st = op_patchify<CFG, AW>(M3V_DDR_ARGS, B, f);
-        else if (op == isa::OP_GEMM)
-            st = op_gemm<CFG, AW>(M3V_DDR_ARGS, B, M3V_TILE_ARGS, wt2, bias_l2, shift_l2, f);
+        else if (op == isa::OP_GEMM) {
+            const bool has_next = next_gemm<CFG, AW>(prog, M3V_DDR_ARGS, pc, n_instr, nj);
+            st = op_gemm<CFG, AW>(M3V_DDR_ARGS, B, M3V_TILE_ARGS, wt2, bias_l2, shift_l2, f, pf, has_next, nj);
+        }
         else if (op == isa::OP_EMBED)
             st = op_embed<CFG, AW>(M3V_DDR_ARGS, B, f);
         else if (op == isa::OP_LAYERNORM)
@@ -998,8 +1093,10 @@ int run_program(const ap_uint<BLD::AXI_W> *prog, const ap_uint<BLD::AXI_W> *wgt,
             st = op_attention<CFG, AW>(M3V_DDR_ARGS, B, qb, sc, f);
         else if (op == isa::OP_ADD)
             st = op_add<CFG, AW>(M3V_DDR_ARGS, B, f);
-        else if (op == isa::OP_MOE_GATE)
+        else if (op == isa::OP_MOE_GATE) {
+            pf.valid = false; // the gate stages its tile into the first half
             st = op_moe_gate<CFG, AW>(M3V_DDR_ARGS, B, M3V_TILE_ARGS, f, task);
+        }
         else if (op == isa::OP_MOE_COMBINE)
             st = op_moe_combine<CFG, AW>(M3V_DDR_ARGS, B, f);
         else
