@@ -299,6 +299,57 @@ def test_fused_instruction_refusals_agree_with_the_python_executor(tiny, exe):
         assert err.value.status == isa.STATUS[status]
 
 
+def test_idle_experts_and_the_weight_prefetch_bit_exact(tiny, exe, tmp_path):
+    """A gate bias that leaves experts 1 and 3 of every MoE layer idle: the kernel's look-ahead
+    passes over their GEMMs to prefetch the next active expert's weights; the arena and the output
+    stay byte-equal to the Python executor's and the trace to the golden model."""
+    from m3vit.compiler import program_exec as px
+
+    graph = qg.load(tiny / "qgraph")
+    g = dataclasses.replace(graph, ops=[dataclasses.replace(o, params=dict(o.params)) for o in graph.ops], bounds={})
+    for op in g.ops:
+        if op.kind == "moe":
+            gb = op.params["gate_b"].copy()
+            gb[:, 2] += 1 << 40
+            gb[:, 0] += 1 << 39
+            op.params["gate_b"] = gb
+    g.validate()
+    d = tmp_path / "idle"
+    d.mkdir()
+    compile_qgraph(g, HwConfig.default(), d)
+    qg.save(g, d / "qgraph")
+    shutil.copytree(tiny / "hls", d / "hls")
+    x = csim.quantized_input(g, csim.default_image(g))
+    moe = next(o.name for o in g.ops if o.kind == "moe")
+    for task in range(len(g.tasks)):
+        ref = px.execute_build(d, x, task, hw_hash=HwConfig.default().hash(), trace=True)
+        assert ref.trace[f"{moe}.e1.fc1"].shape[0] == ref.trace[f"{moe}.e3.fc2"].shape[0] == 0
+        r = csim.run_testbench(exe, d, x, task, arena=True)
+        assert r["status"] == 0 and r["arena"] == bytes(ref.memories["arena"])
+        assert r["output"] == bytes(ref.memories["out"])
+    rep = csim.run_csim(d, trace=True)
+    assert rep["bit_exact"] and rep["mismatches"] == 0, rep["first_mismatch"]
+
+
+def test_a_faulting_next_gemm_is_refused_by_itself(tiny, exe):
+    """The weights of the second GEMM past the end of wgt: its prefetch during the first GEMM
+    fails quietly, the first GEMM completes, and the second ends the run with over_limit, as in
+    the Python executor."""
+    from m3vit.compiler import program_exec as px
+
+    prog = (tiny / "program.bin").read_bytes()
+    meta = json.loads((tiny / "program.json").read_text())
+    weights = (tiny / "weights.bin").read_bytes()
+    second = [i for i in meta["instructions"] if i["op"] == "gemm"][1]
+    word = isa.WORDS * (1 + second["index"]) + 1 + isa.FIELDS["gemm"].index("w_ref")
+    bad = _word(prog, word, isa.ref("wgt", len(weights) // 64 * 64))
+    assert _status(exe, tiny, program=bad) == isa.STATUS["over_limit"]
+    graph = qg.load(tiny / "qgraph")
+    with pytest.raises(px.ProgramError) as err:
+        px.execute(bad, weights, csim.quantized_input(graph, csim.default_image(graph)), 0)
+    assert err.value.status == isa.STATUS["over_limit"] and f"instruction {second['index']}" in str(err.value)
+
+
 def test_program_for_another_hw_config_is_refused(tiny, exe, tmp_path):
     """A Program compiled for a 16 x 16 array, run by the kernel built for the default hw.json."""
     other = HwConfig.default().with_parallel("16x16")
