@@ -259,5 +259,7 @@ def test_edge_moe_frame_bit_exact(tmp_path):
         start = time.perf_counter()
         res = px.execute_build(tmp_path, img, task, hw_hash=hw.hash(), trace=True)
         assert time.perf_counter() - start < 30
-        for name in ref:
+        meta = json.loads((tmp_path / "program.json").read_text())
+        assert list(res.trace) == lower.trace_subset(meta, list(ref))
+        for name in res.trace:
             assert np.array_equal(res.trace[name], ref[name]), f"{name}, task {task}"
