@@ -83,8 +83,8 @@ def _cdiv(a: int, b: int) -> int:
 
 def decoder_buffers(hw) -> dict[str, int]:
     """On-chip bytes of the decoder kernel for a hardware config (each element in whole bytes):
-    `weights` (the staged MAX_IN x P_OUT tile), `activations` (row blocks, attention K / V tiles,
-    query tile and sums, parameters, routing tables), `scores`, their `total`, and `kv_elems`
+    `weights` (the two halves of the GEMM's MAX_IN x P_OUT weight ping-pong), `activations` (row
+    blocks, attention K / V tiles, query tile and sums, parameters, routing tables), `scores`, their `total`, and `kv_elems`
     (elements of each K / V tile buffer). Mirrors m3v::dec_sizes; the kernel static_asserts the
     equality of the totals (m3v_build.h ONCHIP_BYTES), so the two cannot drift apart."""
     c = emit_tables.normalise_config(hw.to_dict() if hasattr(hw, "to_dict") else hw)
@@ -101,10 +101,10 @@ def decoder_buffers(hw) -> dict[str, int]:
     keys_bits = (CONTRACT.max_keys - 1).bit_length()
     pv_bits, psum_bits = 16 + CONTRACT.exp_frac + keys_bits, CONTRACT.exp_frac + 1 + keys_bits
     act = c["act_bits"]
-    weights = nb(_cdiv(max_in, pi) * pi * po, c["weight_bits"])
+    weights = 2 * nb(_cdiv(max_in, pi) * pi * po, c["weight_bits"])  # the GEMM's ping-pong halves
     fixed = (nb(x_n + y_n + _cdiv(dh, pi) * pi * qt + qt + c["max_dim"], act) + nb(qt * dh, pv_bits)
-             + nb(qt, psum_bits) + nb(par_n + po, c["acc_bits"]) + nb(par_n, 7) + nb(po, 32) + nb(c["max_dim"], 16)
-             + nb(3 * tk + 2 * tbk + c["max_experts"] + 1 + 2 * tb, 16))
+             + nb(qt, psum_bits) + nb(par_n + 2 * po, c["acc_bits"]) + nb(par_n, 7) + nb(2 * po, 32)
+             + nb(c["max_dim"], 16) + nb(3 * tk + 2 * tbk + c["max_experts"] + 1 + 2 * tb, 16))
     ab = (act + 7) // 8
     kv = min((c["activations"] - fixed) // (2 * ab), c["max_tokens"] * dh)
     activations = fixed + 2 * nb(kv, act)
