@@ -17,8 +17,9 @@
 // for each output tile and each top-k slot j one beat per token (score, expert output row
 // t·k + j); each beat carries its own parameter tile, whose combine shift is the expert's.
 //
-// Ports: 0 reads x rows / expert outputs and the queue table, 1 reads weights, biases, shifts,
-// scores and indices, 2 writes the outputs, 3 reads the residual (PORTS >= 4).
+// Ports: 0 reads x rows / expert outputs and the queue table, 1 weight rows of even k, biases,
+// shifts, scores and indices, 2 weight rows of odd k and writes the outputs, 3 reads the residual
+// (PORTS >= 4).
 // Operand checks follow program_exec.py (over_limit before any store; undefined row modes and
 // residual with a non-direct row mode: bad_opcode). Refused as over_limit where the datapath has
 // no room, as the HLS kernel does: a format that is not signed of 1..ACT_W bits (fmt, gelu_fmt,
@@ -1164,7 +1165,9 @@ module eng_gemm #(
     assign unused_sig = &{1'b0, task_idx, cu_o_tag, r0_idle, r1_idle, r2_idle, r3_idle, r3_cl, w_cl, pre0_a[63:32],
                           pre1_a[63:32], yi_a[63:32], cp_e[15:EAW], os_addr[63:32], rs_addr[63:32],
                           z_fmt[31:17], z_fmt[15:6], g_fmt[31:17], g_fmt[7:6], g_gfmt[31:17], g_gfmt[7:6],
-                          c_fmt[31:17], c_fmt[15:6]};
+                          c_fmt[31:17], c_fmt[15:6], m_awready[1:0], m_wready[1:0], m_bvalid[1:0],
+                          m_bid[2*ID_W-1:0], m_bid[PORTS*ID_W-1:3*ID_W], m_bresp[3:0], m_bresp[PORTS*2-1:6],
+                          m_awready[PORTS-1:3], m_wready[PORTS-1:3], m_bvalid[PORTS-1:3]};
     if (PORTS > 4) begin : g_unused_hi
         logic unused_hi;
         assign unused_hi = &{1'b0, m_arready[PORTS-1:4], m_rvalid[PORTS-1:4], m_rdata[PORTS*DW-1:4*DW],
@@ -1199,33 +1202,18 @@ module eng_gemm #(
         .arid(m_arid[3*ID_W +: ID_W]), .rvalid(m_rvalid[3]), .rready(m_rready[3]), .rdata(m_rdata[3*DW +: DW]),
         .rid(m_rid[3*ID_W +: ID_W]), .rlast(m_rlast[3]), .rresp(m_rresp[6 +: 2]));
 
-    // the output segments go round robin to the write channels of every port: each port allows
-    // MAX_OUT bursts awaiting their response, and a segment is one short burst
-    localparam int RRW = $clog2(PORTS);
-    logic [RRW-1:0]   wr_rr;
-    logic [PORTS-1:0] wp_ready, wp_idle;
-    assign wr_sr   = wp_ready[wr_rr];
-    assign wr_idle = &wp_idle;
-    always_ff @(posedge clk) begin
-        if (!rst_n || state == S_IDLE) wr_rr <= '0;
-        else if (wr_sv && wr_sr) wr_rr <= 32'(wr_rr) + 1 == PORTS ? '0 : wr_rr + 1'b1;
-    end
-
-    genvar gw;
-    generate
-        for (gw = 0; gw < PORTS; gw++) begin : g_wr
-            seg_writer #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(MAX_BURST),
-                         .CHB(CH3), .QD(4)) u_wr (
-                .clk, .rst_n, .seg_valid(wr_sv && 32'(wr_rr) == gw), .seg_ready(wp_ready[gw]), .seg_addr(wr_sa),
-                .seg_bytes(wr_sb), .seg_data(wr_sd), .idle(wp_idle[gw]),
-                .awvalid(m_awvalid[gw]), .awready(m_awready[gw]), .awaddr(m_awaddr[gw*ADDR_W +: ADDR_W]),
-                .awlen(m_awlen[gw*8 +: 8]), .awsize(m_awsize[gw*3 +: 3]), .awburst(m_awburst[gw*2 +: 2]),
-                .awid(m_awid[gw*ID_W +: ID_W]), .wvalid(m_wvalid[gw]), .wready(m_wready[gw]),
-                .wdata(m_wdata[gw*DW +: DW]), .wstrb(m_wstrb[gw*DW/8 +: DW/8]), .wlast(m_wlast[gw]),
-                .bvalid(m_bvalid[gw]), .bready(m_bready[gw]), .bid(m_bid[gw*ID_W +: ID_W]),
-                .bresp(m_bresp[gw*2 +: 2]));
-        end
-    endgenerate
+    // One write port: segments of neighbouring rows may share a beat (disjoint strobes), and the
+    // DDR model merges same-cycle writes of two ports into one word with a race, so the output
+    // segments keep one port and its order.
+    seg_writer #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(MAX_BURST),
+                 .CHB(CH3), .QD(4)) u_wr (
+        .clk, .rst_n, .seg_valid(wr_sv), .seg_ready(wr_sr), .seg_addr(wr_sa), .seg_bytes(wr_sb),
+        .seg_data(wr_sd), .idle(wr_idle),
+        .awvalid(m_awvalid[2]), .awready(m_awready[2]), .awaddr(m_awaddr[2*ADDR_W +: ADDR_W]),
+        .awlen(m_awlen[16 +: 8]), .awsize(m_awsize[6 +: 3]), .awburst(m_awburst[4 +: 2]),
+        .awid(m_awid[2*ID_W +: ID_W]), .wvalid(m_wvalid[2]), .wready(m_wready[2]),
+        .wdata(m_wdata[2*DW +: DW]), .wstrb(m_wstrb[2*DW/8 +: DW/8]), .wlast(m_wlast[2]),
+        .bvalid(m_bvalid[2]), .bready(m_bready[2]), .bid(m_bid[2*ID_W +: ID_W]), .bresp(m_bresp[4 +: 2]));
 
     seg_reader #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(MAX_BURST),
                  .CHB(CH1), .QD(16)) u_r2 (
@@ -1236,17 +1224,32 @@ module eng_gemm #(
         .arid(m_arid[2*ID_W +: ID_W]), .rvalid(m_rvalid[2]), .rready(m_rready[2]), .rdata(m_rdata[2*DW +: DW]),
         .rid(m_rid[2*ID_W +: ID_W]), .rlast(m_rlast[2]), .rresp(m_rresp[4 +: 2]));
 
-    // the read channels of the ports beyond 3
+    // the write channels of ports 0, 1, 3 and up, the read channels beyond port 3
     genvar gp;
     generate
-        for (gp = 4; gp < PORTS; gp++) begin : g_idle
-            assign m_arvalid[gp] = 1'b0;
-            assign m_araddr[gp*ADDR_W +: ADDR_W] = '0;
-            assign m_arlen[gp*8 +: 8] = '0;
-            assign m_arsize[gp*3 +: 3] = '0;
-            assign m_arburst[gp*2 +: 2] = '0;
-            assign m_arid[gp*ID_W +: ID_W] = '0;
-            assign m_rready[gp] = 1'b0;
+        for (gp = 0; gp < PORTS; gp++) begin : g_idle
+            if (gp != 2) begin : g_no_wr
+                assign m_awvalid[gp] = 1'b0;
+                assign m_awaddr[gp*ADDR_W +: ADDR_W] = '0;
+                assign m_awlen[gp*8 +: 8] = '0;
+                assign m_awsize[gp*3 +: 3] = '0;
+                assign m_awburst[gp*2 +: 2] = '0;
+                assign m_awid[gp*ID_W +: ID_W] = '0;
+                assign m_wvalid[gp] = 1'b0;
+                assign m_wdata[gp*DW +: DW] = '0;
+                assign m_wstrb[gp*DW/8 +: DW/8] = '0;
+                assign m_wlast[gp] = 1'b0;
+                assign m_bready[gp] = 1'b0;
+            end
+            if (gp > 3) begin : g_no_rd
+                assign m_arvalid[gp] = 1'b0;
+                assign m_araddr[gp*ADDR_W +: ADDR_W] = '0;
+                assign m_arlen[gp*8 +: 8] = '0;
+                assign m_arsize[gp*3 +: 3] = '0;
+                assign m_arburst[gp*2 +: 2] = '0;
+                assign m_arid[gp*ID_W +: ID_W] = '0;
+                assign m_rready[gp] = 1'b0;
+            end
         end
     endgenerate
 endmodule
