@@ -13,9 +13,10 @@
 //   The outputs come back in row order; each becomes one write segment of the tile's channels at
 //   row dst(r), after residual_add with the matching residual row (flag residual; add_unit with
 //   b = 0 and shifts 0 is the identity otherwise).
-// moe_combine: for each block of up to SLOTS tokens, its scores and expert indices are read, then
-// for each output tile and each top-k slot j one beat per token (score, expert output row
-// t·k + j); each beat carries its own parameter tile, whose combine shift is the expert's.
+// moe_combine: for each block of up to SLOTS tokens, its scores, expert indices and expert
+// outputs (rows t·k + j, contiguous: one full-row segment each) are read on chip, then for each
+// output tile and each top-k slot j one beat per token; each beat carries its own parameter
+// tile, whose combine shift is the expert's.
 //
 // Ports: 0 reads x rows / expert outputs and the queue table, 1 weight rows of even k, biases,
 // shifts, scores and indices, 2 weight rows of odd k and writes the outputs, 3 reads the residual
@@ -25,8 +26,8 @@
 // no room, as the HLS kernel does: a format that is not signed of 1..ACT_W bits (fmt, gelu_fmt,
 // the combine's fmt), in_dim outside 1..max(max_dim, max_hidden), out_dim 0, x_ld < in_dim,
 // y_ld < out_dim, w16 with weight_bits < 16, a queue longer than max_tokens or past the table,
-// a combine with tokens, k or dim 0, k > max_k, an expert index >= max_experts, or a negative
-// combine shift among the experts 0..max(idx).
+// a combine with tokens, k or dim 0, k > max_k, dim > max_dim, an expert index >= max_experts,
+// or a negative combine shift among the experts 0..max(idx).
 `include "m3v_isa.svh"
 `include "m3v_accel_cfg.svh"
 `include "m3v_hw_config.svh"
@@ -135,6 +136,9 @@ module eng_gemm #(
     localparam int WKW     = $clog2(2 * KS_MAX);
     localparam int TAW     = $clog2(MAX_T);
     localparam int SBD     = SLOTS * MAX_K;
+    localparam int OT_MAX  = (`M3V_MAX_DIM + P_OUT - 1) / P_OUT;
+    localparam int YBD     = SBD * OT_MAX;                          // a combine block's expert outputs
+    localparam int YAW     = $clog2(YBD);
     localparam int SAW     = $clog2(SBD);
     localparam int EAW     = $clog2(MAX_E);
 
@@ -311,7 +315,8 @@ module eng_gemm #(
     logic [31:0] c_tk;
     always_comb begin
         c_tk = c_t * c_k;
-        c_ok = c_t != 0 && c_k != 0 && c_d != 0 && c_k <= 32'(MAX_K) && fmt_ok(c_fmt[16], c_fmt[5:0]) &&
+        c_ok = c_t != 0 && c_k != 0 && c_d != 0 && c_k <= 32'(MAX_K) && c_d <= 32'(`M3V_MAX_DIM) &&
+               fmt_ok(c_fmt[16], c_fmt[5:0]) &&
                c_t < 32'h10000 && c_k < 32'h10000 &&
                fits(c_sc, {34'd0, c_tk} << 1) && fits(c_ix, {34'd0, c_tk} << 1) &&
                fits(c_y, prod2(c_tk, c_d)) && m3v_writable(c_out) && fits(c_out, prod2(c_t, c_d)) &&
@@ -817,7 +822,7 @@ module eng_gemm #(
     logic [15:0]       ibuf [0:SBD-1];
 
     assign c_nb  = min32(32'(SLOTS), c_t - ct0);
-    assign sl_sv = run_c && sl_busy && sl_iss != 2'd2;
+    assign sl_sv = run_c && sl_busy && sl_iss < 2'd2;
     assign c_all_done = ct0 >= c_t;
 
     always_ff @(posedge clk) begin
@@ -828,7 +833,7 @@ module eng_gemm #(
     end
 
     // ================================================================ combine: tile pusher, beat issuer
-    logic [31:0]  cp_o0, cp_j, cp_t, cb_o0, cb_j, cb_t;
+    logic [31:0]  cp_o0, cp_j, cp_t, cb_o0, cb_j, cb_t, cb_oc;
     logic         cp_done, cb_done, cp_fire, cb_fire;
 
     assign cp_fire = run_c && cu_w_valid && cu_w_ready;
@@ -849,6 +854,7 @@ module eng_gemm #(
             cb_o0   <= '0;
             cb_j    <= '0;
             cb_t    <= '0;
+            cb_oc   <= '0;
             cp_done <= 1'b0;
             cb_done <= 1'b0;
         end else begin
@@ -864,11 +870,12 @@ module eng_gemm #(
                 if (r1_cl) begin
                     sl_i   <= '0;
                     sl_rph <= 1'b1;
-                    if (sl_rph) begin
-                        sl_busy <= 1'b0;
-                        sb_full <= 1'b1;
-                    end
+                    if (sl_rph) sl_iss <= 2'd3;     // indices in: the scores and indices are loaded
                 end
+            end
+            if (run_c && sl_busy && sl_iss == 2'd3 && y_done) begin
+                sl_busy <= 1'b0;
+                sb_full <= 1'b1;
             end
             if (cp_fire) begin
                 if (cp_t + 32'd1 == c_nb) begin
@@ -889,8 +896,12 @@ module eng_gemm #(
                         cb_j <= '0;
                         if (cb_o0 + 32'(P_OUT) >= c_d) begin
                             cb_o0   <= '0;
+                            cb_oc   <= '0;
                             cb_done <= 1'b1;
-                        end else cb_o0 <= cb_o0 + 32'(P_OUT);
+                        end else begin
+                            cb_o0 <= cb_o0 + 32'(P_OUT);
+                            cb_oc <= cb_oc + 32'd1;
+                        end
                     end else cb_j <= cb_j + 32'd1;
                 end else cb_t <= cb_t + 32'd1;
             end
@@ -904,32 +915,40 @@ module eng_gemm #(
     end
 
     // ================================================================ combine: expert-output rows (port 0)
-    logic [31:0] yi_t0, yi_o0, yi_j, yi_t, yi_nb, yi_nc;
-    logic        yi_sv;
-    logic [63:0] yi_a;
+    // The block's rows t·k + j are one contiguous region: one segment per row (all D elements,
+    // long bursts), cut into P_OUT-element chunks, into ybuf (row · OT_MAX + chunk).
+    logic [31:0]       yl_i, yr_i, yr_oc, c_nbk;
+    logic              yl_sv, y_done;
+    logic [P_OUT*16-1:0] ybuf [0:YBD-1];
 
-    assign yi_nb = min32(32'(SLOTS), c_t - yi_t0);
-    assign yi_nc = min32(32'(P_OUT), c_d - yi_o0);
-    assign yi_sv = run_c && yi_t0 < c_t;
-    assign yi_a  = addr_of(c_y) + (((64'(yi_t0 + yi_t) * 64'(c_k) + 64'(yi_j)) * 64'(c_d) + 64'(yi_o0)) << 1);
+    assign c_nbk = c_nb * c_k;
+    assign yl_sv = run_c && sl_busy && yl_i < c_nbk;
+
+    always_ff @(posedge clk) begin
+        if (run_c && sl_busy && r0_cfire) ybuf[YAW'(yr_i * 32'(OT_MAX) + yr_oc)] <= r0_cd[P_OUT*16-1:0];
+    end
 
     always_ff @(posedge clk) begin
         if (!rst_n || state == S_IDLE) begin
-            yi_t0 <= '0;
-            yi_o0 <= '0;
-            yi_j  <= '0;
-            yi_t  <= '0;
-        end else if (yi_sv && r0_sr) begin
-            if (yi_t + 32'd1 == yi_nb) begin
-                yi_t <= '0;
-                if (yi_j + 32'd1 == c_k) begin
-                    yi_j <= '0;
-                    if (yi_o0 + 32'(P_OUT) >= c_d) begin
-                        yi_o0 <= '0;
-                        yi_t0 <= yi_t0 + 32'(SLOTS);
-                    end else yi_o0 <= yi_o0 + 32'(P_OUT);
-                end else yi_j <= yi_j + 32'd1;
-            end else yi_t <= yi_t + 32'd1;
+            yl_i   <= '0;
+            yr_i   <= '0;
+            yr_oc  <= '0;
+            y_done <= 1'b0;
+        end else begin
+            if (run_c && !sb_full && !sl_busy && !c_all_done) begin
+                yl_i   <= '0;
+                yr_i   <= '0;
+                yr_oc  <= '0;
+                y_done <= 1'b0;
+            end
+            if (yl_sv && r0_sr) yl_i <= yl_i + 32'd1;
+            if (run_c && sl_busy && r0_cfire) begin
+                if (r0_cl) begin
+                    yr_oc <= '0;
+                    yr_i  <= yr_i + 32'd1;
+                    if (yr_i + 32'd1 == c_nbk) y_done <= 1'b1;
+                end else yr_oc <= yr_oc + 32'd1;
+            end
         end
     end
 
@@ -939,6 +958,8 @@ module eng_gemm #(
     assign cp_i = SAW'(cp_t * c_k + cp_j);
     assign cb_i = SAW'(cb_t * c_k + cb_j);
     assign cp_e = ibuf[cp_i];
+    logic [P_OUT*16-1:0] cb_y;
+    assign cb_y = ybuf[YAW'(32'(cb_i) * 32'(OT_MAX) + cb_oc)];
 
     always_comb begin
         cu_w_valid         = 1'b0;
@@ -974,9 +995,9 @@ module eng_gemm #(
             cu_w_comb_shift = CSH_W'(cshift[EAW'(cp_e)]);
             cu_w_combine    = 1'b1;
             cu_w_gelu       = 1'b0;
-            cu_x_valid = sb_full && !cb_done && r0_cv;
+            cu_x_valid = sb_full && !cb_done;
             cu_x_wnext = 1'b1;
-            for (int o = 0; o < P_OUT; o++) cu_x_eout[o*ACT_W +: ACT_W] = ACT_W'(signed'(r0_cd[o*16 +: 16]));
+            for (int o = 0; o < P_OUT; o++) cu_x_eout[o*ACT_W +: ACT_W] = ACT_W'(signed'(cb_y[o*16 +: 16]));
             cu_x_score = SCORE_W'(sbuf[cb_i]);
             cu_x_slot  = SLOT_W'(cb_t);
             cu_x_first = cb_j == 0;
@@ -1107,11 +1128,11 @@ module eng_gemm #(
             r0_cr = 1'b1;
         end
         if (run_c) begin
-            r0_sv = yi_sv;
-            r0_sa = ADDR_W'(yi_a);
-            r0_sb = yi_nc << 1;
-            r0_sc = CW0'(yi_nc << 1);
-            r0_cr = sb_full && !cb_done && cu_x_ready;
+            r0_sv = yl_sv;
+            r0_sa = ADDR_W'(addr_of(c_y) + ((64'(ct0) * 64'(c_k) + 64'(yl_i)) * 64'(c_d) << 1));
+            r0_sb = c_d << 1;
+            r0_sc = CW0'(2 * P_OUT);
+            r0_cr = sl_busy;
         end
         // port 1: combine pre-pass, gemm weights / biases / shifts, combine scores / indices
         r1_sv = pre1_sv;
@@ -1163,7 +1184,7 @@ module eng_gemm #(
 
     logic unused_sig;
     assign unused_sig = &{1'b0, task_idx, cu_o_tag, r0_idle, r1_idle, r2_idle, r3_idle, r3_cl, w_cl, pre0_a[63:32],
-                          pre1_a[63:32], yi_a[63:32], cp_e[15:EAW], os_addr[63:32], rs_addr[63:32],
+                          pre1_a[63:32], cp_e[15:EAW], os_addr[63:32], rs_addr[63:32],
                           z_fmt[31:17], z_fmt[15:6], g_fmt[31:17], g_fmt[7:6], g_gfmt[31:17], g_gfmt[7:6],
                           c_fmt[31:17], c_fmt[15:6], m_awready[1:0], m_wready[1:0], m_bvalid[1:0],
                           m_bid[2*ID_W-1:0], m_bid[PORTS*ID_W-1:3*ID_W], m_bresp[3:0], m_bresp[PORTS*2-1:6],
