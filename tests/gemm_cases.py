@@ -17,7 +17,6 @@ from m3vit.compiler import isa
 
 X_MODES = ("direct", "gather", "queue")
 Y_MODES = ("direct", "queue", "scatter")
-RESIDUAL = "residual" in isa.FLAGS
 
 
 @dataclasses.dataclass
@@ -93,7 +92,7 @@ def gemm_case(rng: random.Random, hw, name: str, xmode: str | None = None, ymode
     ymode = ymode or rng.choice(Y_MODES)
     queued = xmode != "direct" or ymode != "direct"
     if residual is None:
-        residual = RESIDUAL and not queued and rng.random() < 0.4
+        residual = not queued and rng.random() < 0.4
     scale = 4 if big else 1
     k_in = rng.randint(1, scale * (3 * p_in + 3))
     n_out = rng.randint(1, scale * (2 * p_out + 3))
@@ -153,10 +152,9 @@ def gemm_case(rng: random.Random, hw, name: str, xmode: str | None = None, ymode
     if residual:
         flags |= 1 << isa.FLAGS["residual"]
         r = rand_bits(rng, 16, y_rows * y_ld)
-        fields["queue_ref"] = inp.put(r.astype("<i2").tobytes())
-        a_sh, b_sh = rng.randint(-3, 4), rng.randint(-3, 4)
-        fields["expert"] = (a_sh & 0xFFFF) | ((b_sh & 0xFFFF) << 16)
-        fields["queue_shape"] = rand_res_fmt(rng)
+        fields.update(res_ref=inp.put(r.astype("<i2").tobytes()),
+                      res_shifts=isa.pack_res_shifts(rng.randint(-3, 4), rng.randint(-3, 4)),
+                      res_fmt=rand_res_fmt(rng))
     if not inp.data:
         inp.put(bytes(2))
     arena_bytes = isa.align(y_bytes + arena_extra) if out_space == "arena" else 64
@@ -174,7 +172,7 @@ def combine_case(rng: random.Random, hw, name: str, k: int | None = None, residu
     k = k or rng.randint(1, 3)
     n_exp = rng.randint(k, min(8, hw.limits.max_experts))
     if residual is None:
-        residual = RESIDUAL and rng.random() < 0.4
+        residual = rng.random() < 0.4
     wgt, inp = Space("wgt"), Space("in")
     idx = routing(rng, t, n_exp, k)
     score = np.array([rng.randrange(1 << 15) if rng.random() < 0.9 else rng.choice([0, 65535])
@@ -190,9 +188,9 @@ def combine_case(rng: random.Random, hw, name: str, k: int | None = None, residu
     if residual:
         flags |= 1 << isa.FLAGS["residual"]
         r = rand_bits(rng, 16, t * d)
-        a_sh, b_sh = rng.randint(-3, 4), rng.randint(-3, 4)
         fields.update(res_ref=inp.put(r.astype("<i2").tobytes()),
-                      res_shifts=(a_sh & 0xFFFF) | ((b_sh & 0xFFFF) << 16), res_fmt=rand_res_fmt(rng))
+                      res_shifts=isa.pack_res_shifts(rng.randint(-3, 4), rng.randint(-3, 4)),
+                      res_fmt=rand_res_fmt(rng))
     out_bytes = isa.align(2 * t * d)
     return Case(name, [isa.Instr("moe_combine", fields, flags)], bytes(wgt.data), bytes(inp.data),
                 out_bytes if out_space == "arena" else 64, out_bytes if out_space == "out" else 64)

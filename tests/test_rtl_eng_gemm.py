@@ -4,7 +4,7 @@ the Python Program executor.
 Random `gemm` instructions over every pair of row modes (direct, gather, queue x direct, queue,
 scatter), int8 and int16 weights, with and without bias, GELU, odd sizes against P_IN, P_OUT,
 the token block and the 16-byte beat, row strides beyond the row, unaligned rows, saturating
-shifts, idle experts; `moe_combine` with k = 1..3; the residual flag on both when the ISA has it;
+shifts, idle experts; `moe_combine` with k = 1..3; the residual flag on both (and its refusals);
 refusals (over_limit, bad_opcode) that must store nothing. Every job is one instruction and END;
 out and arena must equal program_exec.execute's bytes, the status its ProgramError status.
 """
@@ -15,7 +15,7 @@ import random
 
 import pytest
 
-from gemm_cases import RESIDUAL, X_MODES, Y_MODES, Case, Space, combine_case, gemm_case
+from gemm_cases import X_MODES, Y_MODES, Case, Space, combine_case, gemm_case
 from m3vit.compiler import isa
 from m3vit.compiler.program_exec import ProgramError, execute
 from m3vit.rtl_sim import rtlsim
@@ -113,7 +113,6 @@ def test_gemm_and_combine_all_modes_bit_exact():
     run_and_compare(cases, seed=1)
 
 
-@pytest.mark.skipif(not RESIDUAL, reason="the ISA has no residual flag yet (isa.FLAGS['residual'])")
 def test_residual_fusion_bit_exact():
     rng = random.Random(12)
     cases = [gemm_case(rng, HW, f"g_res_{i}", "direct", "direct", residual=True) for i in range(6)]
@@ -125,7 +124,7 @@ def test_residual_fusion_bit_exact():
     # a residual format wider than the 16-bit activations: over_limit, nothing stored
     for c in (cases[0], cases[6]):
         f = dict(c.instrs[0].fields)
-        f["queue_shape" if c.instrs[0].op == "gemm" else "res_fmt"] = isa.pack_fmt(16, 0, signed=False)
+        f["res_fmt"] = isa.pack_fmt(16, 0, signed=False)
         cases.append(Case(c.name + "_wide_res_fmt", [isa.Instr(c.instrs[0].op, f, c.instrs[0].flags)], c.weights,
                           c.image, c.arena_bytes, c.output_bytes))
     run_and_compare(cases, seed=2)
@@ -142,7 +141,7 @@ def test_random_ddr_stalls():
 @pytest.mark.parametrize("seed", [4, 5])
 def test_long_regression(seed):
     rng = random.Random(100 + seed)
-    cases = mixed_cases(rng, 4, RESIDUAL)
+    cases = mixed_cases(rng, 4, True)
     cases += [gemm_case(rng, HW, f"g_big{i}", big=True) for i in range(6)]
     cases += [combine_case(rng, HW, f"c_big{i}", big=True) for i in range(3)]
     cases += refusals(rng)
