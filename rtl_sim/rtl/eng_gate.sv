@@ -35,6 +35,7 @@
 `include "m3v_isa.svh"
 `include "m3v_accel_cfg.svh"
 `include "m3v_hw_config.svh"
+`include "m3v_mem.svh"
 
 module eng_gate #(
     parameter int DW        = `M3V_AXI_W,
@@ -157,32 +158,6 @@ module eng_gate #(
         fw = r[32*k +: 32];
     endfunction
 
-    // ---------------------------------------------------------------- memory helpers
-    function automatic logic [63:0] space_base(input logic [1:0] sp, input logic [63:0] bw, ba, bi, bo);
-        case (sp)
-            2'd0:    space_base = bw;
-            2'd1:    space_base = ba;
-            2'd2:    space_base = bi;
-            default: space_base = bo;
-        endcase
-    endfunction
-
-    function automatic logic fits(input logic [31:0] r, input logic [35:0] nbytes,
-                                  input logic [31:0] sw, sa, si, so);
-        logic [31:0] sz;
-        case (r[31:30])
-            2'd0:    sz = sw;
-            2'd1:    sz = sa;
-            2'd2:    sz = si;
-            default: sz = so;
-        endcase
-        fits = 36'(r[29:0]) + nbytes <= 36'(sz);
-    endfunction
-
-    function automatic logic writable(input logic [1:0] sp);
-        writable = sp == 2'd1 || sp == 2'd3;
-    endfunction
-
     function automatic logic [35:0] align64(input logic [35:0] n);
         align64 = (n + 36'd63) & ~36'd63;
     endfunction
@@ -254,19 +229,19 @@ module eng_gate #(
 
     logic bad_c;
     assign bad_c = lim_bad || ref_ovf ||
-        !fits(f_x, nb_x, sz_wgt, sz_arena, sz_in, sz_out) ||
-        !fits(r_w, nb_w, sz_wgt, sz_arena, sz_in, sz_out) ||
-        !fits(r_b, nb_b, sz_wgt, sz_arena, sz_in, sz_out) ||
-        !fits(r_s, nb_s, sz_wgt, sz_arena, sz_in, sz_out) ||
-        !writable(f_lg[31:30]) || !fits(f_lg, nb_lg, sz_wgt, sz_arena, sz_in, sz_out) ||
-        !writable(f_idx[31:30]) || !fits(f_idx, nb_tk, sz_wgt, sz_arena, sz_in, sz_out) ||
-        !writable(f_sc[31:30]) || !fits(f_sc, nb_tk, sz_wgt, sz_arena, sz_in, sz_out) ||
-        !writable(f_q[31:30]) || !fits(f_q, nb_q, sz_wgt, sz_arena, sz_in, sz_out);
+        !m3v_fits(f_x, 65'(nb_x), sz_wgt, sz_arena, sz_in, sz_out) ||
+        !m3v_fits(r_w, 65'(nb_w), sz_wgt, sz_arena, sz_in, sz_out) ||
+        !m3v_fits(r_b, 65'(nb_b), sz_wgt, sz_arena, sz_in, sz_out) ||
+        !m3v_fits(r_s, 65'(nb_s), sz_wgt, sz_arena, sz_in, sz_out) ||
+        !m3v_writable(f_lg) || !m3v_fits(f_lg, 65'(nb_lg), sz_wgt, sz_arena, sz_in, sz_out) ||
+        !m3v_writable(f_idx) || !m3v_fits(f_idx, 65'(nb_tk), sz_wgt, sz_arena, sz_in, sz_out) ||
+        !m3v_writable(f_sc) || !m3v_fits(f_sc, 65'(nb_tk), sz_wgt, sz_arena, sz_in, sz_out) ||
+        !m3v_writable(f_q) || !m3v_fits(f_q, 65'(nb_q), sz_wgt, sz_arena, sz_in, sz_out);
 
     // DDR addresses of the run
     logic [ADDR_W-1:0] a_x, a_w, a_b, a_s, a_lg, a_idx, a_sc, a_q;
     function automatic logic [ADDR_W-1:0] ddr(input logic [31:0] r, input logic [63:0] bw, ba, bi, bo);
-        ddr = ADDR_W'(space_base(r[31:30], bw, ba, bi, bo) + 64'(r[29:0]));
+        ddr = ADDR_W'(m3v_addr(r, bw, ba, bi, bo));
     endfunction
 
     // ---------------------------------------------------------------- parameter loading (port 0)
