@@ -24,11 +24,9 @@ HW = HwConfig().replace(p_in=4, p_out=4, token_block=4, softmax_lanes=4,
 TASKS = 2
 
 
-def make_case(rng: random.Random, *, max_t: int = 64, max_d: int = 80, force: dict | None = None) -> dict:
-    """One moe_gate instruction with its wgt and in spaces; ``force`` pins any choice."""
-    f = dict(force or {})
-    t = f.get("T", rng.randint(1, max_t))
-    d = f.get("D", rng.randint(1, max_d))
+def _gate(rng: random.Random, wgt: bytearray, used: dict, x_ref: int, t: int, d: int, f: dict, xmag: int) -> isa.Instr:
+    """One moe_gate instruction reading x [t, d] at x_ref; its per-task parameters are appended to
+    wgt, its four stores to the arena / out space (``used``: bytes taken so far)."""
     n = f.get("N", rng.randint(1, 16))
     k = f.get("K", rng.randint(1, min(n, 4)))
     w16 = f.get("w16", rng.random() < 0.5)
@@ -36,8 +34,6 @@ def make_case(rng: random.Random, *, max_t: int = 64, max_d: int = 80, force: di
     bits = f.get("bits", rng.randint(4, 16) if signed else rng.randint(3, 15))
     frac = f.get("frac", rng.randint(-6, 12))
     nrng = np.random.default_rng(rng.getrandbits(32))
-    xmag = f.get("xmag", rng.choice([100, 3000, 32767]))
-    x = nrng.integers(-xmag, xmag + 1, size=(t, d)).astype(np.int16)
     wmax = 32767 if w16 else 127
     wmag = rng.choice([wmax, wmax // 4 + 1, 3])
     wsz = d * n * (2 if w16 else 1)
@@ -45,10 +41,10 @@ def make_case(rng: random.Random, *, max_t: int = 64, max_d: int = 80, force: di
     w_stride = isa.align(wsz) if rng.random() < 0.5 else wsz + rng.randint(0, 5)
     b_stride = isa.align(8 * n) if rng.random() < 0.5 else 8 * n + rng.randint(0, 9)
     s_stride = isa.align(n) if rng.random() < 0.5 else n + rng.randint(0, 3)
-    w_off = 0
+    w_off = len(wgt)
     b_off = w_off + isa.align(w_stride * (TASKS - 1) + wsz)
     s_off = b_off + isa.align(b_stride * (TASKS - 1) + 8 * n)
-    wgt = bytearray(s_off + isa.align(s_stride * (TASKS - 1) + n))
+    wgt += bytes(s_off + isa.align(s_stride * (TASKS - 1) + n) - w_off)
     acc_typ = max(1.0, xmag * wmag * np.sqrt(d) / 2)
     for task in range(TASKS):
         w = nrng.integers(-wmag, wmag + 1, size=(d, n)).astype(np.int16 if w16 else np.int8)
@@ -69,28 +65,44 @@ def make_case(rng: random.Random, *, max_t: int = 64, max_d: int = 80, force: di
         for off, blob in ((w_off + task * w_stride, w.tobytes()), (b_off + task * b_stride, bias.tobytes()),
                           (s_off + task * s_stride, shift.tobytes())):
             wgt[off:off + len(blob)] = blob
-    image = x.tobytes()
-    image += bytes(isa.align(len(image)) - len(image))
     # the four stores, spread over arena and out with gaps between them
-    used = {"arena": 0, "out": 0}
     refs = {}
     for name, nbytes in (("logits", 2 * t * n), ("idx", 2 * t * k), ("score", 2 * t * k),
                          ("queue", isa.queue_layout(n, t, k)[2])):
-        space = rng.choice(["arena", "out"])
+        space = f.get(name, rng.choice(["arena", "out"]))
         used[space] += 64 * rng.randint(0, 2)
         refs[name] = isa.ref(space, used[space])
         used[space] += isa.align(nbytes)
-    fields = dict(x_ref=isa.ref("in", 0), logits_ref=refs["logits"], idx_ref=refs["idx"], score_ref=refs["score"],
+    fields = dict(x_ref=x_ref, logits_ref=refs["logits"], idx_ref=refs["idx"], score_ref=refs["score"],
                   queue_ref=refs["queue"], w_ref=isa.ref("wgt", w_off), bias_ref=isa.ref("wgt", b_off),
                   shift_ref=isa.ref("wgt", s_off), w_stride=w_stride, bias_stride=b_stride, shift_stride=s_stride,
                   tokens=t, dim=d, experts_k=n | (k << 16), fmt=isa.pack_fmt(bits, frac, signed))
     fields.update(f.get("fields", {}))
-    ins = isa.Instr("moe_gate", fields, isa.make_flags(w16=w16))
-    prog = rtlsim.program_bytes([ins, isa.Instr("end")], HW, weight_bytes=len(wgt),
+    return isa.Instr("moe_gate", fields, isa.make_flags(w16=w16),
+                     name=f"T={t} D={d} N={n} k={k} w16={w16} fmt=({bits},{frac},{'s' if signed else 'u'})")
+
+
+def make_case(rng: random.Random, *, max_t: int = 64, max_d: int = 80, force: dict | None = None,
+              chain: bool = False) -> dict:
+    """A Program of one moe_gate (``force`` pins any choice) or, with ``chain``, of two: the second
+    gates the first one's logits. Returns the Program, its wgt and in spaces."""
+    f = dict(force or {})
+    t = f.get("T", rng.randint(1, max_t))
+    d = f.get("D", rng.randint(1, max_d))
+    xmag = f.get("xmag", rng.choice([100, 3000, 32767]))
+    x = np.random.default_rng(rng.getrandbits(32)).integers(-xmag, xmag + 1, size=(t, d)).astype(np.int16)
+    image = x.tobytes()
+    image += bytes(isa.align(len(image)) - len(image))
+    wgt = bytearray()
+    used = {"arena": 0, "out": 0}
+    instrs = [_gate(rng, wgt, used, isa.ref("in", 0), t, d, f, xmag)]
+    if chain:
+        first = instrs[0].fields
+        instrs.append(_gate(rng, wgt, used, first["logits_ref"], t, first["experts_k"] & 0xFFFF, {}, 1 << 15))
+    prog = rtlsim.program_bytes(instrs + [isa.Instr("end")], HW, weight_bytes=len(wgt),
                                 arena_bytes=max(64, used["arena"]), input_bytes=len(image),
                                 output_bytes=max(64, used["out"]), n_tasks=TASKS)
-    return dict(prog=prog, wgt=bytes(wgt), image=image,
-                desc=f"T={t} D={d} N={n} k={k} w16={w16} fmt=({bits},{frac},{'s' if signed else 'u'})")
+    return dict(prog=prog, wgt=bytes(wgt), image=image, desc=" then ".join(i.name for i in instrs))
 
 
 def run_and_compare(cases: list[tuple[dict, int]], *, seed: int = 1, stall_permille: int = 0) -> list:
@@ -136,18 +148,19 @@ PINNED = [
 
 def test_gate_random_and_pinned_bit_exact():
     rng = random.Random(2026)
-    cases = [make_case(rng, force=f) for f in PINNED] + [make_case(rng) for _ in range(4)]
+    cases = [make_case(rng, force=f) for f in PINNED] + [make_case(rng) for _ in range(3)]
+    cases.append(make_case(rng, max_t=40, max_d=40, chain=True))
     runs = [(c, task) for c in cases for task in range(TASKS)]
     refs = run_and_compare(runs)
     # the set really covers saturation and ties
     assert sum(r.stats.saturated for r in refs if r is not None) > 0
     ties = 0
     for (c, task), ref in zip(runs, refs):
-        f = isa.decode_program(c["prog"])[1][0].fields
-        t, n = f["tokens"], f["experts_k"] & 0xFFFF
-        off = isa.split_ref(f["logits_ref"])
-        lg = np.frombuffer(ref.memories[off[0]], np.int16, t * n, off[1]).reshape(t, n)
-        ties += int(np.sum([len(set(row.tolist())) < n for row in lg]))
+        for ins in isa.decode_program(c["prog"])[1][:-1]:
+            t, n = ins.fields["tokens"], ins.fields["experts_k"] & 0xFFFF
+            space, off = isa.split_ref(ins.fields["logits_ref"])
+            lg = np.frombuffer(ref.memories[space], np.int16, t * n, off).reshape(t, n)
+            ties += int(np.sum([len(set(row.tolist())) < n for row in lg]))
     assert ties > 0
 
 
@@ -156,7 +169,7 @@ def test_gate_refusals_store_nothing():
     bad = [
         dict(fields=dict(logits_ref=isa.ref("wgt", 0))),        # a store into the read-only wgt space
         dict(fields=dict(idx_ref=isa.ref("in", 0))),            # ... and into in
-        dict(fields=dict(queue_ref=isa.ref("out", 1 << 16))),   # the queue table past the out space
+        dict(fields=dict(queue_ref=isa.ref("out", 1 << 16)), queue="out"),   # the queue table past out
         dict(fields=dict(x_ref=isa.ref("in", 64))),             # x past the in space
         dict(fields=dict(w_stride=1 << 20)),                    # task 1's gate past wgt (task 0 runs)
         dict(fields=dict(shift_stride=1 << 16)),                # task 1's shifts past wgt
