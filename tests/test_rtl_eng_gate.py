@@ -3,8 +3,9 @@ with the Python Program executor in every byte of the arena and the output space
 
 Random instructions (tokens 1..64, odd dims, 1..16 experts, k 1..min(N, 4), int8 and int16 gates,
 signed and unsigned logit formats, saturating shifts, tied logits from repeated gate columns, task
-slices at odd strides) run with task 0 and task 1 of the same Program; refusals (over_limit) leave
-both spaces untouched; one run under random DDR stalls.
+slices at odd strides, x at an unaligned address, a second gate on the first one's logits) run with
+task 0 and task 1 of the same Program; refusals (over_limit) leave both spaces untouched; one run
+under random DDR stalls.
 """
 
 from __future__ import annotations
@@ -91,11 +92,12 @@ def make_case(rng: random.Random, *, max_t: int = 64, max_d: int = 80, force: di
     d = f.get("D", rng.randint(1, max_d))
     xmag = f.get("xmag", rng.choice([100, 3000, 32767]))
     x = np.random.default_rng(rng.getrandbits(32)).integers(-xmag, xmag + 1, size=(t, d)).astype(np.int16)
-    image = x.tobytes()
+    skip = f.get("x_skip", 0)      # x at an unaligned offset of the in space
+    image = bytes(skip) + x.tobytes()
     image += bytes(isa.align(len(image)) - len(image))
     wgt = bytearray()
     used = {"arena": 0, "out": 0}
-    instrs = [_gate(rng, wgt, used, isa.ref("in", 0), t, d, f, xmag)]
+    instrs = [_gate(rng, wgt, used, isa.ref("in", 0) + skip, t, d, f, xmag)]
     if chain:
         first = instrs[0].fields
         instrs.append(_gate(rng, wgt, used, first["logits_ref"], t, first["experts_k"] & 0xFFFF, {}, 1 << 15))
@@ -143,6 +145,7 @@ PINNED = [
     dict(T=17, D=9, N=13, K=3, saturate=True, w16=False, bits=6),
     dict(T=29, D=4, N=16, K=4, ties=True),
     dict(T=40, D=31, N=7, K=2, signed=False, bits=15, saturate=True),
+    dict(T=21, D=13, N=6, K=3, x_skip=38),
 ]
 
 
