@@ -807,7 +807,7 @@ module eng_gate #(
     assign active = x_fire || (run && !tk_in_ready);
 
     logic unused_ok;
-    assign unused_ok = &{1'b0, cu_o_tag, fbits[5], m_arready[2], m_rvalid[2], m_rdata[2*DW +: DW],
+    assign unused_ok = &{1'b0, cu_o_tag, fbits, m_arready[2], m_rvalid[2], m_rdata[2*DW +: DW],
                          m_rid[2*ID_W +: ID_W], m_rlast[2], m_rresp[4 +: 2], tk_q_expert, f_w0, f_fmt, sz_wgt, wr_i, nb_x, nb_w, nb_b, nb_s,
                          nb_lg, nb_tk, nb_qoff, q_tok_off, q_dst_off, nb_q};
 endmodule
