@@ -191,6 +191,8 @@ def test_gate_under_ddr_stalls():
 @pytest.mark.slow
 def test_gate_long_regression():
     rng = random.Random(4242)
-    cases = [make_case(rng, max_d=200) for _ in range(24)]
+    cases = [make_case(rng, max_d=200) for _ in range(22)]
+    cases += [make_case(rng, force=dict(T=6, D=768, N=16, K=4, w16=True)),     # D = max_dim
+              make_case(rng, force=dict(T=3, D=768, N=3, K=3, x_skip=2))]
     run_and_compare([(c, i % TASKS) for i, c in enumerate(cases)], seed=3)
     run_and_compare([(c, (i + 1) % TASKS) for i, c in enumerate(cases[:8])], seed=4, stall_permille=500)
