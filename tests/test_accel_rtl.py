@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 
 from m3vit.rtl_sim import runner
-from m3vit.rtl_sim.hwconfig import HwConfig, Limits
 
 TB_DIR = Path(__file__).parent / "rtl"
 sys.path.insert(0, str(TB_DIR))
 from m3vit.rtl_sim.cocotb_device import plusargs  # noqa: E402
 
-HW = HwConfig().replace(p_in=4, p_out=4, token_block=4, limits=Limits(max_tokens=64))
+from accel_hw import HW  # noqa: E402
 SEEDS = (1, 2)
 COCOTB_TESTS = 4
 

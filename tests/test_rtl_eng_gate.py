@@ -18,10 +18,8 @@ import pytest
 from m3vit.compiler import isa
 from m3vit.compiler.program_exec import ProgramError, execute
 from m3vit.rtl_sim import rtlsim
-from m3vit.rtl_sim.hwconfig import HwConfig, Limits
 
-HW = HwConfig().replace(p_in=4, p_out=4, token_block=4, softmax_lanes=4,
-                        limits=Limits(max_tokens=64)).validated()
+from accel_hw import HW  # noqa: E402
 TASKS = 2
 
 

@@ -267,12 +267,12 @@ module axi_ddr_model #(
                     wc = wc + 1'b1;
                 end
                 // write data: wready was offered for the head burst and paid for last cycle
-                if (wvalid[p] && wready[p]) begin : w
-                    logic [DATA_W-1:0] word;
-                    word = mem[word_index(wq_addr[p][wh]) % MEM_WORDS];
+                if (wvalid[p] && wready[p]) begin
+                    // byte-wise stores: ports that write different bytes of one word in the same
+                    // cycle all land (a whole-word read-modify-write would keep only the last port's)
                     for (int b = 0; b < BEAT_BYTES; b++)
-                        if (wstrb[p*BEAT_BYTES + b]) word[8*b +: 8] = wdata[p*DATA_W + 8*b +: 8];
-                    mem[word_index(wq_addr[p][wh]) % MEM_WORDS] <= word;
+                        if (wstrb[p*BEAT_BYTES + b])
+                            mem[word_index(wq_addr[p][wh]) % MEM_WORDS][8*b +: 8] <= wdata[p*DATA_W + 8*b +: 8];
                     bwr = bwr + BEAT64;
                     if (wlast[p] != (wq_len[p][wh] == 9'd1)) begin
                         err = err + 1;
