@@ -41,6 +41,7 @@ def check_jobs(jobs, hw, stall_permille: int = 0, seed: int = 1):
     results = rtlsim.simulate(jobs, hw, seed=seed, stall_permille=stall_permille)
     assert len(results) == len(jobs)
     for job, r in zip(jobs, results):
+        assert r.ddr_errors == 0, f"{job.name}: {r.ddr_errors} AXI protocol errors at the DDR model"
         try:
             ref = execute(job.program, job.weights, job.image, job.task, hw_hash=hw.hash())
         except ProgramError as e:

@@ -23,6 +23,7 @@
 `include "m3v_isa.svh"
 `include "m3v_accel_cfg.svh"
 `include "m3v_hw_config.svh"
+`include "m3v_mem.svh"
 
 module eng_ln #(
     parameter int DW        = `M3V_AXI_W,
@@ -120,34 +121,7 @@ module eng_ln #(
 
     localparam logic [2:0] S_IDLE = 3'd0, S_CHECK = 3'd1, S_RUN = 3'd2, S_DONE = 3'd3;
 
-    // ---------------------------------------------------------------- memory helpers
-    function automatic logic [63:0] ref_addr(input logic [31:0] r, input logic [63:0] bw, ba, bi, bo);
-        logic [63:0] b;
-        case (r[31:30])
-            2'd0:    b = bw;
-            2'd1:    b = ba;
-            2'd2:    b = bi;
-            default: b = bo;
-        endcase
-        ref_addr = b + {34'd0, r[29:0]};
-    endfunction
-
-    function automatic logic ref_fits(input logic [31:0] r, input logic [64:0] nbytes,
-                                      input logic [31:0] sw, sa, si, so);
-        logic [31:0] s;
-        case (r[31:30])
-            2'd0:    s = sw;
-            2'd1:    s = sa;
-            2'd2:    s = si;
-            default: s = so;
-        endcase
-        ref_fits = 66'(r[29:0]) + 66'(nbytes) <= 66'(s);
-    endfunction
-
-    function automatic logic ref_writable(input logic [1:0] space);
-        ref_writable = space == 2'(`M3V_ISA_SPACE_ARENA) || space == 2'(`M3V_ISA_SPACE_OUT);
-    endfunction
-
+    // ---------------------------------------------------------------- the instruction record
     function automatic logic [31:0] word(input logic [511:0] r, input int k);
         word = r[32*k +: 32];
     endfunction
@@ -171,12 +145,12 @@ module eng_ln #(
         n_elem = 64'(f_rows) * 64'(f_dim);
         fmt_ok = f_fmt[16] ? (f_fmt[5:0] >= 6'd1 && f_fmt[5:0] <= 6'd16)
                            : (f_fmt[5:0] >= 6'd1 && f_fmt[5:0] <= 6'd15);
-        checks_ok = ref_fits(f_x, {n_elem, 1'b0}, sz_wgt, sz_arena, sz_in, sz_out)
-                 && ref_fits(f_g, {32'd0, f_dim, 1'b0}, sz_wgt, sz_arena, sz_in, sz_out)
-                 && ref_fits(f_b, {30'd0, f_dim, 3'b0}, sz_wgt, sz_arena, sz_in, sz_out)
-                 && ref_fits(f_s, {33'd0, f_dim}, sz_wgt, sz_arena, sz_in, sz_out)
-                 && ref_writable(f_y[31:30])
-                 && ref_fits(f_y, {n_elem, 1'b0}, sz_wgt, sz_arena, sz_in, sz_out)
+        checks_ok = m3v_fits(f_x, {n_elem, 1'b0}, sz_wgt, sz_arena, sz_in, sz_out)
+                 && m3v_fits(f_g, {32'd0, f_dim, 1'b0}, sz_wgt, sz_arena, sz_in, sz_out)
+                 && m3v_fits(f_b, {30'd0, f_dim, 3'b0}, sz_wgt, sz_arena, sz_in, sz_out)
+                 && m3v_fits(f_s, {33'd0, f_dim}, sz_wgt, sz_arena, sz_in, sz_out)
+                 && m3v_writable(f_y)
+                 && m3v_fits(f_y, {n_elem, 1'b0}, sz_wgt, sz_arena, sz_in, sz_out)
                  && f_dim <= 32'(MAX_DIM)
                  && f_eps != 64'd0 && f_eps[63:61] == 3'd0
                  && ($signed(f_bsh) >= -32'sd62 && $signed(f_bsh) <= 32'sd62)
@@ -422,11 +396,11 @@ module eng_ln #(
                     obits_q <= 5'(f_fmt[5:0]) + 5'(!f_fmt[16]);
                     uns_q   <= !f_fmt[16];
                     bsh_q   <= f_bsh[7:0];
-                    a_x     <= ADDR_W'(ref_addr(f_x, base_wgt, base_arena, base_in, base_out));
-                    a_y     <= ADDR_W'(ref_addr(f_y, base_wgt, base_arena, base_in, base_out));
-                    a_g     <= ADDR_W'(ref_addr(f_g, base_wgt, base_arena, base_in, base_out));
-                    a_b     <= ADDR_W'(ref_addr(f_b, base_wgt, base_arena, base_in, base_out));
-                    a_s     <= ADDR_W'(ref_addr(f_s, base_wgt, base_arena, base_in, base_out));
+                    a_x     <= ADDR_W'(m3v_addr(f_x, base_wgt, base_arena, base_in, base_out));
+                    a_y     <= ADDR_W'(m3v_addr(f_y, base_wgt, base_arena, base_in, base_out));
+                    a_g     <= ADDR_W'(m3v_addr(f_g, base_wgt, base_arena, base_in, base_out));
+                    a_b     <= ADDR_W'(m3v_addr(f_b, base_wgt, base_arena, base_in, base_out));
+                    a_s     <= ADDR_W'(m3v_addr(f_s, base_wgt, base_arena, base_in, base_out));
                     x_bytes <= 32'({n_elem, 1'b0});
                     wrem    <= 32'({n_elem, 1'b0});
                     trem    <= f_dim;

@@ -24,6 +24,7 @@
 `include "m3v_isa.svh"
 `include "m3v_accel_cfg.svh"
 `include "m3v_hw_config.svh"
+`include "m3v_mem.svh"
 
 module eng_patchify #(
     parameter int DW        = `M3V_AXI_W,
@@ -114,34 +115,7 @@ module eng_patchify #(
 
     localparam logic [2:0] S_IDLE = 3'd0, S_DIV = 3'd1, S_CHECK = 3'd2, S_RUN = 3'd3, S_DONE = 3'd4;
 
-    // ---------------------------------------------------------------- memory helpers
-    function automatic logic [63:0] ref_addr(input logic [31:0] r, input logic [63:0] bw, ba, bi, bo);
-        logic [63:0] b;
-        case (r[31:30])
-            2'd0:    b = bw;
-            2'd1:    b = ba;
-            2'd2:    b = bi;
-            default: b = bo;
-        endcase
-        ref_addr = b + {34'd0, r[29:0]};
-    endfunction
-
-    function automatic logic ref_fits(input logic [31:0] r, input logic [64:0] nbytes,
-                                      input logic [31:0] sw, sa, si, so);
-        logic [31:0] s;
-        case (r[31:30])
-            2'd0:    s = sw;
-            2'd1:    s = sa;
-            2'd2:    s = si;
-            default: s = so;
-        endcase
-        ref_fits = 66'(r[29:0]) + 66'(nbytes) <= 66'(s);
-    endfunction
-
-    function automatic logic ref_writable(input logic [1:0] space);
-        ref_writable = space == 2'(`M3V_ISA_SPACE_ARENA) || space == 2'(`M3V_ISA_SPACE_OUT);
-    endfunction
-
+    // ---------------------------------------------------------------- the instruction record
     function automatic logic [31:0] word(input logic [511:0] r, input int k);
         word = r[32*k +: 32];
     endfunction
@@ -350,8 +324,8 @@ module eng_patchify #(
                     chw_q <= 96'(f_c) * 96'(hw_q);
                     cs_q  <= ((pw_q + 64'(2 * P - 1)) >> LP);
                     dstep <= dstep + 6'd1;
-                    a_src <= ref_addr(f_src, base_wgt, base_arena, base_in, base_out);
-                    a_dst <= ADDR_W'(ref_addr(f_dst, base_wgt, base_arena, base_in, base_out));
+                    a_src <= m3v_addr(f_src, base_wgt, base_arena, base_in, base_out);
+                    a_dst <= ADDR_W'(m3v_addr(f_dst, base_wgt, base_arena, base_in, base_out));
                     if (dstep == 6'd33) begin
                         out_bytes <= 32'({chw_q, 1'b0});
                         wrem      <= 32'({chw_q, 1'b0});
@@ -374,10 +348,10 @@ module eng_patchify #(
                         hw_mod    <= hw_q[LP-1:0];
                         state     <= S_DONE;
                         status    <= 4'(`M3V_ISA_STATUS_OK);
-                        if (chw_q[95:64] != 0 || !ref_fits(f_src, {chw_q[63:0], 1'b0}, sz_wgt, sz_arena, sz_in, sz_out)
+                        if (chw_q[95:64] != 0 || !m3v_fits(f_src, {chw_q[63:0], 1'b0}, sz_wgt, sz_arena, sz_in, sz_out)
                             || f_p == 0 || rem_h != 0 || rem_w != 0
-                            || !ref_writable(f_dst[31:30])
-                            || !ref_fits(f_dst, {chw_q[63:0], 1'b0}, sz_wgt, sz_arena, sz_in, sz_out)
+                            || !m3v_writable(f_dst)
+                            || !m3v_fits(f_dst, {chw_q[63:0], 1'b0}, sz_wgt, sz_arena, sz_in, sz_out)
                             || band_beats > 96'(HB))
                             status <= 4'(`M3V_ISA_STATUS_OVER_LIMIT);
                         else if (chw_q != 0) begin
