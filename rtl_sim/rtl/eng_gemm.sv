@@ -1,4 +1,33 @@
-// eng_gemm: the engine of gemm and moe_combine (the engine interface: docs/accelerator.md).
+// eng_gemm: the GEMM engine of the accelerator: `gemm` (every row mode; flags gelu, w16, bias,
+// residual) and `moe_combine` (with residual), on the shared compute unit, bit-exact with
+// compiler/program_exec.py (numerics.gemm, gemm_gelu, moe_combine, residual_add).
+//
+// GEMM dataflow (the loop order of compiler/schedule.py):
+//   for each output tile of P_OUT channels (o0):
+//     the weight loader reads the tile's whole K extent (one segment per weight row k: w[k][o0..]),
+//     its biases and shifts into the weight banks (P_IN banks of KS_MAX rows of P_OUT weights);
+//     for each block of up to SLOTS rows (two x banks: the next block's rows load while this one
+//     computes): the x loader reads each row (src(r), all K) into the block's x bank;
+//       for each K chunk kc: one parameter tile (weight bank row kc) goes to the compute unit,
+//         then one beat per row of the block (slot = row in the block), so a tile serves the block.
+//   The outputs come back in row order; each becomes one write segment of the tile's channels at
+//   row dst(r), after residual_add with the matching residual row (flag residual; add_unit with
+//   b = 0 and shifts 0 is the identity otherwise).
+// moe_combine: for each block of up to SLOTS tokens, its scores, expert indices and expert
+// outputs (rows t·k + j, contiguous: one full-row segment each) are read on chip, then for each
+// output tile and each top-k slot j one beat per token; each beat carries its own parameter
+// tile, whose combine shift is the expert's.
+//
+// Ports: 0 reads x rows / expert outputs and the queue table, 1 weight rows of even k, biases,
+// shifts, scores and indices, 2 weight rows of odd k and writes the outputs, 3 reads the residual
+// (PORTS >= 4).
+// Operand checks follow program_exec.py (over_limit before any store; undefined row modes and
+// residual with a non-direct row mode: bad_opcode). Refused as over_limit where the datapath has
+// no room, as the HLS kernel does: a format that is not signed of 1..ACT_W bits (fmt, gelu_fmt,
+// the combine's fmt), in_dim outside 1..max(max_dim, max_hidden), out_dim 0, x_ld < in_dim,
+// y_ld < out_dim, w16 with weight_bits < 16, a queue longer than max_tokens or past the table,
+// a combine with tokens, k or dim 0, k > max_k, dim > max_dim, an expert index >= max_experts,
+// or a negative combine shift among the experts 0..max(idx).
 `include "m3v_isa.svh"
 `include "m3v_accel_cfg.svh"
 `include "m3v_hw_config.svh"
@@ -9,10 +38,8 @@ module eng_gemm #(
     parameter int PORTS     = `M3V_AXI_PORTS,
     parameter int ADDR_W    = 32,
     parameter int ID_W      = 4,
-    /* verilator lint_off UNUSEDPARAM */
     parameter int MAX_OUT   = 8,
     parameter int MAX_BURST = 16,
-    /* verilator lint_on UNUSEDPARAM */
     parameter int SLOT_W    = $clog2(`M3V_SLOTS)
 ) (
     input  logic                    clk,
@@ -81,23 +108,1169 @@ module eng_gemm #(
     input  logic [`M3V_P_OUT*`M3V_ACT_W-1:0]         cu_o_data,
     input  logic [`M3V_TAG_W-1:0]                    cu_o_tag
 );
-    // Not implemented in this RTL yet: the instruction ends the run with STATUS bad_opcode.
-    always_ff @(posedge clk) done <= rst_n && start;
-    assign status = 4'(`M3V_ISA_STATUS_BAD_OPCODE);
-    assign active = 1'b0;
-    assign {m_arvalid, m_araddr, m_arlen, m_arsize, m_arburst, m_arid, m_rready} = '0;
-    assign {m_awvalid, m_awaddr, m_awlen, m_awsize, m_awburst, m_awid, m_wvalid, m_wdata, m_wstrb, m_wlast,
-            m_bready} = '0;
-    /* verilator lint_off WIDTHCONCAT */
-    assign cu_w_weights = '0;   // a constant tile: no replication hazard
-    /* verilator lint_on WIDTHCONCAT */
-    assign {cu_w_valid, cu_w_bias, cu_w_shift, cu_w_out_bits, cu_w_comb_shift, cu_w_combine, cu_w_gelu,
-            cu_w_gelu_in_frac, cu_w_gelu_out_frac, cu_w_gelu_out_bits} = '0;
-    assign {cu_x_valid, cu_x_wnext, cu_x_act, cu_x_eout, cu_x_score, cu_x_slot, cu_x_first, cu_x_last, cu_x_tag,
-            cu_o_ready} = '0;
+    localparam int P_IN    = `M3V_P_IN;
+    localparam int P_OUT   = `M3V_P_OUT;
+    localparam int ACT_W   = `M3V_ACT_W;
+    localparam int W_W     = `M3V_W_W;
+    localparam int ACC_W   = `M3V_ACC_W;
+    localparam int SHIFT_W = `M3V_SHIFT_W;
+    localparam int CSH_W   = `M3V_CSH_W;
+    localparam int OB_W    = `M3V_OB_W;
+    localparam int SCORE_W = `M3V_SCORE_W;
+    localparam int SLOTS   = `M3V_SLOTS;
+    localparam int K_MAX   = (`M3V_MAX_DIM > `M3V_MAX_HIDDEN) ? `M3V_MAX_DIM : `M3V_MAX_HIDDEN;
+    localparam int KS_MAX  = (K_MAX + P_IN - 1) / P_IN;
+    localparam int MAX_T   = `M3V_MAX_TOKENS;
+    localparam int MAX_E   = `M3V_MAX_EXPERTS;
+    localparam int MAX_K   = `M3V_MAX_K;
+    localparam int CH0     = 2 * ((P_IN > P_OUT) ? P_IN : P_OUT);   // x chunk, expert-output row
+    localparam int CH1     = (2 * P_OUT > 8) ? 2 * P_OUT : 8;       // weight row, one bias
+    localparam int CH3     = 2 * P_OUT;                             // residual row
+    localparam int CW0     = $clog2(CH0 + 1);
+    localparam int CW1     = $clog2(CH1 + 1);
+    localparam int CW3     = $clog2(CH3 + 1);
+    localparam int CWW     = $clog2(CH3 + 1);
+    localparam int XBD     = 2 * SLOTS * KS_MAX;                    // x banks: 2 blocks of SLOTS rows
+    localparam int XAW     = $clog2(XBD);
+    localparam int KAW     = $clog2(KS_MAX);
+    localparam int WKW     = $clog2(2 * KS_MAX);
+    localparam int TAW     = $clog2(MAX_T);
+    localparam int SBD     = SLOTS * MAX_K;
+    localparam int OT_MAX  = (`M3V_MAX_DIM + P_OUT - 1) / P_OUT;
+    localparam int YBD     = SBD * OT_MAX;                          // a combine block's expert outputs
+    localparam int YAW     = $clog2(YBD);
+    localparam int SAW     = $clog2(SBD);
+    localparam int EAW     = $clog2(MAX_E);
 
-    logic unused_ok;
-    assign unused_ok = &{1'b0, rec, task_idx, base_wgt, base_arena, base_in, base_out, sz_wgt, sz_arena, sz_in,
-                         sz_out, m_arready, m_rvalid, m_rdata, m_rid, m_rlast, m_rresp, m_awready, m_wready,
-                         m_bvalid, m_bid, m_bresp, cu_w_ready, cu_x_ready, cu_o_valid, cu_o_data, cu_o_tag};
+    // ================================================================ decode (rec is stable until done)
+    function automatic logic [31:0] word(input int k);
+        word = rec[32*k +: 32];
+    endfunction
+
+    function automatic logic [63:0] addr_of(input logic [31:0] r);
+        addr_of = m3v_addr(r, base_wgt, base_arena, base_in, base_out);
+    endfunction
+
+    function automatic logic fits(input logic [31:0] r, input logic [65:0] nb);
+        fits = !nb[65] && m3v_fits(r, nb[64:0], sz_wgt, sz_arena, sz_in, sz_out);
+    endfunction
+
+    // a format the compute unit produces: signed, 1..ACT_W bits
+    function automatic logic fmt_ok(input logic is_signed, input logic [5:0] bits);
+        fmt_ok = is_signed && bits != 0 && 32'(bits) <= 32'(ACT_W);
+    endfunction
+
+    // a residual format the executor accepts: it fits the 16-bit activations
+    function automatic logic res_fmt_ok(input logic is_signed, input logic [5:0] bits);
+        res_fmt_ok = bits != 0 && (is_signed ? bits <= 6'd16 : bits <= 6'd15);
+    endfunction
+
+    // a fraction that fits the GELU's 7-bit signed format fields
+    function automatic logic frac_ok(input logic [1:0] top);
+        frac_ok = top == 2'b00 || top == 2'b11;
+    endfunction
+
+    function automatic logic [65:0] prod2(input logic [31:0] a, input logic [31:0] b);
+        prod2 = {2'b00, 64'(a) * 64'(b)} << 1;
+    endfunction
+
+    function automatic logic [31:0] min32(input logic [31:0] a, input logic [31:0] b);
+        min32 = a < b ? a : b;
+    endfunction
+
+    function automatic logic [31:0] align64(input logic [31:0] n);
+        align64 = (n + 32'd63) & ~32'd63;
+    endfunction
+
+    logic [7:0]  op;
+    logic        is_gemm, g_gelu, g_w16, g_bias, g_res, c_res;
+    logic [1:0]  xm, ym;
+    logic [31:0] g_x, g_y, g_w, g_b, g_s, g_rows, g_k, g_n, g_xld, g_yld, g_fmt, g_gfmt, g_q, g_e, g_qs;
+    logic [31:0] g_rref, g_rsh, g_rfmt;
+    logic [31:0] c_sc, c_ix, c_y, c_sh, c_out, c_t, c_k, c_d, c_fmt, c_rref, c_rsh, c_rfmt;
+    logic [31:0] n_exp, entries, tok_off, dst_off, q_bytes;
+    logic        queued;
+
+    always_comb begin
+        op      = rec[7:0];
+        is_gemm = op == 8'(`M3V_ISA_OP_GEMM);
+        g_gelu  = rec[8 + `M3V_ISA_FLAG_GELU];
+        g_w16   = rec[8 + `M3V_ISA_FLAG_W16];
+        g_bias  = rec[8 + `M3V_ISA_FLAG_BIAS];
+        g_res   = rec[8 + `M3V_ISA_FLAG_RESIDUAL];
+        c_res   = rec[8 + `M3V_ISA_FLAG_RESIDUAL];
+        xm      = rec[8 + `M3V_ISA_XMODE_SHIFT +: 2];
+        ym      = rec[8 + `M3V_ISA_YMODE_SHIFT +: 2];
+        g_x     = word(`M3V_ISA_F_GEMM_X_REF);
+        g_y     = word(`M3V_ISA_F_GEMM_Y_REF);
+        g_w     = word(`M3V_ISA_F_GEMM_W_REF);
+        g_b     = word(`M3V_ISA_F_GEMM_BIAS_REF);
+        g_s     = word(`M3V_ISA_F_GEMM_SHIFT_REF);
+        g_rows  = word(`M3V_ISA_F_GEMM_ROWS);
+        g_k     = word(`M3V_ISA_F_GEMM_IN_DIM);
+        g_n     = word(`M3V_ISA_F_GEMM_OUT_DIM);
+        g_xld   = word(`M3V_ISA_F_GEMM_X_LD);
+        g_yld   = word(`M3V_ISA_F_GEMM_Y_LD);
+        g_fmt   = word(`M3V_ISA_F_GEMM_FMT);
+        g_gfmt  = word(`M3V_ISA_F_GEMM_GELU_FMT);
+        g_q     = word(`M3V_ISA_F_GEMM_QUEUE_REF);
+        g_e     = word(`M3V_ISA_F_GEMM_EXPERT);
+        g_qs    = word(`M3V_ISA_F_GEMM_QUEUE_SHAPE);
+        g_rref  = word(`M3V_ISA_F_GEMM_RES_REF);
+        g_rsh   = word(`M3V_ISA_F_GEMM_RES_SHIFTS);
+        g_rfmt  = word(`M3V_ISA_F_GEMM_RES_FMT);
+        c_sc    = word(`M3V_ISA_F_MOE_COMBINE_SCORE_REF);
+        c_ix    = word(`M3V_ISA_F_MOE_COMBINE_IDX_REF);
+        c_y     = word(`M3V_ISA_F_MOE_COMBINE_Y_REF);
+        c_sh    = word(`M3V_ISA_F_MOE_COMBINE_SHIFT_REF);
+        c_out   = word(`M3V_ISA_F_MOE_COMBINE_OUT_REF);
+        c_t     = word(`M3V_ISA_F_MOE_COMBINE_TOKENS);
+        c_k     = word(`M3V_ISA_F_MOE_COMBINE_K);
+        c_d     = word(`M3V_ISA_F_MOE_COMBINE_DIM);
+        c_fmt   = word(`M3V_ISA_F_MOE_COMBINE_FMT);
+        c_rref  = word(`M3V_ISA_F_MOE_COMBINE_RES_REF);
+        c_rsh   = word(`M3V_ISA_F_MOE_COMBINE_RES_SHIFTS);
+        c_rfmt  = word(`M3V_ISA_F_MOE_COMBINE_RES_FMT);
+        queued  = xm != 2'd0 || ym != 2'd0;
+        n_exp   = {16'd0, g_qs[15:0]};
+        entries = {16'd0, g_qs[31:16]};
+        tok_off = align64(2 * (n_exp + 32'd1));
+        dst_off = tok_off + align64(2 * entries);
+        q_bytes = dst_off + align64(2 * entries);
+    end
+
+    // ================================================================ control
+    typedef enum logic [4:0] {
+        S_IDLE, S_G0, S_QOFF, S_G1, S_LSRC, S_LDST, S_G2, S_GRUN,
+        S_C0, S_CIDX, S_CSH0, S_CSH, S_C1, S_CRUN, S_DONE
+    } state_t;
+    state_t state;
+
+    logic [3:0]  st_code;
+    logic        issued;                 // the pre-pass segment of this state went out
+    logic [31:0] lo, hi, rows_e, cnt_pre, max_src, max_dst, max_idx;
+    logic        neg_shift;
+    logic        run_g, run_c, fin_g, fin_c;
+    logic [15:0] src_list [0:MAX_T-1];
+    logic [15:0] dst_list [0:MAX_T-1];
+    logic signed [CSH_W:0] cshift [0:MAX_E-1];   // combine shifts, sign kept for the check
+
+    // reader / writer handshakes (declared here, driven below)
+    logic              r0_sv, r0_sr, r0_cv, r0_cr, r0_cl, r0_idle;
+    logic [ADDR_W-1:0] r0_sa;
+    logic [31:0]       r0_sb;
+    logic [CW0-1:0]    r0_sc;
+    logic [CH0*8-1:0]  r0_cd;
+    logic              r1_sv, r1_sr, r1_cv, r1_cr, r1_cl, r1_idle;
+    logic [ADDR_W-1:0] r1_sa;
+    logic [31:0]       r1_sb;
+    logic [CW1-1:0]    r1_sc;
+    logic [CH1*8-1:0]  r1_cd;
+    logic              r3_sv, r3_sr, r3_cv, r3_cr, r3_cl, r3_idle;
+    logic [ADDR_W-1:0] r3_sa;
+    logic [31:0]       r3_sb;
+    logic [CW3-1:0]    r3_sc;
+    logic [CH3*8-1:0]  r3_cd;
+    logic              r2_sv, r2_sr, r2_cv, r2_cr, r2_cl, r2_idle;
+    logic [CH1*8-1:0]  r2_cd;
+    logic              wr_sv, wr_sr, wr_idle;
+    logic [ADDR_W-1:0] wr_sa;
+    logic [CWW-1:0]    wr_sb;
+    logic [CH3*8-1:0]  wr_sd;
+
+    logic r0_cfire, r1_cfire;
+    logic [ADDR_W-1:0] r2_sa;
+    logic [31:0]       r2_sb;
+    logic [CW1-1:0]    r2_sc;
+    assign r0_cfire = r0_cv && r0_cr;
+    assign r1_cfire = r1_cv && r1_cr;
+
+    // ---- checks of S_G2 (every operand of a gemm that runs)
+    logic        g_hw_ok, g_fits;
+    logic [31:0] wbytes;
+    always_comb begin
+        wbytes  = g_w16 ? 32'd2 : 32'd1;
+        g_hw_ok = g_k != 0 && g_k <= 32'(K_MAX) && g_n != 0 && g_xld >= g_k && g_yld >= g_n &&
+                  fmt_ok(g_fmt[16], g_fmt[5:0]) && (!g_gelu || (fmt_ok(g_gfmt[16], g_gfmt[5:0]) && frac_ok(g_fmt[15:14]) && frac_ok(g_gfmt[15:14]))) &&
+                  W_W >= 8 && (!g_w16 || W_W >= 16);
+        g_fits = 1'b1;
+        case (xm)
+            2'd0: g_fits = g_fits && fits(g_x, prod2(g_rows, g_xld));
+            2'd1: g_fits = g_fits && fits(g_x, prod2(max_src + 32'd1, g_xld));
+            default: g_fits = g_fits && fits(g_x, prod2(hi, g_xld));
+        endcase
+        g_fits = g_fits && fits(g_w, {2'b00, 64'(g_k) * 64'(g_n) * 64'(wbytes)});
+        if (g_bias) g_fits = g_fits && fits(g_b, {34'd0, g_n} << 3);
+        g_fits = g_fits && fits(g_s, {34'd0, g_n}) && m3v_writable(g_y);
+        case (ym)
+            2'd0: g_fits = g_fits && fits(g_y, prod2(g_rows, g_yld));
+            2'd1: g_fits = g_fits && fits(g_y, prod2(hi, g_yld));
+            default: g_fits = g_fits && fits(g_y, prod2(max_dst + 32'd1, g_yld));
+        endcase
+        if (g_res) g_fits = g_fits && fits(g_rref, prod2(g_rows, g_yld)) && res_fmt_ok(g_rfmt[16], g_rfmt[5:0]);
+    end
+
+    // ---- checks of S_C0
+    logic c_ok;
+    logic [31:0] c_tk;
+    always_comb begin
+        c_tk = c_t * c_k;
+        c_ok = c_t != 0 && c_k != 0 && c_d != 0 && c_k <= 32'(MAX_K) && c_d <= 32'(`M3V_MAX_DIM) &&
+               fmt_ok(c_fmt[16], c_fmt[5:0]) &&
+               c_t < 32'h10000 && c_k < 32'h10000 &&
+               fits(c_sc, {34'd0, c_tk} << 1) && fits(c_ix, {34'd0, c_tk} << 1) &&
+               fits(c_y, prod2(c_tk, c_d)) && m3v_writable(c_out) && fits(c_out, prod2(c_t, c_d)) &&
+               (!c_res || (fits(c_rref, prod2(c_t, c_d)) && res_fmt_ok(c_rfmt[16], c_rfmt[5:0])));
+    end
+
+    // ---- pre-pass segments (port 0: queue table; port 1: combine indices and shifts)
+    logic              pre0_sv, pre1_sv;
+    logic [63:0]       pre0_a, pre1_a;
+    logic [31:0]       pre0_b, pre1_b;
+    logic [3:0]        pre0_c, pre1_c;
+    always_comb begin
+        pre0_sv = 1'b0;
+        pre0_a  = addr_of(g_q);
+        pre0_b  = 32'd4;
+        pre0_c  = 4'd2;
+        case (state)
+            S_QOFF: begin
+                pre0_sv = !issued;
+                pre0_a  = addr_of(g_q) + 64'(2 * g_e);
+            end
+            S_LSRC: begin
+                pre0_sv = !issued;
+                pre0_a  = addr_of(g_q) + 64'(tok_off) + 64'(2 * lo);
+                pre0_b  = 2 * rows_e;
+            end
+            S_LDST: begin
+                pre0_sv = !issued;
+                pre0_a  = addr_of(g_q) + 64'(dst_off) + 64'(2 * lo);
+                pre0_b  = 2 * rows_e;
+            end
+            default: ;
+        endcase
+        pre1_sv = 1'b0;
+        pre1_a  = addr_of(c_ix);
+        pre1_b  = c_tk << 1;
+        pre1_c  = 4'd2;
+        if (state == S_CIDX) pre1_sv = !issued;
+        if (state == S_CSH) begin
+            pre1_sv = !issued;
+            pre1_a  = addr_of(c_sh);
+            pre1_b  = max_idx + 32'd1;
+            pre1_c  = 4'd1;
+        end
+    end
+
+    logic [15:0] pre0_v, pre1_v;
+    assign pre0_v = r0_cd[15:0];
+    assign pre1_v = r1_cd[15:0];
+
+    always_ff @(posedge clk) begin
+        if (state == S_LSRC && r0_cfire) src_list[cnt_pre[TAW-1:0]] <= pre0_v;
+        if (state == S_LDST && r0_cfire) dst_list[cnt_pre[TAW-1:0]] <= pre0_v;
+        if (state == S_CSH && r1_cfire) cshift[cnt_pre[EAW-1:0]] <= (CSH_W+1)'(csh_clamp(r1_cd[7:0]));
+    end
+
+    // int8 combine shift -> CSH_W+1 signed bits (shifts beyond 2^CSH_W - 1 clamp; the contract
+    // refuses them anyway)
+    function automatic logic signed [CSH_W:0] csh_clamp(input logic [7:0] v);
+        logic signed [8:0] s;
+        s = 9'(signed'(v));
+        if (s > 9'sd0 && s > 9'((1 << CSH_W) - 1)) csh_clamp = (CSH_W+1)'((1 << CSH_W) - 1);
+        else if (s < 0) csh_clamp = -(CSH_W+1)'(1);
+        else csh_clamp = (CSH_W+1)'(s);
+    endfunction
+
+    always_ff @(posedge clk) begin
+        if (!rst_n) begin
+            state     <= S_IDLE;
+            st_code   <= '0;
+            issued    <= 1'b0;
+            done      <= 1'b0;
+            status    <= '0;
+            lo        <= '0;
+            hi        <= '0;
+            rows_e    <= '0;
+            cnt_pre   <= '0;
+            max_src   <= '0;
+            max_dst   <= '0;
+            max_idx   <= '0;
+            neg_shift <= 1'b0;
+        end else begin
+            done <= 1'b0;
+            if ((pre0_sv && r0_sr) || (pre1_sv && r1_sr)) issued <= 1'b1;
+            case (state)
+                S_IDLE: if (start) begin
+                    issued  <= 1'b0;
+                    cnt_pre <= '0;
+                    max_src <= '0;
+                    max_dst <= '0;
+                    max_idx <= '0;
+                    neg_shift <= 1'b0;
+                    state   <= is_gemm ? S_G0 : S_C0;
+                end
+                // ---------------------------------------------------- gemm
+                S_G0: begin
+                    lo     <= '0;
+                    hi     <= g_rows;
+                    rows_e <= g_rows;
+                    if (xm == 2'd3 || ym == 2'd3 || (g_res && queued)) begin
+                        st_code <= `M3V_ISA_STATUS_BAD_OPCODE;
+                        state   <= S_DONE;
+                    end else if (queued) begin
+                        if (g_e >= n_exp || !fits(g_q, {34'd0, q_bytes})) begin
+                            st_code <= `M3V_ISA_STATUS_OVER_LIMIT;
+                            state   <= S_DONE;
+                        end else state <= S_QOFF;
+                    end else if (g_rows == 0) begin
+                        st_code <= `M3V_ISA_STATUS_OK;
+                        state   <= S_DONE;
+                    end else state <= S_G2;
+                end
+                S_QOFF: if (r0_cfire) begin
+                    if (r0_cl) begin
+                        hi    <= {16'd0, pre0_v};
+                        state <= S_G1;
+                    end else lo <= {16'd0, pre0_v};
+                end
+                S_G1: begin
+                    issued  <= 1'b0;
+                    cnt_pre <= '0;
+                    rows_e  <= hi > lo ? hi - lo : 32'd0;
+                    if (hi <= lo) begin
+                        st_code <= (xm == 2'd0 && !fits(g_x, prod2(g_rows, g_xld))) ? `M3V_ISA_STATUS_OVER_LIMIT
+                                                                                   : `M3V_ISA_STATUS_OK;
+                        state <= S_DONE;
+                    end else if (hi > entries || hi - lo > g_rows || hi - lo > 32'(MAX_T)) begin
+                        st_code <= `M3V_ISA_STATUS_OVER_LIMIT;
+                        state   <= S_DONE;
+                    end else if (xm == 2'd1) state <= S_LSRC;
+                    else if (ym == 2'd2) state <= S_LDST;
+                    else state <= S_G2;
+                end
+                S_LSRC: if (r0_cfire) begin
+                    cnt_pre <= cnt_pre + 32'd1;
+                    if ({16'd0, pre0_v} > max_src) max_src <= {16'd0, pre0_v};
+                    if (r0_cl) begin
+                        issued  <= 1'b0;
+                        cnt_pre <= '0;
+                        state   <= ym == 2'd2 ? S_LDST : S_G2;
+                    end
+                end
+                S_LDST: if (r0_cfire) begin
+                    cnt_pre <= cnt_pre + 32'd1;
+                    if ({16'd0, pre0_v} > max_dst) max_dst <= {16'd0, pre0_v};
+                    if (r0_cl) state <= S_G2;
+                end
+                S_G2: begin
+                    if (!g_hw_ok || !g_fits) begin
+                        st_code <= `M3V_ISA_STATUS_OVER_LIMIT;
+                        state   <= S_DONE;
+                    end else state <= S_GRUN;
+                end
+                S_GRUN: if (fin_g) begin
+                    st_code <= `M3V_ISA_STATUS_OK;
+                    state   <= S_DONE;
+                end
+                // ---------------------------------------------------- moe_combine
+                S_C0: begin
+                    if (!c_ok) begin
+                        st_code <= `M3V_ISA_STATUS_OVER_LIMIT;
+                        state   <= S_DONE;
+                    end else state <= S_CIDX;
+                end
+                S_CIDX: if (r1_cfire) begin
+                    if ({16'd0, pre1_v} > max_idx) max_idx <= {16'd0, pre1_v};
+                    if (r1_cl) state <= S_CSH0;
+                end
+                S_CSH0: begin
+                    issued  <= 1'b0;
+                    cnt_pre <= '0;
+                    if (max_idx >= 32'(MAX_E) || !fits(c_sh, {34'd0, max_idx + 32'd1})) begin
+                        st_code <= `M3V_ISA_STATUS_OVER_LIMIT;
+                        state   <= S_DONE;
+                    end else state <= S_CSH;
+                end
+                S_CSH: if (r1_cfire) begin
+                    cnt_pre <= cnt_pre + 32'd1;
+                    if (r1_cd[7]) neg_shift <= 1'b1;
+                    if (r1_cl) state <= S_C1;
+                end
+                S_C1: begin
+                    if (neg_shift) begin
+                        st_code <= `M3V_ISA_STATUS_OVER_LIMIT;
+                        state   <= S_DONE;
+                    end else state <= S_CRUN;
+                end
+                S_CRUN: if (fin_c) begin
+                    st_code <= `M3V_ISA_STATUS_OK;
+                    state   <= S_DONE;
+                end
+                S_DONE: begin
+                    done   <= 1'b1;
+                    status <= st_code;
+                    state  <= S_IDLE;
+                end
+                default: state <= S_IDLE;
+            endcase
+        end
+    end
+
+    assign run_g = state == S_GRUN;
+    assign run_c = state == S_CRUN;
+
+    // ================================================================ gemm: weight loader (port 1)
+    localparam logic [1:0] WL_W = 2'd0, WL_B = 2'd1, WL_S = 2'd2, WL_D = 2'd3;
+    // two weight tiles: the loader fills one while the pusher serves the other
+    logic                     wl_busy, wl_sel, pu_sel, ld_done;
+    logic [1:0]               wt_full;
+    logic [1:0]               wl_ph, wr_ph;
+    logic [31:0]              wl_o0, wl_k, wr_k, wr_o, wl_nc;
+    logic [63:0]              wl_addr;
+    logic [KAW-1:0]           wr_kc;
+    logic [$clog2(P_IN+1)-1:0] wr_ki;
+    logic [P_OUT*ACC_W-1:0]   bias_reg [0:1];
+    logic [P_OUT*SHIFT_W-1:0] shift_reg [0:1];
+    logic [P_OUT*W_W-1:0]     wrow;
+    logic                     wl_sv, wl_start, wl_whole;
+
+    assign wl_nc    = min32(32'(P_OUT), g_n - wl_o0);
+    assign wl_start = run_g && !wl_busy && !wt_full[wl_sel] && wl_o0 < g_n;
+    assign wl_sv    = run_g && wl_busy && wl_ph != 2'(WL_D);
+    assign ld_done  = run_g && wl_busy && r1_cfire && wr_ph == 2'(WL_S) && r1_cl;
+    // weight rows alternate between the readers of ports 1 (even k) and 2 (odd k): short
+    // segments are bounded by the bursts in flight per port, two ports double the rate
+    logic             wl_to2, wr_from2, w_cfire, w_cl;
+    logic [CH1*8-1:0] w_cd;
+    assign wl_to2   = wl_ph == WL_W && !wl_whole && wl_k[0];
+    assign wr_from2 = wr_ph == WL_W && !wl_whole && wr_k[0];
+    assign w_cd     = wr_from2 ? r2_cd : r1_cd;
+    assign w_cl     = wr_from2 ? r2_cl : r1_cl;
+    assign w_cfire  = run_g && wl_busy && (wr_from2 ? r2_cv && r2_cr : r1_cfire);
+    // a tile as wide as the matrix is one contiguous block: one segment, one chunk per row k
+    assign wl_whole = wl_nc == g_n;
+
+    always_comb
+        for (int o = 0; o < P_OUT; o++)
+            wrow[o*W_W +: W_W] = g_w16 ? W_W'(signed'(w_cd[o*16 +: 16])) : W_W'(signed'(w_cd[o*8 +: 8]));
+
+    function automatic logic [SHIFT_W-1:0] sh_clamp(input logic [7:0] v);
+        logic signed [8:0] s;
+        s = 9'(signed'(v));
+        if (s > 9'((1 << (SHIFT_W - 1)) - 1)) sh_clamp = SHIFT_W'((1 << (SHIFT_W - 1)) - 1);
+        else if (s < -9'(1 << (SHIFT_W - 1))) sh_clamp = SHIFT_W'(-(1 << (SHIFT_W - 1)));
+        else sh_clamp = SHIFT_W'(s);
+    endfunction
+
+    always_ff @(posedge clk) begin
+        if (!rst_n || state == S_IDLE) begin
+            wl_busy <= 1'b0;
+            wl_ph   <= 2'(WL_W);
+            wr_ph   <= 2'(WL_W);
+            wl_o0   <= '0;
+            wl_k    <= '0;
+            wr_k    <= '0;
+            wr_o    <= '0;
+            wr_kc   <= '0;
+            wr_ki   <= '0;
+            wl_addr <= '0;
+            wl_sel  <= 1'b0;
+        end else begin
+            if (wl_start) begin
+                wl_busy   <= 1'b1;
+                wl_ph     <= 2'(WL_W);
+                wr_ph     <= 2'(WL_W);
+                wl_k      <= '0;
+                wr_k      <= '0;
+                wr_o      <= '0;
+                wr_kc     <= '0;
+                wr_ki     <= '0;
+                wl_addr   <= addr_of(g_w) + 64'(wl_o0) * 64'(wbytes);
+                bias_reg[wl_sel]  <= '0;
+                shift_reg[wl_sel] <= '0;
+            end
+            if (wl_sv && (wl_to2 ? r2_sr : r1_sr)) begin
+                case (wl_ph)
+                    2'(WL_W): begin
+                        wl_addr <= wl_addr + 64'(g_n) * 64'(wbytes);
+                        wl_k    <= wl_k + 32'd1;
+                        if (wl_whole || wl_k + 32'd1 == g_k) wl_ph <= g_bias ? 2'(WL_B) : 2'(WL_S);
+                    end
+                    2'(WL_B): wl_ph <= 2'(WL_S);
+                    default:  wl_ph <= 2'(WL_D);
+                endcase
+            end
+            if (w_cfire) begin
+                case (wr_ph)
+                    2'(WL_W): begin
+                        wr_k <= wr_k + 32'd1;
+                        if (32'(wr_ki) == 32'(P_IN - 1)) begin
+                            wr_ki <= '0;
+                            wr_kc <= wr_kc + 1'b1;
+                        end else wr_ki <= wr_ki + 1'b1;
+                        if (wr_k + 32'd1 == g_k) wr_ph <= g_bias ? 2'(WL_B) : 2'(WL_S);
+                    end
+                    2'(WL_B): begin
+                        bias_reg[wl_sel][wr_o*ACC_W +: ACC_W] <= ACC_W'(r1_cd[63:0]);
+                        wr_o <= wr_o + 32'd1;
+                        if (r1_cl) begin
+                            wr_o  <= '0;
+                            wr_ph <= 2'(WL_S);
+                        end
+                    end
+                    default: begin
+                        shift_reg[wl_sel][wr_o*SHIFT_W +: SHIFT_W] <= sh_clamp(r1_cd[7:0]);
+                        wr_o <= wr_o + 32'd1;
+                        if (r1_cl) begin
+                            wl_busy <= 1'b0;
+                            wl_sel  <= !wl_sel;
+                            wl_o0   <= wl_o0 + 32'(P_OUT);
+                        end
+                    end
+                endcase
+            end
+        end
+    end
+
+    // weight banks: bank i holds rows k = kc * P_IN + i
+    logic [P_IN*P_OUT*W_W-1:0] tq_w;
+    logic                      tq_load;
+    logic [KAW-1:0]            pu_kc;
+    genvar gi;
+    generate
+        for (gi = 0; gi < P_IN; gi++) begin : g_wbank
+            logic [P_OUT*W_W-1:0] mem [0:2*KS_MAX-1];
+            always_ff @(posedge clk) begin
+                if (w_cfire && wr_ph == 2'(WL_W) && 32'(wr_ki) == gi)
+                    mem[WKW'(32'(wl_sel) * 32'(KS_MAX) + 32'(wr_kc))] <= wrow;
+                if (tq_load) tq_w[gi*P_OUT*W_W +: P_OUT*W_W] <= mem[WKW'(32'(pu_sel) * 32'(KS_MAX) + 32'(pu_kc))];
+            end
+        end
+    endgenerate
+
+    // ================================================================ gemm: tile pusher
+    logic                     pu_act, tq_v;
+    logic [31:0]              pu_r0;
+    logic [P_OUT*ACC_W-1:0]   tq_bias;
+    logic [P_OUT*SHIFT_W-1:0] tq_shift;
+    logic                     w_fire;
+    logic [31:0]              ks;
+
+    assign ks      = (g_k + 32'(P_IN - 1)) / 32'(P_IN);
+    assign w_fire  = cu_w_valid && cu_w_ready;
+    assign tq_load = run_g && pu_act && (!tq_v || w_fire);
+
+    always_ff @(posedge clk) begin
+        if (!rst_n || state == S_IDLE) begin
+            pu_act  <= 1'b0;
+            tq_v    <= 1'b0;
+            pu_kc   <= '0;
+            pu_r0   <= '0;
+            pu_sel  <= 1'b0;
+            wt_full <= '0;
+        end else begin
+            if (ld_done) wt_full[wl_sel] <= 1'b1;
+            if (run_g && wt_full[pu_sel] && !pu_act) begin
+                pu_act <= 1'b1;
+                pu_kc  <= '0;
+                pu_r0  <= '0;
+            end
+            if (tq_load) begin
+                tq_v     <= 1'b1;
+                tq_bias  <= bias_reg[pu_sel];
+                tq_shift <= shift_reg[pu_sel];
+                if (32'(pu_kc) + 32'd1 == ks) begin
+                    pu_kc <= '0;
+                    pu_r0 <= pu_r0 + 32'(SLOTS);
+                    if (pu_r0 + 32'(SLOTS) >= rows_e) begin
+                        pu_act  <= 1'b0;
+                        pu_sel  <= !pu_sel;
+                        wt_full[pu_sel] <= 1'b0;
+                    end
+                end else pu_kc <= pu_kc + 1'b1;
+            end else if (w_fire) tq_v <= 1'b0;
+        end
+    end
+
+    // ================================================================ gemm: x loader (port 0)
+    logic [1:0]  xb_own, xb_rdy;
+    logic        xi_bank, xr_bank, bi_bank;
+    logic [31:0] xi_o0, xi_r0, xi_r, xr_r, xr_r0, xi_src, xi_nb, xr_nb;
+    logic [KAW-1:0] xr_kc;
+    logic        xi_sv, xi_fire, xi_claim, xr_fire, xr_blk_done;
+    logic        bi_release;
+    logic [P_IN*16-1:0] xbuf [0:XBD-1];
+
+    assign xi_nb = min32(32'(SLOTS), rows_e - xi_r0);
+    assign xr_nb = min32(32'(SLOTS), rows_e - xr_r0);
+    always_comb begin
+        case (xm)
+            2'd0: xi_src = xi_r0 + xi_r;
+            2'd1: xi_src = {16'd0, src_list[TAW'(xi_r0 + xi_r)]};
+            default: xi_src = lo + xi_r0 + xi_r;
+        endcase
+    end
+    assign xi_sv   = run_g && xi_o0 < g_n && (xi_r != 0 || !xb_own[xi_bank]);
+    assign xi_fire = xi_sv && r0_sr;
+    assign xi_claim = xi_fire && xi_r == 0;
+    assign xr_fire = run_g && r0_cfire;
+    assign xr_blk_done = xr_fire && r0_cl && xr_r + 32'd1 == xr_nb;
+
+    always_ff @(posedge clk) begin
+        if (xr_fire) xbuf[XAW'((32'(xr_bank) * 32'(SLOTS) + xr_r) * 32'(KS_MAX) + 32'(xr_kc))] <= r0_cd[P_IN*16-1:0];
+    end
+
+    always_ff @(posedge clk) begin
+        if (!rst_n || state == S_IDLE) begin
+            xb_own  <= '0;
+            xb_rdy  <= '0;
+            xi_bank <= 1'b0;
+            xr_bank <= 1'b0;
+            xi_o0   <= '0;
+            xi_r0   <= '0;
+            xi_r    <= '0;
+            xr_r    <= '0;
+            xr_r0   <= '0;
+            xr_kc   <= '0;
+        end else begin
+            if (xi_fire) begin
+                if (xi_r + 32'd1 == xi_nb) begin
+                    xi_r    <= '0;
+                    xi_bank <= !xi_bank;
+                    if (xi_r0 + 32'(SLOTS) >= rows_e) begin
+                        xi_r0 <= '0;
+                        xi_o0 <= xi_o0 + 32'(P_OUT);
+                    end else xi_r0 <= xi_r0 + 32'(SLOTS);
+                end else xi_r <= xi_r + 32'd1;
+            end
+            if (xr_fire) begin
+                if (r0_cl) begin
+                    xr_kc <= '0;
+                    if (xr_r + 32'd1 == xr_nb) begin
+                        xr_r    <= '0;
+                        xr_bank <= !xr_bank;
+                        xr_r0   <= xr_r0 + 32'(SLOTS) >= rows_e ? 32'd0 : xr_r0 + 32'(SLOTS);
+                    end else xr_r <= xr_r + 32'd1;
+                end else xr_kc <= xr_kc + 1'b1;
+            end
+            for (int b = 0; b < 2; b++) begin
+                if (xi_claim && 32'(xi_bank) == b) xb_own[b] <= 1'b1;
+                if (xr_blk_done && 32'(xr_bank) == b) xb_rdy[b] <= 1'b1;
+                if (bi_release && 32'(bi_bank) == b) begin
+                    xb_own[b] <= 1'b0;
+                    xb_rdy[b] <= 1'b0;
+                end
+            end
+        end
+    end
+
+    // ================================================================ gemm: beat issuer
+    logic [31:0]        bi_o0, bi_r0, bi_r, bi_nb;
+    logic [KAW-1:0]     bi_kc;
+    logic               bq_v, bq_first, bq_last, bq_wnext, bi_load, x_fire;
+    logic [SLOT_W-1:0]  bq_slot;
+    logic [P_IN*16-1:0] bq_act;
+
+    assign bi_nb   = min32(32'(SLOTS), rows_e - bi_r0);
+    assign x_fire  = cu_x_valid && cu_x_ready;
+    assign bi_load = run_g && bi_o0 < g_n && xb_rdy[bi_bank] && (!bq_v || x_fire);
+    assign bi_release = bi_load && bi_r + 32'd1 == bi_nb && 32'(bi_kc) + 32'd1 == ks;
+
+    always_ff @(posedge clk) begin
+        if (bi_load) bq_act <= xbuf[XAW'((32'(bi_bank) * 32'(SLOTS) + bi_r) * 32'(KS_MAX) + 32'(bi_kc))];
+    end
+
+    always_ff @(posedge clk) begin
+        if (!rst_n || state == S_IDLE) begin
+            bq_v    <= 1'b0;
+            bi_bank <= 1'b0;
+            bi_o0   <= '0;
+            bi_r0   <= '0;
+            bi_r    <= '0;
+            bi_kc   <= '0;
+        end else begin
+            if (bi_load) begin
+                bq_v     <= 1'b1;
+                bq_first <= bi_kc == 0;
+                bq_last  <= 32'(bi_kc) + 32'd1 == ks;
+                bq_wnext <= bi_r == 0;
+                bq_slot  <= SLOT_W'(bi_r);
+                if (bi_r + 32'd1 == bi_nb) begin
+                    bi_r <= '0;
+                    if (32'(bi_kc) + 32'd1 == ks) begin
+                        bi_kc   <= '0;
+                        bi_bank <= !bi_bank;
+                        if (bi_r0 + 32'(SLOTS) >= rows_e) begin
+                            bi_r0 <= '0;
+                            bi_o0 <= bi_o0 + 32'(P_OUT);
+                        end else bi_r0 <= bi_r0 + 32'(SLOTS);
+                    end else bi_kc <= bi_kc + 1'b1;
+                end else bi_r <= bi_r + 32'd1;
+            end else if (x_fire) bq_v <= 1'b0;
+        end
+    end
+
+    // ================================================================ combine: scores and indices
+    // One block at a time (port 1): the scores segment, then the indices segment, into sbuf / ibuf
+    // (entry tt·k + j); the block is released when its tiles and beats have all gone out.
+    logic              sb_full, sl_busy, sl_rph, c_blk_done, c_all_done, sl_sv;
+    logic [1:0]        sl_iss;
+    logic [31:0]       ct0, c_nb, sl_i;
+    logic [15:0]       sbuf [0:SBD-1];
+    logic [15:0]       ibuf [0:SBD-1];
+
+    assign c_nb  = min32(32'(SLOTS), c_t - ct0);
+    assign sl_sv = run_c && sl_busy && sl_iss < 2'd2;
+    assign c_all_done = ct0 >= c_t;
+
+    always_ff @(posedge clk) begin
+        if (run_c && sl_busy && r1_cfire) begin
+            if (!sl_rph) sbuf[SAW'(sl_i)] <= pre1_v;
+            else ibuf[SAW'(sl_i)] <= pre1_v;
+        end
+    end
+
+    // ================================================================ combine: tile pusher, beat issuer
+    logic [31:0]  cp_o0, cp_j, cp_t, cb_o0, cb_j, cb_t, cb_oc;
+    logic         cp_done, cb_done, cp_fire, cb_fire;
+
+    assign cp_fire = run_c && cu_w_valid && cu_w_ready;
+    assign cb_fire = run_c && cu_x_valid && cu_x_ready;
+    assign c_blk_done = cp_done && cb_done;
+
+    always_ff @(posedge clk) begin
+        if (!rst_n || state == S_IDLE) begin
+            sb_full <= 1'b0;
+            sl_busy <= 1'b0;
+            sl_iss  <= '0;
+            sl_rph  <= 1'b0;
+            sl_i    <= '0;
+            ct0     <= '0;
+            cp_o0   <= '0;
+            cp_j    <= '0;
+            cp_t    <= '0;
+            cb_o0   <= '0;
+            cb_j    <= '0;
+            cb_t    <= '0;
+            cb_oc   <= '0;
+            cp_done <= 1'b0;
+            cb_done <= 1'b0;
+        end else begin
+            if (run_c && !sb_full && !sl_busy && !c_all_done) begin
+                sl_busy <= 1'b1;
+                sl_iss  <= '0;
+                sl_rph  <= 1'b0;
+                sl_i    <= '0;
+            end
+            if (sl_sv && r1_sr) sl_iss <= sl_iss + 2'd1;
+            if (run_c && sl_busy && r1_cfire) begin
+                sl_i <= sl_i + 32'd1;
+                if (r1_cl) begin
+                    sl_i   <= '0;
+                    sl_rph <= 1'b1;
+                    if (sl_rph) sl_iss <= 2'd3;     // indices in: the scores and indices are loaded
+                end
+            end
+            if (run_c && sl_busy && sl_iss == 2'd3 && y_done) begin
+                sl_busy <= 1'b0;
+                sb_full <= 1'b1;
+            end
+            if (cp_fire) begin
+                if (cp_t + 32'd1 == c_nb) begin
+                    cp_t <= '0;
+                    if (cp_j + 32'd1 == c_k) begin
+                        cp_j <= '0;
+                        if (cp_o0 + 32'(P_OUT) >= c_d) begin
+                            cp_o0   <= '0;
+                            cp_done <= 1'b1;
+                        end else cp_o0 <= cp_o0 + 32'(P_OUT);
+                    end else cp_j <= cp_j + 32'd1;
+                end else cp_t <= cp_t + 32'd1;
+            end
+            if (cb_fire) begin
+                if (cb_t + 32'd1 == c_nb) begin
+                    cb_t <= '0;
+                    if (cb_j + 32'd1 == c_k) begin
+                        cb_j <= '0;
+                        if (cb_o0 + 32'(P_OUT) >= c_d) begin
+                            cb_o0   <= '0;
+                            cb_oc   <= '0;
+                            cb_done <= 1'b1;
+                        end else begin
+                            cb_o0 <= cb_o0 + 32'(P_OUT);
+                            cb_oc <= cb_oc + 32'd1;
+                        end
+                    end else cb_j <= cb_j + 32'd1;
+                end else cb_t <= cb_t + 32'd1;
+            end
+            if (run_c && c_blk_done) begin
+                cp_done <= 1'b0;
+                cb_done <= 1'b0;
+                sb_full <= 1'b0;
+                ct0     <= ct0 + 32'(SLOTS);
+            end
+        end
+    end
+
+    // ================================================================ combine: expert-output rows (port 0)
+    // The block's rows t·k + j are one contiguous region: one segment per row (all D elements,
+    // long bursts), cut into P_OUT-element chunks, into ybuf (row · OT_MAX + chunk).
+    logic [31:0]       yl_i, yr_i, yr_oc, c_nbk;
+    logic              yl_sv, y_done;
+    logic [P_OUT*16-1:0] ybuf [0:YBD-1];
+
+    assign c_nbk = c_nb * c_k;
+    assign yl_sv = run_c && sl_busy && yl_i < c_nbk;
+
+    always_ff @(posedge clk) begin
+        if (run_c && sl_busy && r0_cfire) ybuf[YAW'(yr_i * 32'(OT_MAX) + yr_oc)] <= r0_cd[P_OUT*16-1:0];
+    end
+
+    always_ff @(posedge clk) begin
+        if (!rst_n || state == S_IDLE) begin
+            yl_i   <= '0;
+            yr_i   <= '0;
+            yr_oc  <= '0;
+            y_done <= 1'b0;
+        end else begin
+            if (run_c && !sb_full && !sl_busy && !c_all_done) begin
+                yl_i   <= '0;
+                yr_i   <= '0;
+                yr_oc  <= '0;
+                y_done <= 1'b0;
+            end
+            if (yl_sv && r0_sr) yl_i <= yl_i + 32'd1;
+            if (run_c && sl_busy && r0_cfire) begin
+                if (r0_cl) begin
+                    yr_oc <= '0;
+                    yr_i  <= yr_i + 32'd1;
+                    if (yr_i + 32'd1 == c_nbk) y_done <= 1'b1;
+                end else yr_oc <= yr_oc + 32'd1;
+            end
+        end
+    end
+
+    // ================================================================ compute-unit streams
+    logic [SAW-1:0] cp_i, cb_i;
+    logic [15:0]    cp_e;
+    assign cp_i = SAW'(cp_t * c_k + cp_j);
+    assign cb_i = SAW'(cb_t * c_k + cb_j);
+    assign cp_e = ibuf[cp_i];
+    logic [P_OUT*16-1:0] cb_y;
+    assign cb_y = ybuf[YAW'(32'(cb_i) * 32'(OT_MAX) + cb_oc)];
+
+    always_comb begin
+        cu_w_valid         = 1'b0;
+        cu_w_weights       = tq_w;
+        cu_w_bias          = tq_bias;
+        cu_w_shift         = tq_shift;
+        cu_w_out_bits      = OB_W'(g_fmt[5:0]);
+        cu_w_comb_shift    = '0;
+        cu_w_combine       = 1'b0;
+        cu_w_gelu          = g_gelu;
+        cu_w_gelu_in_frac  = g_fmt[14:8];
+        cu_w_gelu_out_frac = g_gfmt[14:8];
+        cu_w_gelu_out_bits = OB_W'(g_gfmt[5:0]);
+        cu_x_valid = 1'b0;
+        cu_x_wnext = bq_wnext;
+        cu_x_act   = '0;
+        for (int i = 0; i < P_IN; i++) cu_x_act[i*ACT_W +: ACT_W] = ACT_W'(signed'(bq_act[i*16 +: 16]));
+        cu_x_eout  = '0;
+        cu_x_score = '0;
+        cu_x_slot  = bq_slot;
+        cu_x_first = bq_first;
+        cu_x_last  = bq_last;
+        cu_x_tag   = '0;
+        if (run_g) begin
+            cu_w_valid = tq_v;
+            cu_x_valid = bq_v;
+        end
+        if (run_c) begin
+            cu_w_valid      = sb_full && !cp_done;
+            cu_w_bias       = '0;
+            cu_w_shift      = '0;
+            cu_w_out_bits   = OB_W'(c_fmt[5:0]);
+            cu_w_comb_shift = CSH_W'(cshift[EAW'(cp_e)]);
+            cu_w_combine    = 1'b1;
+            cu_w_gelu       = 1'b0;
+            cu_x_valid = sb_full && !cb_done;
+            cu_x_wnext = 1'b1;
+            for (int o = 0; o < P_OUT; o++) cu_x_eout[o*ACT_W +: ACT_W] = ACT_W'(signed'(cb_y[o*16 +: 16]));
+            cu_x_score = SCORE_W'(sbuf[cb_i]);
+            cu_x_slot  = SLOT_W'(cb_t);
+            cu_x_first = cb_j == 0;
+            cu_x_last  = cb_j + 32'd1 == c_k;
+        end
+    end
+    assign active = cu_x_valid && cu_x_ready;
+
+    // ================================================================ outputs: residual, writes
+    // Output order: gemm (o0, row), combine (token block, o0, token). The residual reader (port 3)
+    // runs ahead in the same order.
+    logic [31:0] os_o0, os_r, os_nb, os_nc, os_row, os_rows, os_t0;
+    logic [31:0] rs_o0, rs_r, rs_nb, rs_nc, rs_row, rs_t0;
+    logic        os_all, rs_all, rs_sv, os_fire;
+    logic [63:0] os_addr, rs_addr;
+    logic        res_on;
+    logic [31:0] a_sh, b_sh, z_fmt, n_cols;
+
+    assign res_on  = (run_g && g_res) || (run_c && c_res);
+    assign n_cols  = is_gemm ? g_n : c_d;
+    assign os_rows = is_gemm ? rows_e : c_t;
+    // a pass is one o0 over a block of rows: gemm, all rows_e rows; combine, SLOTS tokens
+    assign os_nb  = is_gemm ? rows_e : min32(32'(SLOTS), c_t - os_t0);
+    assign rs_nb  = is_gemm ? rows_e : min32(32'(SLOTS), c_t - rs_t0);
+    assign os_nc  = min32(32'(P_OUT), n_cols - os_o0);
+    assign rs_nc  = min32(32'(P_OUT), n_cols - rs_o0);
+    assign os_row = os_t0 + os_r;
+    assign rs_row = rs_t0 + rs_r;
+    assign os_all = os_t0 >= os_rows;
+    assign rs_all = rs_t0 >= os_rows;
+
+    logic [31:0] os_dst;
+    always_comb begin
+        case (ym)
+            2'd0: os_dst = os_row;
+            2'd1: os_dst = lo + os_row;
+            default: os_dst = {16'd0, dst_list[TAW'(os_row)]};
+        endcase
+        if (!is_gemm) begin
+            os_addr = addr_of(c_out) + ((64'(os_row) * 64'(c_d) + 64'(os_o0)) << 1);
+            rs_addr = addr_of(c_rref) + ((64'(rs_row) * 64'(c_d) + 64'(rs_o0)) << 1);
+            a_sh    = {{16{c_rsh[15]}}, c_rsh[15:0]};
+            b_sh    = {{16{c_rsh[31]}}, c_rsh[31:16]};
+            z_fmt   = c_rfmt;
+        end else begin
+            os_addr = addr_of(g_y) + ((64'(os_dst) * 64'(g_yld) + 64'(os_o0)) << 1);
+            rs_addr = addr_of(g_rref) + ((64'(rs_row) * 64'(g_yld) + 64'(rs_o0)) << 1);
+            a_sh    = {{16{g_rsh[15]}}, g_rsh[15:0]};
+            b_sh    = {{16{g_rsh[31]}}, g_rsh[31:16]};
+            z_fmt   = g_rfmt;
+        end
+        if (!(is_gemm ? g_res : c_res)) begin
+            a_sh  = '0;
+            b_sh  = '0;
+            z_fmt = 32'h10010;    // signed 16 bits: the identity on the compute unit's output
+        end
+    end
+    assign rs_sv = res_on && !rs_all;
+
+    // one pass = os_nb rows of one o0; passes go o0 first, then the next token block
+    always_ff @(posedge clk) begin
+        if (!rst_n || state == S_IDLE) begin
+            os_o0 <= '0;
+            os_r  <= '0;
+            os_t0 <= '0;
+            rs_o0 <= '0;
+            rs_r  <= '0;
+            rs_t0 <= '0;
+        end else begin
+            if (os_fire) begin
+                if (os_r + 32'd1 == os_nb) begin
+                    os_r <= '0;
+                    if (os_o0 + 32'(P_OUT) >= n_cols) begin
+                        os_o0 <= '0;
+                        os_t0 <= os_t0 + os_nb;
+                    end else os_o0 <= os_o0 + 32'(P_OUT);
+                end else os_r <= os_r + 32'd1;
+            end
+            if (rs_sv && r3_sr) begin
+                if (rs_r + 32'd1 == rs_nb) begin
+                    rs_r <= '0;
+                    if (rs_o0 + 32'(P_OUT) >= n_cols) begin
+                        rs_o0 <= '0;
+                        rs_t0 <= rs_t0 + rs_nb;
+                    end else rs_o0 <= rs_o0 + 32'(P_OUT);
+                end else rs_r <= rs_r + 32'd1;
+            end
+        end
+    end
+
+    logic              add_in_v, add_in_r, add_out_v;
+    logic [P_OUT*16-1:0] add_a, add_b, add_z;
+
+    always_comb
+        for (int o = 0; o < P_OUT; o++) add_a[o*16 +: 16] = 16'(signed'(cu_o_data[o*ACT_W +: ACT_W]));
+    assign add_b      = res_on ? r3_cd[P_OUT*16-1:0] : '0;
+    assign add_in_v   = (run_g || run_c) && cu_o_valid && (!res_on || r3_cv);
+    assign cu_o_ready = (run_g || run_c) && add_in_r && (!res_on || r3_cv);
+    assign r3_cr      = res_on && add_in_r && cu_o_valid;
+
+    add_unit #(.P(P_OUT), .EW(16)) u_res (
+        .clk, .rst_n, .a_shift(a_sh), .b_shift(b_sh), .fmt_bits(z_fmt[5:0]), .fmt_signed(z_fmt[16]),
+        .in_valid(add_in_v), .in_ready(add_in_r), .a_data(add_a), .b_data(add_b),
+        .out_valid(add_out_v), .out_ready(wr_sr), .out_data(add_z));
+
+    assign wr_sv   = add_out_v && !os_all;
+    assign wr_sa   = ADDR_W'(os_addr);
+    assign wr_sb   = CWW'(2 * os_nc);
+    assign wr_sd   = add_z;
+    assign os_fire = wr_sv && wr_sr;
+
+    assign fin_g = run_g && os_all && wr_idle;
+    assign fin_c = run_c && os_all && c_all_done && wr_idle;
+
+    // ================================================================ reader commands
+    always_comb begin
+        // port 0: queue table pre-pass, gemm x rows, combine expert-output rows
+        r0_sv = pre0_sv;
+        r0_sa = ADDR_W'(pre0_a);
+        r0_sb = pre0_b;
+        r0_sc = CW0'(pre0_c);
+        r0_cr = state == S_QOFF || state == S_LSRC || state == S_LDST;
+        if (run_g) begin
+            r0_sv = xi_sv;
+            r0_sa = ADDR_W'(addr_of(g_x) + 64'(xi_src) * 64'(g_xld) * 64'd2);
+            r0_sb = g_k << 1;
+            r0_sc = CW0'(2 * P_IN);
+            r0_cr = 1'b1;
+        end
+        if (run_c) begin
+            r0_sv = yl_sv;
+            r0_sa = ADDR_W'(addr_of(c_y) + ((64'(ct0) * 64'(c_k) + 64'(yl_i)) * 64'(c_d) << 1));
+            r0_sb = c_d << 1;
+            r0_sc = CW0'(2 * P_OUT);
+            r0_cr = sl_busy;
+        end
+        // port 1: combine pre-pass, gemm weights / biases / shifts, combine scores / indices
+        r1_sv = pre1_sv;
+        r1_sa = ADDR_W'(pre1_a);
+        r1_sb = pre1_b;
+        r1_sc = CW1'(pre1_c);
+        r1_cr = state == S_CIDX || state == S_CSH;
+        r2_sv = 1'b0;
+        r2_cr = 1'b0;
+        if (run_g) begin
+            r1_sv = wl_sv && !wl_to2;
+            r2_sv = wl_sv && wl_to2;
+            r1_cr = wl_busy && !wr_from2;
+            r2_cr = wl_busy && wr_from2;
+            case (wl_ph)
+                2'(WL_W): begin
+                    r1_sa = ADDR_W'(wl_addr);
+                    r1_sb = wl_whole ? g_k * g_n * wbytes : wl_nc * wbytes;
+                    r1_sc = CW1'(wl_nc * wbytes);
+                end
+                2'(WL_B): begin
+                    r1_sa = ADDR_W'(addr_of(g_b) + 64'(wl_o0) * 64'd8);
+                    r1_sb = wl_nc << 3;
+                    r1_sc = CW1'(8);
+                end
+                default: begin
+                    r1_sa = ADDR_W'(addr_of(g_s) + 64'(wl_o0));
+                    r1_sb = wl_nc;
+                    r1_sc = CW1'(1);
+                end
+            endcase
+        end
+        if (run_c) begin
+            r1_sv = sl_sv;
+            r1_sa = ADDR_W'((sl_iss[0] ? addr_of(c_ix) : addr_of(c_sc)) + (64'(ct0) * 64'(c_k) << 1));
+            r1_sb = (c_nb * c_k) << 1;
+            r1_sc = CW1'(2);
+            r1_cr = sl_busy;
+        end
+        r2_sa = r1_sa;
+        r2_sb = r1_sb;
+        r2_sc = r1_sc;
+        // port 3: residual rows
+        r3_sv = rs_sv;
+        r3_sa = ADDR_W'(rs_addr);
+        r3_sb = rs_nc << 1;
+        r3_sc = CW3'(rs_nc << 1);
+    end
+
+    logic unused_sig;
+    assign unused_sig = &{1'b0, task_idx, cu_o_tag, r0_idle, r1_idle, r2_idle, r3_idle, r3_cl, w_cl, pre0_a[63:32],
+                          pre1_a[63:32], cp_e[15:EAW], os_addr[63:32], rs_addr[63:32],
+                          z_fmt[31:17], z_fmt[15:6], g_fmt[31:17], g_fmt[7:6], g_gfmt[31:17], g_gfmt[7:6],
+                          c_fmt[31:17], c_fmt[15:6], m_awready[1:0], m_wready[1:0], m_bvalid[1:0],
+                          m_bid[2*ID_W-1:0], m_bid[PORTS*ID_W-1:3*ID_W], m_bresp[3:0], m_bresp[PORTS*2-1:6],
+                          m_awready[PORTS-1:3], m_wready[PORTS-1:3], m_bvalid[PORTS-1:3]};
+    if (PORTS > 4) begin : g_unused_hi
+        logic unused_hi;
+        assign unused_hi = &{1'b0, m_arready[PORTS-1:4], m_rvalid[PORTS-1:4], m_rdata[PORTS*DW-1:4*DW],
+                             m_rid[PORTS*ID_W-1:4*ID_W], m_rlast[PORTS-1:4], m_rresp[PORTS*2-1:8]};
+    end
+
+    // ================================================================ DMA engines
+    seg_reader #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(MAX_BURST),
+                 .CHB(CH0), .QD(16)) u_r0 (
+        .clk, .rst_n, .seg_valid(r0_sv), .seg_ready(r0_sr), .seg_addr(r0_sa), .seg_bytes(r0_sb),
+        .seg_ch(r0_sc), .ch_valid(r0_cv), .ch_ready(r0_cr), .ch_data(r0_cd), .ch_last(r0_cl), .idle(r0_idle),
+        .arvalid(m_arvalid[0]), .arready(m_arready[0]), .araddr(m_araddr[0 +: ADDR_W]), .arlen(m_arlen[0 +: 8]),
+        .arsize(m_arsize[0 +: 3]), .arburst(m_arburst[0 +: 2]), .arid(m_arid[0 +: ID_W]),
+        .rvalid(m_rvalid[0]), .rready(m_rready[0]), .rdata(m_rdata[0 +: DW]), .rid(m_rid[0 +: ID_W]),
+        .rlast(m_rlast[0]), .rresp(m_rresp[0 +: 2]));
+
+    seg_reader #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(MAX_BURST),
+                 .CHB(CH1), .QD(16)) u_r1 (
+        .clk, .rst_n, .seg_valid(r1_sv), .seg_ready(r1_sr), .seg_addr(r1_sa), .seg_bytes(r1_sb),
+        .seg_ch(r1_sc), .ch_valid(r1_cv), .ch_ready(r1_cr), .ch_data(r1_cd), .ch_last(r1_cl), .idle(r1_idle),
+        .arvalid(m_arvalid[1]), .arready(m_arready[1]), .araddr(m_araddr[ADDR_W +: ADDR_W]),
+        .arlen(m_arlen[8 +: 8]), .arsize(m_arsize[3 +: 3]), .arburst(m_arburst[2 +: 2]),
+        .arid(m_arid[ID_W +: ID_W]), .rvalid(m_rvalid[1]), .rready(m_rready[1]), .rdata(m_rdata[DW +: DW]),
+        .rid(m_rid[ID_W +: ID_W]), .rlast(m_rlast[1]), .rresp(m_rresp[2 +: 2]));
+
+    seg_reader #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(MAX_BURST),
+                 .CHB(CH3), .QD(16)) u_r3 (
+        .clk, .rst_n, .seg_valid(r3_sv), .seg_ready(r3_sr), .seg_addr(r3_sa), .seg_bytes(r3_sb),
+        .seg_ch(r3_sc), .ch_valid(r3_cv), .ch_ready(r3_cr), .ch_data(r3_cd), .ch_last(r3_cl), .idle(r3_idle),
+        .arvalid(m_arvalid[3]), .arready(m_arready[3]), .araddr(m_araddr[3*ADDR_W +: ADDR_W]),
+        .arlen(m_arlen[24 +: 8]), .arsize(m_arsize[9 +: 3]), .arburst(m_arburst[6 +: 2]),
+        .arid(m_arid[3*ID_W +: ID_W]), .rvalid(m_rvalid[3]), .rready(m_rready[3]), .rdata(m_rdata[3*DW +: DW]),
+        .rid(m_rid[3*ID_W +: ID_W]), .rlast(m_rlast[3]), .rresp(m_rresp[6 +: 2]));
+
+    // One write port: segments of neighbouring rows may share a beat (disjoint strobes), and the
+    // DDR model merges same-cycle writes of two ports into one word with a race, so the output
+    // segments keep one port and its order.
+    seg_writer #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(MAX_BURST),
+                 .CHB(CH3), .QD(4)) u_wr (
+        .clk, .rst_n, .seg_valid(wr_sv), .seg_ready(wr_sr), .seg_addr(wr_sa), .seg_bytes(wr_sb),
+        .seg_data(wr_sd), .idle(wr_idle),
+        .awvalid(m_awvalid[2]), .awready(m_awready[2]), .awaddr(m_awaddr[2*ADDR_W +: ADDR_W]),
+        .awlen(m_awlen[16 +: 8]), .awsize(m_awsize[6 +: 3]), .awburst(m_awburst[4 +: 2]),
+        .awid(m_awid[2*ID_W +: ID_W]), .wvalid(m_wvalid[2]), .wready(m_wready[2]),
+        .wdata(m_wdata[2*DW +: DW]), .wstrb(m_wstrb[2*DW/8 +: DW/8]), .wlast(m_wlast[2]),
+        .bvalid(m_bvalid[2]), .bready(m_bready[2]), .bid(m_bid[2*ID_W +: ID_W]), .bresp(m_bresp[4 +: 2]));
+
+    seg_reader #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(MAX_BURST),
+                 .CHB(CH1), .QD(16)) u_r2 (
+        .clk, .rst_n, .seg_valid(r2_sv), .seg_ready(r2_sr), .seg_addr(r2_sa), .seg_bytes(r2_sb),
+        .seg_ch(r2_sc), .ch_valid(r2_cv), .ch_ready(r2_cr), .ch_data(r2_cd), .ch_last(r2_cl), .idle(r2_idle),
+        .arvalid(m_arvalid[2]), .arready(m_arready[2]), .araddr(m_araddr[2*ADDR_W +: ADDR_W]),
+        .arlen(m_arlen[16 +: 8]), .arsize(m_arsize[6 +: 3]), .arburst(m_arburst[4 +: 2]),
+        .arid(m_arid[2*ID_W +: ID_W]), .rvalid(m_rvalid[2]), .rready(m_rready[2]), .rdata(m_rdata[2*DW +: DW]),
+        .rid(m_rid[2*ID_W +: ID_W]), .rlast(m_rlast[2]), .rresp(m_rresp[4 +: 2]));
+
+    // the write channels of ports 0, 1, 3 and up, the read channels beyond port 3
+    genvar gp;
+    generate
+        for (gp = 0; gp < PORTS; gp++) begin : g_idle
+            if (gp != 2) begin : g_no_wr
+                assign m_awvalid[gp] = 1'b0;
+                assign m_awaddr[gp*ADDR_W +: ADDR_W] = '0;
+                assign m_awlen[gp*8 +: 8] = '0;
+                assign m_awsize[gp*3 +: 3] = '0;
+                assign m_awburst[gp*2 +: 2] = '0;
+                assign m_awid[gp*ID_W +: ID_W] = '0;
+                assign m_wvalid[gp] = 1'b0;
+                assign m_wdata[gp*DW +: DW] = '0;
+                assign m_wstrb[gp*DW/8 +: DW/8] = '0;
+                assign m_wlast[gp] = 1'b0;
+                assign m_bready[gp] = 1'b0;
+            end
+            if (gp > 3) begin : g_no_rd
+                assign m_arvalid[gp] = 1'b0;
+                assign m_araddr[gp*ADDR_W +: ADDR_W] = '0;
+                assign m_arlen[gp*8 +: 8] = '0;
+                assign m_arsize[gp*3 +: 3] = '0;
+                assign m_arburst[gp*2 +: 2] = '0;
+                assign m_arid[gp*ID_W +: ID_W] = '0;
+                assign m_rready[gp] = 1'b0;
+            end
+        end
+    endgenerate
 endmodule

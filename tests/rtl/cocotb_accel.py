@@ -258,7 +258,7 @@ async def refusals_leave_the_executors_status(dut):
     p[0] ^= 0x01
     cases["bad_magic"] = (bytes(p), 0, None)
     p = bytearray(good.program)
-    p[4] = 2
+    struct.pack_into("<I", p, 4, isa.VERSION + 1)
     cases["bad_version"] = (bytes(p), 0, None)
     p = bytearray(good.program)
     p[39] ^= 0x80                      # the last digest byte: the whole hash is compared
