@@ -32,6 +32,10 @@ COMMANDS = {
                 "compile an ONNX model into a Program, weights and a Vitis HLS project for the accelerator"),
     "csim": ("m3vit.hls.csim", "cli_csim",
              "C-simulate a compiled build's HLS kernel with g++ and compare it bit for bit with the golden model"),
+    "rtlsim": ("m3vit.rtl_sim.rtlsim", "cli_rtlsim",
+               "run a compiled build on the RTL accelerator (Verilator) and report bits, cycles and DDR traffic"),
+    "trace-diff": ("m3vit.rtl_sim.tracediff", "cli_tracediff",
+                   "compare every traced tensor of two executors (golden, program, csim, rtl) on one build"),
 }
 
 
@@ -137,11 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     p["quant-report"].add_argument("--plot", metavar="PNG", help="write per-layer SQNR / cosine and routing plots")
     from m3vit.compiler.compile_cli import add_compile_args
     from m3vit.hls.csim import add_csim_args
+    from m3vit.rtl_sim.rtlsim import add_rtlsim_args
     from m3vit.rtl_sim.synth import add_synth_args
+    from m3vit.rtl_sim.tracediff import add_tracediff_args
 
     add_synth_args(p["synth"])
     add_compile_args(p["compile"])
     add_csim_args(p["csim"])
+    add_rtlsim_args(p["rtlsim"])
+    add_tracediff_args(p["trace-diff"])
     return parser
 
 

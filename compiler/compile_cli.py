@@ -40,6 +40,8 @@ def add_compile_args(p) -> None:
     h.add_argument("--board", default="zcu104", help="target board (only zcu104)")
     h.add_argument("--hw", metavar="FILE", help="hardware config (default: the shipped rtl_sim/hw.json)")
     h.add_argument("--parallel", metavar="PINxPOUT", help="override the MAC array, e.g. 16x16")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="keep every residual add an instruction of its own (no residual fusion)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
@@ -98,7 +100,8 @@ def compile_model(args, quiet: bool = False) -> tuple[Path, dict[str, Any]]:
                                                        n_images=args.calib_images, progress=not quiet))
     with atomic_folder(args.out, SUMMARY, "m3vit compile") as work:
         qg.save(graph, work / "qgraph")
-        lowered = stage("lower", lambda: compile_qgraph(graph, hw, work))
+        fuse = not getattr(args, "no_fuse", False)
+        lowered = stage("lower", lambda: compile_qgraph(graph, hw, work, fuse=fuse))
         (work / "hw.json").write_text(json.dumps(hw.to_dict(), indent=1, sort_keys=True) + "\n")
         stage("hls", lambda: emit_project(work / "hls", hw, work))
         sched = stage("schedule", lambda: estimate(work / "program.json", hw))
@@ -112,6 +115,7 @@ def compile_model(args, quiet: bool = False) -> tuple[Path, dict[str, Any]]:
             "precision": graph.meta.get("precision"),
             "ops": lowered["ops"],
             "passes": lowered["passes"],
+            "fused": lowered["fused"],
             "instructions": lowered["instructions"],
             "program_bytes": lowered["program_bytes"],
             "weight_bytes": lowered["weights_bytes"],

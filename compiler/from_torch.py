@@ -9,6 +9,8 @@ gate plus a per-task bias on the logits (``TaskGate.token_weight`` / ``task_bias
 
 from __future__ import annotations
 
+import copy
+
 from typing import Callable
 
 import numpy as np
@@ -63,8 +65,7 @@ def float_weights(model) -> dict[str, np.ndarray]:
                 out[f"{b}.moe.gate.w"] = np.stack([_np(moe.gate.token_weight(t)) for t in range(len(cfg.tasks))]
                                                   ).astype(np.float64)
                 if moe.gate.routing == "task-conditioned":
-                    out[f"{b}.moe.gate.b"] = np.stack([_np(moe.gate.task_bias(t)) for t in range(len(cfg.tasks))]
-                                                      ).astype(np.float64)
+                    out[f"{b}.moe.gate.b"] = np.stack([_task_bias64(moe.gate, t) for t in range(len(cfg.tasks))])
                 else:
                     out[f"{b}.moe.gate.b"] = np.zeros((len(cfg.tasks), cfg.num_experts))
             for e in range(cfg.num_experts):
@@ -77,6 +78,14 @@ def float_weights(model) -> dict[str, np.ndarray]:
             lin(f"{b}.mlp.fc2", blk.mlp.fc2)
     ln("norm", model.norm)
     return out
+
+
+def _task_bias64(gate, task: int) -> np.ndarray:
+    """TaskGate.task_bias evaluated in float64 from the float32 parameters, as the ONNX importer
+    folds it (onnx_import._fold_per_task): both front ends then quantize the same numbers."""
+    mlp = copy.deepcopy(gate.task_mlp).double()
+    onehot = (torch.arange(gate.n_tasks) == task).double()
+    return _np(mlp(onehot) @ gate.weight[gate.dim:].double())
 
 
 def float_trace(model, x: torch.Tensor, task: int, sink: Callable[[str, np.ndarray], None] | None = None,

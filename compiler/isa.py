@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from m3vit.errors import UsageError
 
 MAGIC = 0x5056334D          # b"M3VP" read as a little-endian word
-VERSION = 1
+VERSION = 2
 WORDS = 16                  # per header and per instruction
 RECORD_BYTES = 4 * WORDS
 ALIGN = 64                  # every tensor, parameter and table starts on a 64-byte boundary
@@ -34,7 +34,7 @@ OPCODES = {"end": 0, "patchify": 1, "gemm": 2, "embed": 3, "layernorm": 4, "atte
 OPCODE_NAMES = {v: k for k, v in OPCODES.items()}
 
 # Flag bits (word 0, bit 8 + position).
-FLAGS = {"gelu": 0, "w16": 1, "bias": 2}
+FLAGS = {"gelu": 0, "w16": 1, "bias": 2, "residual": 3}
 # GEMM row modes (2-bit fields in the flags): how row r of an instruction maps to memory rows.
 XMODE_SHIFT, YMODE_SHIFT = 4, 6
 XMODES = {"direct": 0, "gather": 1, "queue": 2}     # src(r) = r | q_tok[off_e + r] | off_e + r
@@ -54,7 +54,14 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "add": ("a_ref", "b_ref", "y_ref", "rows", "cols", "a_shift", "b_shift", "fmt"),
     "moe_gate": ("x_ref", "logits_ref", "idx_ref", "score_ref", "queue_ref", "w_ref", "bias_ref", "shift_ref",
                  "w_stride", "bias_stride", "shift_stride", "tokens", "dim", "experts_k", "fmt"),
-    "moe_combine": ("score_ref", "idx_ref", "y_ref", "shift_ref", "out_ref", "tokens", "k", "dim", "fmt"),
+    "moe_combine": ("score_ref", "idx_ref", "y_ref", "shift_ref", "out_ref", "tokens", "k", "dim", "fmt",
+                    "res_ref", "res_shifts", "res_fmt"),
+}
+# Residual fusion (flag `residual`): a direct-mode GEMM has no queue, so its three queue words
+# carry the residual operand under these names; moe_combine has them as fields of its own.
+# res_shifts packs the add's two signed 16-bit shifts (pack_res_shifts).
+ALIASES: dict[str, dict[str, str]] = {
+    "gemm": {"res_ref": "queue_ref", "res_shifts": "expert", "res_fmt": "queue_shape"},
 }
 # gemm.queue_shape = experts | (tokens·k) << 16: the geometry of the queue table (queue_layout),
 # which a queue-mode GEMM needs to find q_tok and q_dst. moe_gate.experts_k = experts | k << 16.
@@ -95,6 +102,19 @@ def unpack_fmt(w: int) -> tuple[int, int, bool]:
     return w & 0x3F, frac - 256 if frac >= 128 else frac, bool((w >> 16) & 1)
 
 
+def pack_res_shifts(a_shift: int, b_shift: int) -> int:
+    """The word of res_shifts: a_shift in bits 15:0, b_shift in bits 31:16, each signed 16-bit."""
+    for s in (a_shift, b_shift):
+        if not -(1 << 15) <= int(s) < 1 << 15:
+            raise ValueError(f"residual shift {s} does not fit 16 signed bits")
+    return (int(a_shift) & 0xFFFF) | ((int(b_shift) & 0xFFFF) << 16)
+
+
+def unpack_res_shifts(w: int) -> tuple[int, int]:
+    a, b = w & 0xFFFF, (w >> 16) & 0xFFFF
+    return a - (1 << 16) if a >= 1 << 15 else a, b - (1 << 16) if b >= 1 << 15 else b
+
+
 def queue_layout(experts: int, tokens: int, k: int) -> tuple[int, int, int]:
     """Byte offsets of q_off (u16 [N+1]), q_tok and q_dst (u16 [T·k] each) in a queue table,
     and (as the third value) the table's size. q_dst = token·k + slot."""
@@ -109,16 +129,30 @@ class Instr:
     fields: dict[str, int] = field(default_factory=dict)
     flags: int = 0
     name: str = ""          # the canonical tensor (or op) it produces; not encoded
+    origin: str = ""        # a fused instruction: the tensor it produced before fusion; not encoded
 
     def word0(self) -> int:
         return OPCODES[self.op] | (self.flags << 8)
 
+    def canonical_fields(self) -> dict[str, int]:
+        """The fields under their word names (an alias such as gemm.res_ref -> queue_ref);
+        an alias and its word given different values is an error."""
+        alias = ALIASES.get(self.op, {})
+        out: dict[str, int] = {}
+        for n, v in self.fields.items():
+            word = alias.get(n, n)
+            if word in out and int(out[word]) & 0xFFFFFFFF != int(v) & 0xFFFFFFFF:
+                raise ValueError(f"{self.op}: {n} and {word} name the same word with different values")
+            out[word] = v
+        return out
+
     def encode(self) -> bytes:
         names = FIELDS[self.op]
-        unknown = set(self.fields) - set(names)
+        fields = self.canonical_fields()
+        unknown = set(fields) - set(names)
         if unknown:
             raise ValueError(f"{self.op}: unknown fields {sorted(unknown)}")
-        words = [self.word0()] + [int(self.fields.get(n, 0)) & 0xFFFFFFFF for n in names]
+        words = [self.word0()] + [int(fields.get(n, 0)) & 0xFFFFFFFF for n in names]
         words += [0] * (WORDS - len(words))
         return struct.pack(f"<{WORDS}I", *words)
 
@@ -134,8 +168,9 @@ class Instr:
         return self.flags >> YMODE_SHIFT & 3
 
 
-def make_flags(*, gelu=False, w16=False, bias=False, xmode="direct", ymode="direct") -> int:
+def make_flags(*, gelu=False, w16=False, bias=False, residual=False, xmode="direct", ymode="direct") -> int:
     f = (int(gelu) << FLAGS["gelu"]) | (int(w16) << FLAGS["w16"]) | (int(bias) << FLAGS["bias"])
+    f |= int(residual) << FLAGS["residual"]
     return f | (XMODES[xmode] << XMODE_SHIFT) | (YMODES[ymode] << YMODE_SHIFT)
 
 
@@ -149,7 +184,11 @@ def decode_instr(rec: bytes) -> Instr:
     for i, n in enumerate(FIELDS[op]):
         v = words[1 + i]
         fields[n] = v - (1 << 32) if n in SIGNED_FIELDS and v >= 1 << 31 else v
-    return Instr(op, fields, words[0] >> 8)
+    flags = words[0] >> 8
+    if flags >> FLAGS["residual"] & 1:
+        # the alias names too, so a fused GEMM reads as what it is
+        fields.update({a: fields[w] for a, w in ALIASES.get(op, {}).items()})
+    return Instr(op, fields, flags)
 
 
 @dataclass
@@ -208,6 +247,8 @@ def c_constants() -> list[tuple[str, int, str]]:
     out += [(f"STATUS_{k.upper()}", v, "status code") for k, v in STATUS.items()]
     for op, names in FIELDS.items():
         out += [(f"F_{op.upper()}_{n.upper()}", 1 + i, f"word of {op}.{n}") for i, n in enumerate(names)]
+        out += [(f"F_{op.upper()}_{a.upper()}", 1 + names.index(w), f"word of {op}.{a} (alias of {w}, flag residual)")
+                for a, w in ALIASES.get(op, {}).items()]
     return out
 
 

@@ -8,6 +8,8 @@ mutating their input) rewrite it to a fixed point:
 * ``lower-ops``: every op but the MoE to instructions (patch_embed -> patchify + gemm, …);
 * ``expand-moe``: patch reordering: a MoE op -> moe_gate, two queue-mode GEMMs per expert
   (fc1 gather/queue/gelu, fc2 queue/scatter) into shared buffers, moe_combine;
+* ``fuse-residual``: a residual ``add`` into the direct GEMM or ``moe_combine`` producing one of
+  its operands (flag ``residual``), so that intermediate never goes to DDR;
 * ``plan-attention``: attention reordering: each attention's query tile from ``buffers.scores``
   and its staggered tile order, recorded for the cycle model;
 * ``allocate``: arena, input and output refs for every tensor, and the packed ``weights.bin``.
@@ -41,7 +43,8 @@ from m3vit.errors import ConfigError, UsageError
 from m3vit.rtl_sim.hwconfig import HwConfig
 
 __all__ = ["LIR", "Node", "TensorDecl", "ParamDecl", "initial_lir", "lowering_passes", "lower", "encode",
-           "compile_qgraph", "run_lir", "LoweringVerifier", "check_limits", "PROGRAM_FORMAT"]
+           "compile_qgraph", "run_lir", "LoweringVerifier", "check_limits", "PROGRAM_FORMAT", "FuseResidual",
+           "traced_names", "trace_subset"]
 
 PROGRAM_FORMAT = "m3vit-program-1"
 ITEM = {"int8": 1, "int16": 2, "uint16": 2, "int64": 8}
@@ -97,6 +100,8 @@ class Node:
     refs: dict = field(default_factory=dict)     # ref field -> tensor or parameter name
     flags: dict = field(default_factory=dict)    # isa.make_flags keywords
     plan: dict | None = None         # schedule notes for the cycle model (attention tiles)
+    fused: tuple = ()                # the canonical ops folded into this instruction (residual adds)
+    origin: str | None = None        # before fusion: the tensor this instruction produced
 
 
 @dataclass
@@ -426,6 +431,92 @@ class ExpandMoE(LoweringPass):
         return nodes
 
 
+class FuseResidual(LoweringPass):
+    """Residual fusion: ``y = add(a, b)`` whose operand v (a or b) comes from a direct-mode GEMM
+    (with or without GELU) or a moe_combine becomes that instruction with flag ``residual``:
+    it computes v, adds the other operand r on the way out (res_ref, res_shifts, res_fmt) and
+    stores y; v itself no longer exists. Only when v has no other reader and is not the graph
+    output, and r is written before v's instruction (so moving the add earlier reads the same r).
+    residual_add(v, r) = residual_add(r, v) with the shifts swapped, so either operand can fuse."""
+
+    name = "fuse-residual"
+
+    def rewrite(self, lir: LIR) -> bool:
+        if not lir.lowered or lir.allocated:
+            return False
+        nodes = list(lir.nodes)
+        changed = False
+        i = 0
+        while i < len(nodes):
+            node = nodes[i]
+            j = self._producer(lir, nodes, i) if node.op == "add" else None
+            if j is None:
+                i += 1
+                continue
+            nodes[j] = self._fuse(nodes[j], node)
+            del lir.tensors[nodes[j].origin]
+            del nodes[i]
+            changed = True
+        lir.nodes = nodes
+        return changed
+
+    def _producer(self, lir: LIR, nodes: list[Node], i: int) -> int | None:
+        add = nodes[i]
+        a, b = add.refs["a_ref"], add.refs["b_ref"]
+        if a == b:
+            return None
+        for v, r in ((a, b), (b, a)):
+            j = _writer(nodes, v)
+            if j is None or j >= i:
+                continue
+            prod = nodes[j]
+            direct = prod.op == "gemm" and prod.flags.get("xmode", "direct") == "direct" and \
+                prod.flags.get("ymode", "direct") == "direct"
+            if not (direct or prod.op == "moe_combine") or prod.flags.get("residual") or _output_ref(prod) != v:
+                continue
+            if v == lir.graph.output or lir.tensors[v].space != "arena":
+                continue
+            if any(v in n.refs.values() for k, n in enumerate(nodes) if k not in (i, j)):
+                continue  # another reader needs v in memory
+            w = _writer(nodes, r)
+            if r != "input" and (w is None or w >= j):
+                continue  # r must exist when the producer runs
+            return j
+        return None
+
+    @staticmethod
+    def _fuse(prod: Node, add: Node) -> Node:
+        f = add.fields
+        v = _output_ref(prod)
+        first = add.refs["a_ref"] == v
+        r = add.refs["b_ref"] if first else add.refs["a_ref"]
+        sv, sr = (f["a_shift"], f["b_shift"]) if first else (f["b_shift"], f["a_shift"])
+        fields = {**prod.fields, "res_shifts": isa.pack_res_shifts(sv, sr), "res_fmt": f["fmt"]}
+        out_key = "y_ref" if prod.op == "gemm" else "out_ref"
+        refs = {**prod.refs, out_key: add.refs["y_ref"], "res_ref": r}
+        return dataclasses.replace(prod, name=add.name, fields=fields, refs=refs,
+                                   flags={**prod.flags, "residual": True}, fused=prod.fused + (add.name,),
+                                   origin=prod.origin or v)
+
+
+def _writer(nodes: list[Node], name: str) -> int | None:
+    """Index of the first node that writes tensor ``name``."""
+    for k, n in enumerate(nodes):
+        if name in _written(n):
+            return k
+    return None
+
+
+def _output_ref(node: Node) -> str | None:
+    return node.refs.get("y_ref") if node.op == "gemm" else node.refs.get("out_ref") \
+        if node.op == "moe_combine" else None
+
+
+def _written(node: Node) -> set[str]:
+    keys = {"patchify": ("dst_ref",), "moe_gate": ("logits_ref", "idx_ref", "score_ref", "queue_ref")}
+    return {node.refs[k] for k in keys.get(node.op, ("y_ref", "out_ref")) if k in node.refs}
+
+
 class PlanAttention(LoweringPass):
     """Attention reordering: the query tile is as many query rows as ``buffers.scores`` holds
     T 16-bit scores of (scores never go to DDR); each head visits its tiles rotated by the head
@@ -465,7 +556,8 @@ class Allocate(LoweringPass):
             for r in node.refs.values():
                 (order if r in lir.tensors else porder).append(r)
         for name in lir.graph.trace_names():
-            order.append(name)
+            if name in lir.tensors:
+                order.append(name)
         refs: dict[str, int] = {}
         top = 0
         for name in dict.fromkeys(order):
@@ -495,13 +587,39 @@ class Allocate(LoweringPass):
         return True
 
 
-def lowering_passes() -> list[LoweringPass]:
-    return [LowerOps(), ExpandMoE(), PlanAttention(), Allocate()]
+def lowering_passes(fuse: bool = True) -> list[LoweringPass]:
+    """The passes in order; ``fuse`` False leaves every residual add an instruction of its own."""
+    return [LowerOps(), ExpandMoE()] + ([FuseResidual()] if fuse else []) + [PlanAttention(), Allocate()]
 
 
-def lower(graph: QGraph, hw: HwConfig, verify=None) -> LIR:
+def lower(graph: QGraph, hw: HwConfig, verify=None, fuse: bool = True) -> LIR:
     """The QGraph lowered and allocated; ``verify(before, after, pass_name)`` checks each change."""
-    return run_to_fixed_point(initial_lir(graph, hw), lowering_passes(), verify)
+    return run_to_fixed_point(initial_lir(graph, hw), lowering_passes(fuse), verify)
+
+
+def traced_names(lir: LIR) -> list[str]:
+    """The canonical names the (partly) lowered IR still holds, in execution order: the graph's
+    trace names less the intermediates that fusion removed."""
+    gone = {n.origin for n in lir.nodes if n.fused}
+    return [n for n in lir.graph.trace_names() if n not in gone]
+
+
+def trace_subset(meta: dict, golden_names) -> list[str]:
+    """The names of program.json's trace to compare with a golden trace of ``golden_names``.
+    Refuses (ValueError) an empty trace, a traced name the golden model does not know, and a
+    golden name missing from the trace unless it is an intermediate removed by fusion."""
+    traced = list(meta.get("trace", []))
+    golden_set = set(golden_names)
+    if not traced:
+        raise ValueError("program.json traces no tensor")
+    unknown = [n for n in traced if n not in golden_set]
+    if unknown:
+        raise ValueError(f"program.json traces {unknown[0]}, which the golden model does not produce")
+    fused_away = {i["intermediate"] for i in meta.get("instructions", []) if i.get("fused")}
+    missing = [n for n in golden_names if n not in set(traced) and n not in fused_away]
+    if missing:
+        raise ValueError(f"program.json does not trace {missing[0]} (and it was not fused away)")
+    return traced
 
 
 # ---- encoding ------------------------------------------------------------------------------------
@@ -511,7 +629,8 @@ def _instructions(lir: LIR) -> list[isa.Instr]:
         fields = dict(node.fields)
         for f, name in node.refs.items():
             fields[f] = lir.refs[name] if name in lir.tensors else lir.wrefs[name]
-        out.append(isa.Instr(node.op, fields, isa.make_flags(**node.flags), node.name))
+        out.append(isa.Instr(node.op, isa.Instr(node.op, fields).canonical_fields(), isa.make_flags(**node.flags),
+                             node.name, node.origin or ""))
     out.append(isa.Instr("end", {}, 0, "end"))
     return out
 
@@ -539,10 +658,15 @@ def program_meta(lir: LIR, instrs: list[isa.Instr], header: isa.Header) -> dict:
         if ins.op == "gemm":
             d["xmode"] = {v: k for k, v in isa.XMODES.items()}[ins.xmode]
             d["ymode"] = {v: k for k, v in isa.YMODES.items()}[ins.ymode]
+        if ins.has("residual"):
+            d["fields"].update({a: ins.fields.get(w, 0) for a, w in isa.ALIASES.get(ins.op, {}).items()})
         if node is not None:
             d["operands"] = dict(node.refs)
             if node.plan is not None:
                 d["plan"] = node.plan
+            if node.fused:
+                d["fused"] = list(node.fused)
+                d["intermediate"] = node.origin
         decoded.append(d)
     weights = {}
     for name, ref in lir.wrefs.items():
@@ -566,7 +690,7 @@ def program_meta(lir: LIR, instrs: list[isa.Instr], header: isa.Header) -> dict:
                    "arena_bytes": header.arena_bytes, "n_tasks": header.n_tasks},
         "passes": list(lir.meta.get("passes", [])),
         "instructions": decoded,
-        "trace": g.trace_names(),
+        "trace": traced_names(lir),
         "tensors": {n: _tensor_entry(lir, n) for n in lir.tensors},
         "weights": weights,
     }
@@ -589,14 +713,15 @@ def meta_json(meta: dict) -> str:
     return json.dumps(meta, sort_keys=True, indent=1) + "\n"
 
 
-def compile_qgraph(graph: QGraph, hw: HwConfig, out_dir: str | Path, verify=None) -> dict:
+def compile_qgraph(graph: QGraph, hw: HwConfig, out_dir: str | Path, verify=None, fuse: bool = True) -> dict:
     """Lower ``graph`` for ``hw`` and write program.bin, weights.bin and program.json into the
-    existing folder ``out_dir``. Returns a summary (sizes, counts, lowering time)."""
+    existing folder ``out_dir``; ``fuse`` False keeps every residual add an instruction of its
+    own. Returns a summary (sizes, counts, lowering time)."""
     out = Path(out_dir)
     if not out.is_dir():
         raise UsageError(f"{out}: no such directory; create the build folder first")
     start = time.perf_counter()
-    lir = lower(graph, hw, verify)
+    lir = lower(graph, hw, verify, fuse)
     program, weights, meta = encode(lir)
     seconds = time.perf_counter() - start
     (out / "program.bin").write_bytes(program)
@@ -608,7 +733,8 @@ def compile_qgraph(graph: QGraph, hw: HwConfig, out_dir: str | Path, verify=None
     return {"instructions": meta["header"]["n_instr"], "program_bytes": len(program), "weights_bytes": len(weights),
             "arena_bytes": lir.arena_bytes, "input_bytes": meta["input"]["bytes"],
             "output_bytes": meta["output"]["bytes"], "ops": ops, "hw_hash": hw.hash(),
-            "lower_seconds": round(seconds, 3), "passes": meta["passes"]}
+            "lower_seconds": round(seconds, 3), "passes": meta["passes"],
+            "fused": sum(len(i.get("fused", ())) for i in meta["instructions"])}
 
 
 # ---- the lowered IR executed, and pass verification ----------------------------------------------
@@ -632,7 +758,7 @@ def run_lir(lir: LIR, image_q: np.ndarray, task: int) -> tuple[np.ndarray, dict[
                 continue
             _run_node(lir, node, env, prm, stats)
     trace = {}
-    for name in g.trace_names():
+    for name in traced_names(lir):
         if name in tr:
             trace[name] = tr[name]
             continue
@@ -663,6 +789,8 @@ def _run_node(lir: LIR, node: Node, env: dict, prm, stats) -> None:
             return
         gfmt = Fmt(*isa.unpack_fmt(f["gelu_fmt"])) if node.flags.get("gelu") else None
         y = px.k_gemm(x, prm(r["w_ref"]), prm(r["bias_ref"]), prm(r["shift_ref"]), fmt, gfmt, stats, node.name)
+        if node.flags.get("residual"):
+            y = px.k_residual(y, env[r["res_ref"]], f["res_shifts"], f["res_fmt"], stats, node.name)
         if xm == 0 and ym == 0:
             env[y_name] = y
         else:
@@ -686,8 +814,11 @@ def _run_node(lir: LIR, node: Node, env: dict, prm, stats) -> None:
                                               prm(r["shift_ref"]), k, fmt, stats, node.name)
         env[r["logits_ref"]], env[r["idx_ref"]], env[r["score_ref"]], env[r["queue_ref"]] = logits, idx, score, queue
     elif node.op == "moe_combine":
-        env[r["out_ref"]] = px.k_combine(env[r["score_ref"]], env[r["idx_ref"]], env[r["y_ref"]],
-                                         prm(r["shift_ref"]), fmt, stats, node.name)
+        out = px.k_combine(env[r["score_ref"]], env[r["idx_ref"]], env[r["y_ref"]], prm(r["shift_ref"]), fmt, stats,
+                           node.name)
+        if node.flags.get("residual"):
+            out = px.k_residual(out, env[r["res_ref"]], f["res_shifts"], f["res_fmt"], stats, node.name)
+        env[r["out_ref"]] = out
     else:
         raise ValueError(f"{node.name}: no executor for {node.op}")
 
@@ -712,7 +843,7 @@ class LoweringVerifier:
         self.log: list[dict] = []
 
     def _check(self, lir: LIR, what: str) -> None:
-        names = self.graph.trace_names()
+        names = traced_names(lir)
         how = "lir"
         if lir.allocated:
             how = "program"

@@ -748,7 +748,12 @@ class _Raiser:
         return outs if isinstance(outs, list) else [outs]
 
     def _fold_per_task(self, node, ins):
+        """A node whose inputs depend only on the task id, evaluated for every task. Floats are
+        evaluated in float64 (a Cast to a float type keeps float64): these values become
+        parameters (the per-task gate bias), which the PyTorch path folds in float64 too, so both
+        front ends quantize the same numbers."""
         per_task = []
+        widen = node.op_type == "Cast" and _np_dtype(_attrs(node)["to"]) in (np.float16, np.float32, np.float64)
         for t in range(self.n_tasks):
             vals = []
             for v in ins:
@@ -758,7 +763,12 @@ class _Raiser:
                     vals.append(v.values[t])
                 else:
                     vals.append(v)
+            vals = [v.astype(np.float64) if isinstance(v, np.ndarray) and v.dtype in (np.float16, np.float32) else v
+                    for v in vals]
             try:
+                if widen:
+                    per_task.append([np.asarray(vals[0]).astype(np.float64)])
+                    continue
                 per_task.append(fold_node(node, vals, self.opset))
             except UsageError:
                 raise

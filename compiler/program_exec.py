@@ -82,6 +82,16 @@ def k_combine(score, idx, y, shift, fmt, stats, name):
     return nx.moe_combine(score, y.reshape(t, k, -1), shift, fmt, idx, stats, name)
 
 
+def k_residual(v, r, res_shifts: int, res_fmt: int, stats, name):
+    """A fused residual add: residual_add(v, r) with the packed shifts and format of the instruction."""
+    bits, frac, signed = isa.unpack_fmt(res_fmt)
+    if not 1 <= bits <= (16 if signed else 15):
+        raise ProgramError(f"{name}: residual format of {bits} bits does not fit the 16-bit activations",
+                           "over_limit")
+    a_shift, b_shift = isa.unpack_res_shifts(res_shifts)
+    return nx.residual_add(v, r, a_shift, b_shift, Fmt(bits, frac, signed), stats, name + ".residual")
+
+
 def row_maps(xmode: int, ymode: int, rows: int, queue, expert: int):
     """(src rows, dst rows) of a GEMM instruction: slices for direct/queue, index arrays else."""
     if xmode == 0 and ymode == 0:
@@ -252,6 +262,9 @@ def _step(mem: _Mem, ins: isa.Instr, task: int, stats: SatCounter, where: str) -
         y = mem.view(f["y_ref"], np.int16, t * k * d, where).reshape(t * k, d)
         shift = mem.view(f["shift_ref"], np.int8, int(idx.max(initial=0)) + 1, where)
         out = k_combine(score, idx, y, shift, _fmt(f["fmt"]), stats, where)
+        if ins.has("residual"):
+            r = mem.view(f["res_ref"], np.int16, t * d, where).reshape(t, d)
+            out = k_residual(out, r, f["res_shifts"], f["res_fmt"], stats, where)
         mem.out(f["out_ref"], np.int16, out.size, where)[:] = out.reshape(-1)
 
 
@@ -261,6 +274,9 @@ def _gemm(mem: _Mem, ins: isa.Instr, stats: SatCounter, where: str) -> None:
     xm, ym = ins.xmode, ins.ymode
     if xm > 2 or ym > 2:
         raise ProgramError(f"{where}: row modes ({xm}, {ym}) are not defined", "bad_opcode")
+    fused = ins.has("residual")
+    if fused and (xm or ym):
+        raise ProgramError(f"{where}: flag residual needs direct row modes, not ({xm}, {ym})", "bad_opcode")
     queue = None
     if xm or ym:
         qs = f["queue_shape"]
@@ -284,6 +300,10 @@ def _gemm(mem: _Mem, ins: isa.Instr, stats: SatCounter, where: str) -> None:
     shift = mem.view(f["shift_ref"], np.int8, n_out, where)
     gelu_fmt = _fmt(f["gelu_fmt"]) if ins.has("gelu") else None
     y = k_gemm(x, w, b, shift, _fmt(f["fmt"]), gelu_fmt, stats, where)
+    if fused:
+        # the residual operand shares the output's row stride
+        r = mem.rows(f["res_ref"], np.int16, f["y_ld"], n_out, where, f["rows"])
+        y = k_residual(y, r, f["res_shifts"], f["res_fmt"], stats, where)
     mem.out(f["y_ref"], np.int16, 0, where)
     y_all = mem.rows(f["y_ref"], np.int16, f["y_ld"], n_out, where, f["rows"] if ym == 0 else None)
     if isinstance(dst, slice) and dst.stop > y_all.shape[0]:

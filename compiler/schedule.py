@@ -154,6 +154,9 @@ def _cost_gemm(m: _Machine, ins: Instr, rows: int) -> _Cost:
     if rows > 0:
         # gather reads q_tok, scatter reads q_dst: one index per row
         c.read += INDEX_BYTES * rows * ((ins.xmode == isa.XMODES["gather"]) + (ins.ymode == isa.YMODES["scatter"]))
+        if ins.has("residual"):
+            # the fused add reads its other operand beside the output tile; the epilogue adds it
+            c.read += rows * f["out_dim"] * m.ab
     return c
 
 
@@ -196,6 +199,8 @@ def _cost_combine(m: _Machine, ins: Instr, experts: int) -> _Cost:
     T, k, D = f["tokens"], f["k"], f["dim"]
     beats, tiles, passes = _stream(m, T * k, hw.p_in, D, hw.token_block)   # one beat per (token, expert)
     read = T * k * (2 * INDEX_BYTES + D * m.ab) + experts * SHIFT_BYTES
+    if ins.has("residual"):
+        read += T * D * m.ab
     return _Cost(beats + _fill(m, tiles, passes), read, T * D * m.ab, 0, T)
 
 
@@ -224,8 +229,9 @@ _EXPERT_RE = re.compile(r"\.moe\.e\d+\.fc[12]$")
 
 
 def layer_of(ins: Instr, index: int) -> str:
-    """The QGraph op (canonical name) an instruction belongs to."""
-    name = ins.name
+    """The QGraph op (canonical name) an instruction belongs to; a fused instruction belongs to
+    the op it computed before fusion (its residual add is charged there)."""
+    name = ins.origin or ins.name
     if not name:
         return f"{ins.op}#{index}"
     hit = _MOE_RE.match(name)
@@ -237,7 +243,7 @@ def layer_of(ins: Instr, index: int) -> str:
 
 
 def class_of(ins: Instr) -> str:
-    name = ins.name or ""
+    name = ins.origin or ins.name or ""
     if ins.op == "gemm":
         if ins.xmode or ins.ymode or _EXPERT_RE.search(name):
             return "experts"
@@ -262,6 +268,8 @@ def _reads(ins: Instr) -> set[int]:
     refs = {ins.fields.get(k) for k in _INPUTS.get(ins.op, ())}
     if ins.op == "gemm" and (ins.xmode or ins.ymode):
         refs.add(ins.fields.get("queue_ref"))
+    if ins.has("residual"):
+        refs.add(ins.fields.get("queue_ref" if ins.op == "gemm" else "res_ref"))
     return refs - {None}
 
 
@@ -395,7 +403,7 @@ def _instr_from_json(d: Any, i: int) -> Instr:
     for key, shift, table in (("xmode", isa.XMODE_SHIFT, isa.XMODES), ("ymode", isa.YMODE_SHIFT, isa.YMODES)):
         if isinstance(d.get(key), str):
             flags = (flags & ~(3 << shift)) | (table[d[key]] << shift)
-    return Instr(op, fields, flags, str(d.get("name", "")))
+    return Instr(op, fields, flags, str(d.get("name", "")), str(d.get("intermediate") or ""))
 
 
 # ---------------------------------------------------------------------------- the estimate

@@ -4,8 +4,9 @@ The testbench of the build's Vitis project (`BUILD/hls/m3v_tb.cpp` + `m3v_top.cp
 once per hash of its sources (which depend on the hardware configuration only, see
 `hls/project.py`) into a cache shared by every build, then run once per task. Its output, and
 with ``trace`` every canonical tensor read back from the arena dump through program.json's
-tensor map, is compared with `compiler.golden.run` on the quantized graph saved in the build
-(`BUILD/qgraph.json` / `.npz`). The first mismatching tensor is reported by name and index.
+tensor map (all but the intermediates a residual fusion keeps on chip), is compared with
+`compiler.golden.run` on the quantized graph saved in the build (`BUILD/qgraph.json` / `.npz`).
+The first mismatching tensor is reported by name and index.
 
     report = run_csim("build/tiny", trace=True)
     report["bit_exact"], report["mismatches"], report["seconds"]
@@ -197,6 +198,15 @@ def run_csim(build_dir: str | Path, image=None, tasks=None, trace: bool = False,
     exe, build_secs, built = build_testbench(build / "hls", cache)
     weights = (build / "weights.bin").read_bytes()
     out_name, out_shape = meta["output"]["name"], tuple(meta["output"]["shape"])
+    traced = []
+    if trace:
+        # the traced subset: every golden name but the intermediates fusion removed, checked here
+        from m3vit.compiler.lower import trace_subset
+
+        try:
+            traced = trace_subset(meta, graph.trace_names())
+        except ValueError as e:
+            raise UsageError(f"{build / 'program.json'}: {e}; rebuild the folder with m3vit compile") from None
     report = {"build": str(build), "tasks": [], "bit_exact": True, "mismatches": 0, "first_mismatch": None,
               "trace": trace, "build_seconds": round(build_secs, 3), "built": built}
     bar = None
@@ -223,9 +233,7 @@ def run_csim(build_dir: str | Path, image=None, tasks=None, trace: bool = False,
                 spaces = {"wgt": weights, "arena": r["arena"], "in": np.asarray(x_q).astype("<i2").tobytes(),
                           "out": r["output"]}
                 first = None
-                for name in meta["trace"]:  # execution order: the first mismatch is the one to look at
-                    if name not in ref_tr:
-                        continue
+                for name in traced:  # execution order: the first mismatch is the one to look at
                     tg = got if name == out_name else read_tensor(spaces, meta, name)
                     n = _count(tg, ref_tr[name])
                     if name != out_name:

@@ -4,7 +4,8 @@ The folder is self-contained: the top function `m3v_top` (m_axi ports from hw.js
 registers at the offsets of compiler/regmap.py), the generated headers (`m3v_config.h`,
 `m3v_tables.h`, `m3v_isa.h`, `m3v_regmap.h`, `m3v_build.h`, `m3v_depth.h`), a copy of the header
 library (`hls/include`), the C-simulation testbench `m3v_tb.cpp`, `run_hls.tcl` (csim / csynth /
-cosim / export_design) and a README. The sources but `m3v_depth.h` depend on the hardware
+cosim / export_design), the board files of `m3vit.rtl_sim.board` (`vivado_bd.tcl`, the ZCU104
+block design around either the exported IP or the RTL top, with that RTL) and a README. The sources but `m3v_depth.h` depend on the hardware
 configuration alone, so one C-simulation build serves every Program compiled for it
 (`hls/csim.py` hashes exactly those sources). Output is a pure function of the inputs: no dates,
 no absolute paths; a file is rewritten only when its bytes change.
@@ -82,8 +83,8 @@ def _cdiv(a: int, b: int) -> int:
 
 def decoder_buffers(hw) -> dict[str, int]:
     """On-chip bytes of the decoder kernel for a hardware config (each element in whole bytes):
-    `weights` (the staged MAX_IN x P_OUT tile), `activations` (row blocks, attention K / V tiles,
-    query tile and sums, parameters, routing tables), `scores`, their `total`, and `kv_elems`
+    `weights` (the two halves of the GEMM's MAX_IN x P_OUT weight ping-pong), `activations` (row
+    blocks, attention K / V tiles, query tile and sums, parameters, routing tables), `scores`, their `total`, and `kv_elems`
     (elements of each K / V tile buffer). Mirrors m3v::dec_sizes; the kernel static_asserts the
     equality of the totals (m3v_build.h ONCHIP_BYTES), so the two cannot drift apart."""
     c = emit_tables.normalise_config(hw.to_dict() if hasattr(hw, "to_dict") else hw)
@@ -100,10 +101,10 @@ def decoder_buffers(hw) -> dict[str, int]:
     keys_bits = (CONTRACT.max_keys - 1).bit_length()
     pv_bits, psum_bits = 16 + CONTRACT.exp_frac + keys_bits, CONTRACT.exp_frac + 1 + keys_bits
     act = c["act_bits"]
-    weights = nb(_cdiv(max_in, pi) * pi * po, c["weight_bits"])
+    weights = 2 * nb(_cdiv(max_in, pi) * pi * po, c["weight_bits"])  # the GEMM's ping-pong halves
     fixed = (nb(x_n + y_n + _cdiv(dh, pi) * pi * qt + qt + c["max_dim"], act) + nb(qt * dh, pv_bits)
-             + nb(qt, psum_bits) + nb(par_n + po, c["acc_bits"]) + nb(par_n, 7) + nb(po, 32) + nb(c["max_dim"], 16)
-             + nb(3 * tk + 2 * tbk + c["max_experts"] + 1 + 2 * tb, 16))
+             + nb(qt, psum_bits) + nb(par_n + 2 * po, c["acc_bits"]) + nb(par_n, 7) + nb(2 * po, 32)
+             + nb(c["max_dim"], 16) + nb(3 * tk + 2 * tbk + c["max_experts"] + 1 + 2 * tb, 16))
     ab = (act + 7) // 8
     kv = min((c["activations"] - fixed) // (2 * ab), c["max_tokens"] * dh)
     activations = fixed + 2 * nb(kv, act)
@@ -192,6 +193,9 @@ def project_files(hw, program_dir: str | Path | None = None, rel_program: str = 
     files["run_hls.tcl"] = _env.get_template("run_hls.tcl.j2").render(
         part=hw.part, period_ns=f"{1000.0 / hw.clock_mhz:.3f}", vectors=vectors)
     files[TB_INPUT] = _tb_input(pdir, sizes)
+    from m3vit.rtl_sim.board import board_files
+
+    files.update(board_files(hw, sorted({p["bundle"] for p in axi_ports(hw)}), TOP))
     files["README.md"] = _env.get_template("README.md.j2").render(
         hw_hash=hw.hash(), part=hw.part, clock_mhz=hw.clock_mhz, p_in=hw.p_in, p_out=hw.p_out,
         axi_w=hw.axi_width_bits, ports=axi_ports(hw), registers=regs,

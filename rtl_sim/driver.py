@@ -1,9 +1,9 @@
 """The host driver of the accelerator, written once against an abstract device.
 
 A device is anything with 32-bit control registers (the map of ``compiler/regmap.py``) and a
-DDR the accelerator reads: on a board, PYNQ's MMIO and contiguous buffers; in simulation, the
-cocotb harness of the RTL top; and ``ModelDevice`` here, a functional model that runs Programs
-with the Python Program executor (no timing). Every method of a device is a coroutine, so the same
+DDR the accelerator reads: on a board, ``PynqDevice`` here (PYNQ's MMIO and contiguous buffers,
+docs/bringup.md); in simulation, the cocotb harness of the RTL top; and ``ModelDevice`` here, a
+functional model that runs Programs with the Python Program executor (no timing). Every method of a device is a coroutine, so the same
 driver code runs inside cocotb's scheduler and, through ``asyncio.run``, on a board.
 
     drv = Driver(device, hw)
@@ -17,6 +17,7 @@ Nothing is reloaded to switch tasks: ``run`` only writes TASK and the input.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from m3vit.compiler.regmap import hw_hash32, registers
 from m3vit.errors import M3ViTError, UsageError
 from m3vit.rtl_sim.hwconfig import HwConfig
 
-__all__ = ["Device", "Driver", "LoadedProgram", "RunResult", "ModelDevice", "REG"]
+__all__ = ["Device", "Driver", "LoadedProgram", "RunResult", "ModelDevice", "PynqDevice", "REG"]
 
 REG = {r.name: r.offset for r in registers()}
 CTRL_START, CTRL_DONE, CTRL_IDLE = 1, 2, 4
@@ -198,3 +199,92 @@ class ModelDevice:
         self.regs[REG["STATUS"]] = isa.STATUS[status]
         self.regs[REG["INSTR_COUNT"]] = executed
         self.regs[REG["CTRL"]] = CTRL_IDLE | CTRL_DONE
+
+
+class PynqDevice:
+    """The accelerator on a board, through PYNQ: the bitstream's overlay, the registers of its
+    accelerator cell through an MMIO window, physically contiguous buffers for DDR.
+
+    ``bitfile`` is the .bit with its .hwh beside it (vivado_bd.tcl's hand-off); ``ip`` is the
+    cell's name in the block design. The buffers are not cache-coherent with the accelerator's HP
+    ports: writes are flushed to DDR before it reads, and read-backs invalidate first. Bus
+    addresses must lie below ``addr_limit`` (the DDR_LOW window vivado_bd.tcl maps, which the RTL
+    top's 32-bit master addresses reach). With ``interrupt=True`` the device enables the done
+    interrupt and ``wait`` sleeps on it (PYNQ serves pl_ps_irq0[0]); otherwise it polls every
+    ``poll_s`` seconds. ``pynq`` is imported here only, so the rest of m3vit never needs it."""
+
+    def __init__(self, bitfile: str | Path, ip: str = "m3v_accel_0", *, download: bool = True,
+                 interrupt: bool = False, poll_s: float = 1e-4, addr_limit: int = 1 << 31):
+        try:
+            import pynq
+        except ImportError:
+            raise M3ViTError("PynqDevice needs the pynq package (a PYNQ board image)") from None
+        self._pynq = pynq
+        self.overlay = pynq.Overlay(str(bitfile), download=download)
+        ips = self.overlay.ip_dict
+        if ip not in ips:
+            raise M3ViTError(f"{bitfile} has no IP '{ip}'; its IPs: {', '.join(sorted(ips)) or 'none'}")
+        info = ips[ip]
+        self.base, self.span = int(info["phys_addr"]), int(info["addr_range"])
+        self.mmio = pynq.MMIO(self.base, self.span)
+        self.poll_s, self.addr_limit = float(poll_s), int(addr_limit)
+        self.buffers: list[tuple[int, int, object]] = []      # (bus address, bytes, pynq buffer)
+        self._irq = None
+        if interrupt:
+            self._irq = pynq.Interrupt(f"{ip}/interrupt")
+            self.mmio.write(REG["IER"], 1)
+            self.mmio.write(REG["GIE"], 1)
+
+    def _check_offset(self, offset: int) -> None:
+        if not 0 <= offset < self.span or offset % 4:
+            raise M3ViTError(f"register offset {offset:#x} is outside the accelerator's {self.span:#x}-byte window")
+
+    async def read32(self, offset: int) -> int:
+        self._check_offset(offset)
+        return int(self.mmio.read(offset)) & 0xFFFFFFFF
+
+    async def write32(self, offset: int, value: int) -> None:
+        self._check_offset(offset)
+        self.mmio.write(offset, int(value) & 0xFFFFFFFF)
+
+    async def alloc(self, nbytes: int) -> int:
+        # whole 4 KB pages: the accelerator's bursts never leave the buffer
+        size = max(1, (int(nbytes) + 4095) // 4096) * 4096
+        buf = self._pynq.allocate(shape=(size,), dtype=np.uint8)
+        addr = int(buf.physical_address)
+        if addr % 4096 or addr + size > self.addr_limit:
+            buf.freebuffer()
+            raise M3ViTError(f"pynq.allocate gave a buffer at {addr:#x} (+{size:#x}); the accelerator needs "
+                             f"4 KB-aligned buffers below {self.addr_limit:#x}")
+        self.buffers.append((addr, size, buf))
+        return addr
+
+    def _find(self, addr: int, nbytes: int):
+        for base, size, buf in self.buffers:
+            if base <= addr and addr + nbytes <= base + size:
+                return buf, addr - base
+        raise M3ViTError(f"{nbytes} bytes at {addr:#x} are not inside one buffer of this device")
+
+    async def write_mem(self, addr: int, data: bytes) -> None:
+        buf, off = self._find(addr, len(data))
+        buf[off:off + len(data)] = np.frombuffer(bytes(data), dtype=np.uint8)
+        buf.flush()
+
+    async def read_mem(self, addr: int, nbytes: int) -> bytes:
+        buf, off = self._find(addr, nbytes)
+        buf.invalidate()
+        return bytes(np.asarray(buf[off:off + nbytes], dtype=np.uint8))
+
+    async def wait(self) -> None:
+        if self._irq is None:
+            await asyncio.sleep(self.poll_s)
+            return
+        await self._irq.wait()
+        if int(self.mmio.read(REG["ISR"])) & 1:
+            self.mmio.write(REG["ISR"], 1)      # toggle on write: clears the latched done
+
+    def close(self) -> None:
+        """Free the buffers (the overlay stays loaded)."""
+        for _, _, buf in self.buffers:
+            buf.freebuffer()
+        self.buffers.clear()

@@ -2,12 +2,14 @@
 """The schedule model's cycle estimate of edge-moe (every task) and m3vit-small (pascal).
 
     scripts/bench_schedule.py [--preset edge-moe --preset m3vit-small:pascal] [--hw hw.json]
-                              [--uniform] [--layers] [--json]
+                              [--uniform] [--layers] [--no-fuse | --compare-fusion] [--json]
 
 Each preset is a random-init model (seed 0) quantized with the default precision, calibrated on
 one bundled photograph, lowered by compiler/lower.py. The routing of every task is that of a
 golden run on the same photograph (its ``blocks.i.moe.topk`` tables); the uniform spread (every
 expert active, the most weight traffic) is printed beside it, and alone with ``--uniform``.
+The Program is the default (residual adds fused); ``--no-fuse`` lowers without residual fusion,
+``--compare-fusion`` prints one line per run with both estimates and the saving.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hw", help="hw.json (default: the shipped one)")
     ap.add_argument("--uniform", action="store_true", help="uniform routing only (no golden run)")
     ap.add_argument("--layers", action="store_true", help="also print the per-layer table")
+    ap.add_argument("--no-fuse", action="store_true", help="lower without residual fusion")
+    ap.add_argument("--compare-fusion", action="store_true", help="fused against unfused, one line per run")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -55,7 +59,8 @@ def main(argv=None) -> int:
         photo = input_batch(cfg.img_size, 1)
         image = photo[0][1]
         graph = build_qgraph(model, calibrate(model, images=photo))
-        program = lower.encode(lower.lower(graph, hw))[2]
+        program = lower.encode(lower.lower(graph, hw, fuse=not args.no_fuse))[2]
+        plain = lower.encode(lower.lower(graph, hw, fuse=False))[2] if args.compare_fusion else None
         _say(f"{cfg.name}/{cfg.dataset}: model, calibration and lowering in {time.perf_counter() - t0:.1f} s")
         runs = [("uniform", None, None)]
         if not args.uniform:
@@ -67,6 +72,22 @@ def main(argv=None) -> int:
             result = schedule.estimate(program, hw, queue_lengths=queues)
             title = f"{cfg.name} ({cfg.dataset}, {cfg.num_tokens} tokens), " + (
                 f"task {task}, routing of a golden run" if task else "uniform routing (every expert active)")
+            if plain is not None:
+                before = schedule.estimate(plain, hw, queue_lengths=queues)
+                b, a = before["total"], result["total"]
+                line = {"preset": cfg.name, "dataset": cfg.dataset, "task": task, "routing": routing,
+                        "unfused_cycles": b["cycles"], "fused_cycles": a["cycles"],
+                        "unfused_ddr_bytes": b["ddr_bytes"], "fused_ddr_bytes": a["ddr_bytes"],
+                        "unfused_instructions": b["active"], "fused_instructions": a["active"],
+                        "add_share": before["classes"].get("add", {}).get("share", 0.0)}
+                rows.append(line)
+                if not args.json:
+                    print(f"{title}: {b['cycles']:,} -> {a['cycles']:,} cycles "
+                          f"({100 * (1 - a['cycles'] / b['cycles']):.1f} % fewer; "
+                          f"{b['latency_ms']:.3f} -> {a['latency_ms']:.3f} ms), DDR {b['ddr_bytes'] / 1e6:.2f} -> "
+                          f"{a['ddr_bytes'] / 1e6:.2f} MB, add instructions {100 * line['add_share']:.1f} % of the "
+                          f"unfused cycles")
+                continue
             rows.append({"preset": cfg.name, "dataset": cfg.dataset, "task": task, "routing": routing,
                          "tokens": cfg.num_tokens, "result": {k: v for k, v in result.items() if k != "instructions"}})
             if not args.json:

@@ -17,7 +17,7 @@ from m3vit.rtl_sim.hwconfig import HwConfig, Limits
 
 TB_DIR = Path(__file__).parent / "rtl"
 sys.path.insert(0, str(TB_DIR))
-from accel_device import plusargs  # noqa: E402
+from m3vit.rtl_sim.cocotb_device import plusargs  # noqa: E402
 
 HW = HwConfig().replace(p_in=4, p_out=4, token_block=4, limits=Limits(max_tokens=64))
 SEEDS = (1, 2)

@@ -75,6 +75,29 @@ def test_the_program_runs_the_graph_bit_exactly(tiny_onnx, tmp_path):
         assert np.array_equal(got, want)
 
 
+def test_no_fuse_keeps_the_residual_adds(tiny_onnx, tmp_path, capsys):
+    """--no-fuse: one add instruction per residual add, every golden name traced; the default fuses
+    each of them and estimates fewer cycles; both Programs give the golden output."""
+    from m3vit.compiler.program_exec import execute_build
+
+    fused, plain = tmp_path / "fused", tmp_path / "plain"
+    assert _compile(tiny_onnx, fused) == 0
+    sf = json.loads(capsys.readouterr().out)
+    assert _compile(tiny_onnx, plain, "--no-fuse") == 0
+    sp = json.loads(capsys.readouterr().out)
+    graph = qg.load(plain / "qgraph")
+    adds = sum(o.kind == "add" for o in graph.ops)
+    assert sp["ops"]["add"] == adds == sf["fused"] > 0 and sp["fused"] == 0 and "add" not in sf["ops"]
+    assert "fuse-residual" in sf["passes"] and "fuse-residual" not in sp["passes"]
+    assert sf["instructions"] == sp["instructions"] - adds and sf["estimated_cycles"] < sp["estimated_cycles"]
+    assert json.loads((plain / "program.json").read_text())["trace"] == graph.trace_names()
+    hw = HwConfig.from_dict(json.loads((plain / "hw.json").read_text()))
+    x = golden.quantize_input(graph, np.random.default_rng(4).standard_normal(graph.input.shape), SatCounter())
+    want, _ = golden.run(graph, x, 0, stats=SatCounter())
+    for d in (fused, plain):
+        assert np.array_equal(execute_build(d, x, 0, hw_hash=hw.hash()).output, want)
+
+
 @pytest.mark.parametrize("extra, needle", [
     (("--board", "zcu102"), "--board zcu102 is not supported"),
     (("--parallel", "0x4"), "p_in must be between 1 and 256"),

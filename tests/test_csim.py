@@ -31,7 +31,7 @@ from m3vit.model.vit import build_model
 from m3vit.rtl_sim.hwconfig import Buffers, HwConfig
 
 
-def make_build(out: Path, hw: HwConfig, preset: str = "tiny", seed: int = 0, overrides=None) -> Path:
+def make_build(out: Path, hw: HwConfig, preset: str = "tiny", seed: int = 0, overrides=None, fuse: bool = True) -> Path:
     """What `m3vit compile` writes, from a PyTorch model (the ONNX path is tested elsewhere)."""
     torch.manual_seed(seed)
     cfg = resolve_config(preset, overrides=overrides or [])
@@ -39,7 +39,7 @@ def make_build(out: Path, hw: HwConfig, preset: str = "tiny", seed: int = 0, ove
     graph = build_qgraph(model, calibrate(model, calibration_images(cfg.img_size, 4)))
     out.mkdir(parents=True, exist_ok=True)
     qg.save(graph, out / "qgraph")
-    compile_qgraph(graph, hw, out)
+    compile_qgraph(graph, hw, out, fuse=fuse)
     emit_project(out / "hls", hw, out)
     return out
 
@@ -230,6 +230,124 @@ def test_refusals_carry_the_status_codes(tiny, exe):
         i = next(ins["index"] for ins in meta["instructions"] if ins["op"] == op)
         word = isa.WORDS * (1 + i) + 1 + isa.FIELDS[op].index(field)
         assert _status(exe, tiny, program=_word(prog, word, value)) == S["over_limit"], (op, field)
+
+
+def _unfused(tiny: Path, out: Path) -> Path:
+    """The tiny build's graph compiled without residual fusion, beside the same HLS project."""
+    out.mkdir()
+    graph = qg.load(tiny / "qgraph")
+    compile_qgraph(graph, HwConfig.default(), out, fuse=False)
+    qg.save(graph, out / "qgraph")
+    shutil.copytree(tiny / "hls", out / "hls")
+    return out
+
+
+def test_unfused_program_bit_exact_and_equal_to_the_fused_one(tiny, exe, tmp_path):
+    """Fused (the default) and unfused Programs of one graph: both traced bit-exact, the same output
+    bytes, and the same bytes in every tensor both trace."""
+    from m3vit.compiler.program_exec import read_tensor
+
+    plain = _unfused(tiny, tmp_path / "plain")
+    graph = qg.load(tiny / "qgraph")
+    mf, mu = (json.loads((d / "program.json").read_text()) for d in (tiny, plain))
+    adds = sum(o.kind == "add" for o in graph.ops)
+    assert len(mu["trace"]) == len(graph.trace_names()) == len(mf["trace"]) + adds
+    r = csim.run_csim(plain, trace=True)
+    assert r["bit_exact"] and all(e["tensors_compared"] == len(mu["trace"]) - 1 for e in r["tasks"])
+    x = csim.quantized_input(graph, csim.default_image(graph))
+    for task in range(len(graph.tasks)):
+        a = csim.run_testbench(exe, tiny, x, task, arena=True)
+        b = csim.run_testbench(exe, plain, x, task, arena=True)
+        assert a["status"] == b["status"] == 0 and a["output"] == b["output"]
+        sa = {"wgt": (tiny / "weights.bin").read_bytes(), "arena": a["arena"], "in": b"", "out": a["output"]}
+        sb = {"wgt": (plain / "weights.bin").read_bytes(), "arena": b["arena"], "in": b"", "out": b["output"]}
+        for name in mf["trace"][1:]:
+            assert np.array_equal(read_tensor(sa, mf, name), read_tensor(sb, mu, name)), name
+
+
+def test_fused_instruction_refusals_agree_with_the_python_executor(tiny, exe):
+    """Residual with a queue mode is bad_opcode; a residual operand past its space or a residual
+    format wider than the activations is over_limit: the same status as compiler/program_exec.py."""
+    from m3vit.compiler import program_exec as px
+
+    prog = (tiny / "program.bin").read_bytes()
+    meta = json.loads((tiny / "program.json").read_text())
+    weights = (tiny / "weights.bin").read_bytes()
+    graph = qg.load(tiny / "qgraph")
+    x = csim.quantized_input(graph, csim.default_image(graph))
+    ins = meta["instructions"]
+    g = next(i for i in ins if i["op"] == "gemm" and i.get("fused"))
+    e = next(i for i in ins if i["op"] == "gemm" and i["xmode"] != "direct")
+    c = next(i for i in ins if i["op"] == "moe_combine" and i.get("fused"))
+    res = 1 << (8 + isa.FLAGS["residual"])
+    end = isa.ref("arena", (meta["header"]["arena_bytes"] - 64) // 64 * 64)
+
+    def field(i, name):
+        op = i["op"]
+        return isa.WORDS * (1 + i["index"]) + 1 + isa.FIELDS[op].index(isa.ALIASES.get(op, {}).get(name, name))
+
+    cases = [("bad_opcode", isa.WORDS * (1 + e["index"]), e["word0"] | res),
+             ("bad_opcode", isa.WORDS * (1 + g["index"]), g["word0"] | isa.make_flags(xmode="gather") << 8),
+             ("bad_opcode", isa.WORDS * (1 + g["index"]), g["word0"] | isa.make_flags(ymode="queue") << 8)]
+    for i in (g, c):
+        cases += [("over_limit", field(i, "res_ref"), end), ("over_limit", field(i, "res_fmt"), isa.pack_fmt(20, 8))]
+    for status, word, value in cases:
+        bad = _word(prog, word, value)
+        assert _status(exe, tiny, program=bad) == isa.STATUS[status], (status, word)
+        with pytest.raises(px.ProgramError) as err:
+            px.execute(bad, weights, x, 0)
+        assert err.value.status == isa.STATUS[status]
+
+
+def test_idle_experts_and_the_weight_prefetch_bit_exact(tiny, exe, tmp_path):
+    """A gate bias that leaves experts 1 and 3 of every MoE layer idle: the kernel's look-ahead
+    passes over their GEMMs to prefetch the next active expert's weights; the arena and the output
+    stay byte-equal to the Python executor's and the trace to the golden model."""
+    from m3vit.compiler import program_exec as px
+
+    graph = qg.load(tiny / "qgraph")
+    g = dataclasses.replace(graph, ops=[dataclasses.replace(o, params=dict(o.params)) for o in graph.ops], bounds={})
+    for op in g.ops:
+        if op.kind == "moe":
+            gb = op.params["gate_b"].copy()
+            gb[:, 2] += 1 << 40
+            gb[:, 0] += 1 << 39
+            op.params["gate_b"] = gb
+    g.validate()
+    d = tmp_path / "idle"
+    d.mkdir()
+    compile_qgraph(g, HwConfig.default(), d)
+    qg.save(g, d / "qgraph")
+    shutil.copytree(tiny / "hls", d / "hls")
+    x = csim.quantized_input(g, csim.default_image(g))
+    moe = next(o.name for o in g.ops if o.kind == "moe")
+    for task in range(len(g.tasks)):
+        ref = px.execute_build(d, x, task, hw_hash=HwConfig.default().hash(), trace=True)
+        assert ref.trace[f"{moe}.e1.fc1"].shape[0] == ref.trace[f"{moe}.e3.fc2"].shape[0] == 0
+        r = csim.run_testbench(exe, d, x, task, arena=True)
+        assert r["status"] == 0 and r["arena"] == bytes(ref.memories["arena"])
+        assert r["output"] == bytes(ref.memories["out"])
+    rep = csim.run_csim(d, trace=True)
+    assert rep["bit_exact"] and rep["mismatches"] == 0, rep["first_mismatch"]
+
+
+def test_a_faulting_next_gemm_is_refused_by_itself(tiny, exe):
+    """The weights of the second GEMM past the end of wgt: its prefetch during the first GEMM
+    fails quietly, the first GEMM completes, and the second ends the run with over_limit, as in
+    the Python executor."""
+    from m3vit.compiler import program_exec as px
+
+    prog = (tiny / "program.bin").read_bytes()
+    meta = json.loads((tiny / "program.json").read_text())
+    weights = (tiny / "weights.bin").read_bytes()
+    second = [i for i in meta["instructions"] if i["op"] == "gemm"][1]
+    word = isa.WORDS * (1 + second["index"]) + 1 + isa.FIELDS["gemm"].index("w_ref")
+    bad = _word(prog, word, isa.ref("wgt", len(weights) // 64 * 64))
+    assert _status(exe, tiny, program=bad) == isa.STATUS["over_limit"]
+    graph = qg.load(tiny / "qgraph")
+    with pytest.raises(px.ProgramError) as err:
+        px.execute(bad, weights, csim.quantized_input(graph, csim.default_image(graph)), 0)
+    assert err.value.status == isa.STATUS["over_limit"] and f"instruction {second['index']}" in str(err.value)
 
 
 def test_program_for_another_hw_config_is_refused(tiny, exe, tmp_path):

@@ -140,6 +140,9 @@ def test_on_chip_buffers_are_bounded_by_hw_json(proj, tmp_path):
     hw = HwConfig.default()
     b = project.decoder_buffers(hw)
     assert b["total"] <= hw.buffers.weights + hw.buffers.activations + hw.buffers.scores
+    # the GEMM's weight ping-pong: two MAX_IN x P_OUT tiles of 16-bit weights
+    max_in = max(hw.limits.max_dim, hw.limits.max_hidden)
+    assert b["weights"] == 2 * -(-max_in // hw.p_in) * hw.p_in * hw.p_out * 2 <= hw.buffers.weights
     assert f"ONCHIP_BYTES = {b['total']};" in (proj / "m3v_build.h").read_text()
     cfg = (proj / "m3v_config.h").read_text()
     for name, v in (("TOKEN_BLOCK", 32), ("BUF_WEIGHTS", 1 << 20), ("BUF_ACTIVATIONS", 2 << 20),

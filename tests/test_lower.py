@@ -70,11 +70,101 @@ def _idle_graph(graph):
 def test_every_pass_is_bit_exact_against_golden(graph, hw, cases):
     v = lower.LoweringVerifier(graph, cases)
     lir = lower.lower(graph, hw, v)
-    assert lir.meta["passes"] == ["lower-ops", "expand-moe", "plan-attention", "allocate"]
-    assert [e["pass"] for e in v.log] == ["import", "pass lower-ops", "pass expand-moe", "pass plan-attention",
-                                          "pass allocate"]
+    assert lir.meta["passes"] == ["lower-ops", "expand-moe", "fuse-residual", "plan-attention", "allocate"]
+    assert [e["pass"] for e in v.log] == ["import", "pass lower-ops", "pass expand-moe", "pass fuse-residual",
+                                          "pass plan-attention", "pass allocate"]
     assert v.log[-1]["executed_as"] == "program" and v.log[1]["executed_as"] == "lir"
-    assert all(e["cases"] == len(cases) and e["tensors"] == len(graph.trace_names()) for e in v.log)
+    adds = sum(o.kind == "add" for o in graph.ops)
+    full = len(graph.trace_names())
+    # fusion removes one intermediate per residual add; the rest is still compared
+    assert [e["tensors"] for e in v.log] == [full] * 3 + [full - adds] * 3
+    assert all(e["cases"] == len(cases) for e in v.log)
+
+
+def test_unfused_passes_are_bit_exact_against_golden(graph, hw, cases):
+    v = lower.LoweringVerifier(graph, cases[:2])
+    lir = lower.lower(graph, hw, v, fuse=False)
+    assert lir.meta["passes"] == ["lower-ops", "expand-moe", "plan-attention", "allocate"]
+    assert all(e["tensors"] == len(graph.trace_names()) for e in v.log)
+    assert sum(n.op == "add" for n in lir.nodes) == sum(o.kind == "add" for o in graph.ops)
+
+
+def test_fusion_takes_every_residual_add_of_tiny(graph, lowered):
+    """Every block's two adds: residual1 into attn.proj (its second operand, so the shifts swap),
+    residual2 into mlp.fc2 or the MoE's combine."""
+    add_ops = {o.name: o for o in graph.ops if o.kind == "add"}
+    fused = [n for n in lowered.nodes if n.fused]
+    assert not [n for n in lowered.nodes if n.op == "add"]
+    assert len(fused) == len(add_ops) == 2 * resolve_config("tiny").depth
+    _, _, meta = lower.encode(lowered)
+    for n in fused:
+        (name,) = n.fused
+        op = add_ops[name]
+        assert n.name == op.output and n.refs["y_ref" if n.op == "gemm" else "out_ref"] == op.output
+        assert n.flags["residual"] and n.flags.get("xmode", "direct") == n.flags.get("ymode", "direct") == "direct"
+        v = n.origin
+        assert v in op.inputs and v not in lowered.tensors and v not in meta["tensors"] and v not in meta["trace"]
+        r = op.inputs[1] if op.inputs[0] == v else op.inputs[0]
+        assert n.refs["res_ref"] == r
+        want = (op.attrs["a_shift"], op.attrs["b_shift"]) if op.inputs[0] == v else \
+            (op.attrs["b_shift"], op.attrs["a_shift"])
+        assert isa.unpack_res_shifts(n.fields["res_shifts"]) == want
+        kind = "moe_combine" if v.endswith(".moe") else "gemm"
+        assert n.op == kind and v.endswith((".attn.proj", ".mlp.fc2", ".moe")), v
+        entry = next(i for i in meta["instructions"] if i["name"] == op.output)
+        assert entry["fused"] == [name] and entry["intermediate"] == v and "residual" in entry["flags"]
+    assert lower.trace_subset(meta, graph.trace_names()) == meta["trace"]
+    assert len(meta["trace"]) == len(graph.trace_names()) - len(add_ops)
+
+
+def _pre_fusion(graph, hw):
+    lir = lower.initial_lir(graph, hw)
+    for p in (lower.LowerOps(), lower.ExpandMoE()):
+        lir, _ = p.apply(lir)
+    return lir
+
+
+def test_fusion_keeps_an_add_whose_operand_is_read_elsewhere_or_late(graph, hw, cases):
+    lir = _pre_fusion(graph, hw)
+    idx = {n.name: i for i, n in enumerate(lir.nodes)}
+    # another reader of blocks.0.attn.proj: its value must stay in memory
+    extra = dataclasses.replace(lir.nodes[idx["blocks.0.residual1"]], name="blocks.0.extra",
+                                refs={"a_ref": "blocks.0.attn.proj", "b_ref": "blocks.0.attn.proj",
+                                      "y_ref": "blocks.0.extra"})
+    # blocks.0.residual2's other operand written after mlp.fc2: moving the add earlier would read it early
+    late = dataclasses.replace(lir.nodes[idx["blocks.0.residual1"]], name="blocks.0.late",
+                               refs={"a_ref": "blocks.0.residual1", "b_ref": "blocks.0.residual1",
+                                     "y_ref": "blocks.0.late"})
+    res2 = lir.nodes[idx["blocks.0.residual2"]]
+    res2 = dataclasses.replace(res2, refs={**res2.refs, "a_ref": "blocks.0.late"})
+    nodes = list(lir.nodes)
+    nodes[idx["blocks.0.residual2"]] = res2
+    nodes.insert(idx["blocks.0.residual2"], late)
+    nodes.insert(idx["blocks.0.residual1"] + 1, extra)
+    lir.nodes = nodes
+    lir.tensors["blocks.0.extra"] = lir.tensors["blocks.0.late"] = lir.tensors["blocks.0.residual1"]
+    out, changed = lower.FuseResidual().apply(lir)
+    assert changed
+    kept = {n.name for n in out.nodes if n.op == "add"}
+    assert {"blocks.0.residual1", "blocks.0.residual2"} <= kept
+    assert "blocks.1.residual1" not in kept and "blocks.0.attn.proj" in out.tensors
+    # a graph output is never fused away, and the pass is idempotent
+    assert lower.FuseResidual().apply(out) == (out, False)
+
+
+def test_fusion_leaves_the_graph_output_and_queue_gemms(graph, hw):
+    lir = _pre_fusion(graph, hw)
+    idx = {n.name: i for i, n in enumerate(lir.nodes)}
+    nodes = list(lir.nodes)
+    # a GEMM writing the graph output that a residual add then reads: the output must stay
+    proj, res1 = nodes[idx["blocks.0.attn.proj"]], nodes[idx["blocks.0.residual1"]]
+    nodes[idx["blocks.0.attn.proj"]] = dataclasses.replace(proj, refs={**proj.refs, "y_ref": graph.output})
+    nodes[idx["blocks.0.residual1"]] = dataclasses.replace(res1, refs={**res1.refs, "b_ref": graph.output})
+    lir.nodes = nodes
+    out, _ = lower.FuseResidual().apply(lir)
+    assert any(n.name == "blocks.0.residual1" and n.op == "add" for n in out.nodes)
+    assert not any(n.fused for n in out.nodes if n.op == "gemm" and n.flags.get("xmode", "direct") != "direct")
+    assert sum(bool(n.fused) for n in out.nodes) == sum(o.kind == "add" for o in graph.ops) - 1
 
 
 def test_verifier_catches_a_wrong_pass(graph, hw, cases):
@@ -111,7 +201,7 @@ def test_moe_expansion_fetches_each_expert_once(graph, lowered):
     for op in (o for o in graph.ops if o.kind == "moe"):
         n, k = op.attrs["experts"], op.attrs["top_k"]
         t = graph.tensors[op.name].shape[0]
-        nodes = [nd for nd in lowered.nodes if nd.name.startswith(op.name + ".") or nd.name == op.name]
+        nodes = [nd for nd in lowered.nodes if nd.name.startswith(op.name + ".") or (nd.origin or nd.name) == op.name]
         assert [nd.op for nd in nodes] == ["moe_gate"] + ["gemm"] * (2 * n) + ["moe_combine"]
         for e in range(n):
             fc1, fc2 = nodes[1 + 2 * e], nodes[2 + 2 * e]
@@ -155,7 +245,7 @@ def test_weight_encodings(graph, lowered):
             assert w["dtype"] == ("int8" if fits8 else "int16")
             raw = np.frombuffer(weights, w["dtype"], op.params["w"].size, w["offset"])
             assert np.array_equal(raw.reshape(op.params["w"].shape), op.params["w"])
-            ins = next(i for i in meta["instructions"] if i["name"] == op.name)
+            ins = next(i for i in meta["instructions"] if i.get("intermediate", i["name"]) == op.name)
             assert ("w16" in ins["flags"]) == (w["dtype"] == "int16")
         if op.kind == "moe":
             g = meta["weights"][f"{op.name}.gate.w"]
@@ -217,6 +307,41 @@ def test_compile_is_deterministic(graph, hw, tmp_path):
     assert instrs[-1].op == "end" and len(prog) == isa.RECORD_BYTES * (1 + h.n_instr)
     with pytest.raises(UsageError, match="no such directory"):
         lower.compile_qgraph(graph, hw, tmp_path / "missing")
+
+
+# ---- the encoding -------------------------------------------------------------------------------
+def test_residual_aliases_round_trip():
+    """gemm's res_ref / res_shifts / res_fmt are the words of queue_ref / expert / queue_shape."""
+    assert isa.VERSION == 2 and isa.FLAGS["residual"] == 3
+    fields = {"x_ref": isa.ref("arena", 64), "y_ref": isa.ref("arena", 128), "rows": 5, "in_dim": 8, "out_dim": 4,
+              "res_ref": isa.ref("arena", 4096), "res_shifts": isa.pack_res_shifts(-3, 7),
+              "res_fmt": isa.pack_fmt(16, 9)}
+    flags = isa.make_flags(residual=True, bias=True)
+    assert flags == 1 << 3 | 1 << 2
+    ins = isa.Instr("gemm", fields, flags)
+    rec = ins.encode()
+    assert struct.unpack_from("<I", rec)[0] >> 11 & 1 == 1
+    back = isa.decode_instr(rec)
+    assert back.has("residual") and back.xmode == back.ymode == 0
+    for alias, word in isa.ALIASES["gemm"].items():
+        assert back.fields[alias] == back.fields[word] == fields[alias]
+        assert struct.unpack_from("<I", rec, 4 * (1 + isa.FIELDS["gemm"].index(word)))[0] == fields[alias]
+    assert isa.unpack_res_shifts(back.fields["res_shifts"]) == (-3, 7)
+    assert isa.decode_instr(isa.Instr("gemm", back.fields, back.flags).encode()).fields == back.fields
+    assert "res_ref" not in isa.decode_instr(isa.Instr("gemm", {"queue_ref": 64}, 0).encode()).fields
+    with pytest.raises(ValueError, match="same word"):
+        isa.Instr("gemm", {"res_ref": 64, "queue_ref": 128}, flags).encode()
+    with pytest.raises(ValueError, match="16 signed bits"):
+        isa.pack_res_shifts(1 << 15, 0)
+    assert isa.unpack_res_shifts(isa.pack_res_shifts(-(1 << 15), (1 << 15) - 1)) == (-(1 << 15), (1 << 15) - 1)
+    consts = {n: v for n, v, _ in isa.c_constants()}
+    assert consts["FLAG_RESIDUAL"] == 3 and consts["VERSION"] == 2
+    assert (consts["F_GEMM_RES_REF"], consts["F_GEMM_RES_SHIFTS"], consts["F_GEMM_RES_FMT"]) == \
+        (consts["F_GEMM_QUEUE_REF"], consts["F_GEMM_EXPERT"], consts["F_GEMM_QUEUE_SHAPE"]) == (13, 14, 15)
+    assert [consts[f"F_MOE_COMBINE_{n}"] for n in ("FMT", "RES_REF", "RES_SHIFTS", "RES_FMT")] == [9, 10, 11, 12]
+    comb = isa.Instr("moe_combine", {"res_ref": 64, "res_shifts": isa.pack_res_shifts(1, -2), "res_fmt": 16},
+                     isa.make_flags(residual=True))
+    assert isa.decode_instr(comb.encode()).fields["res_shifts"] == isa.pack_res_shifts(1, -2)
 
 
 # ---- register map and generated headers -------------------------------------------------------

@@ -47,19 +47,111 @@ def _inputs(graph):
 
 def test_bit_exact_every_task_every_tensor(graph, build):
     hw, d, _, _, meta = build
+    traced = lower.trace_subset(meta, graph.trace_names())
+    # every name but the intermediates of the fused residual adds
+    assert len(traced) == len(graph.trace_names()) - sum(o.kind == "add" for o in graph.ops)
     checked = 0
     for img in _inputs(graph):
         for task in range(len(graph.tasks)):
             ref_out, ref = golden.run(graph, img, task, trace=True, stats=SatCounter())
             res = px.execute_build(d, img, task, hw_hash=hw.hash(), trace=True)
-            assert list(res.trace) == list(ref) == graph.trace_names()
-            for name in ref:
+            assert list(res.trace) == traced
+            for name in traced:
                 assert res.trace[name].shape == ref[name].shape, name
                 assert np.array_equal(res.trace[name], ref[name]), f"{name}, task {task}"
             assert np.array_equal(res.output, ref_out)
             assert res.executed == meta["header"]["n_instr"]
-            checked += len(ref)
-    assert checked == 5 * len(graph.tasks) * len(graph.trace_names())
+            checked += len(res.trace)
+    assert checked == 5 * len(graph.tasks) * len(traced)
+
+
+@pytest.fixture(scope="module")
+def unfused(graph, tmp_path_factory):
+    d = tmp_path_factory.mktemp("unfused")
+    lower.compile_qgraph(graph, HwConfig.default(), d, fuse=False)
+    return d, json.loads((d / "program.json").read_text())
+
+
+def test_fused_and_unfused_programs_agree(graph, build, unfused):
+    """The same outputs and the same bits in every tensor both Programs trace; the unfused one
+    traces every golden name, the fused one saves an instruction and a tensor per residual add."""
+    hw, d, _, _, meta = build
+    d0, meta0 = unfused
+    adds = sum(o.kind == "add" for o in graph.ops)
+    assert meta0["trace"] == graph.trace_names() and not any(i.get("fused") for i in meta0["instructions"])
+    assert meta["header"]["n_instr"] == meta0["header"]["n_instr"] - adds
+    assert meta["header"]["arena_bytes"] < meta0["header"]["arena_bytes"]
+    assert (d / "weights.bin").read_bytes() == (d0 / "weights.bin").read_bytes()
+    for img in _inputs(graph)[:3]:
+        for task in range(len(graph.tasks)):
+            a = px.execute_build(d, img, task, hw_hash=hw.hash(), trace=True)
+            b = px.execute_build(d0, img, task, hw_hash=hw.hash(), trace=True)
+            assert np.array_equal(a.output, b.output)
+            assert set(a.trace) < set(b.trace)
+            for name in a.trace:
+                assert np.array_equal(a.trace[name], b.trace[name]), name
+
+
+def test_trace_subset_refuses_a_short_or_foreign_trace(graph, build):
+    meta = build[4]
+    names = graph.trace_names()
+    with pytest.raises(ValueError, match="traces no tensor"):
+        lower.trace_subset({**meta, "trace": []}, names)
+    with pytest.raises(ValueError, match="does not trace blocks.0.norm1"):
+        lower.trace_subset({**meta, "trace": [n for n in meta["trace"] if n != "blocks.0.norm1"]}, names)
+    with pytest.raises(ValueError, match="golden model does not produce"):
+        lower.trace_subset({**meta, "trace": meta["trace"] + ["nowhere"]}, names)
+    # a fusion record is what excuses a missing name
+    plain = [{k: v for k, v in i.items() if k not in ("fused", "intermediate")} for i in meta["instructions"]]
+    with pytest.raises(ValueError, match="attn.proj"):
+        lower.trace_subset({**meta, "instructions": plain}, names)
+
+
+def _patch(program: bytes, index: int, **changes) -> bytes:
+    """Instruction ``index`` (0-based, after the header) with fields or word 0 replaced."""
+    at = isa.RECORD_BYTES * (1 + index)
+    words = list(struct.unpack(f"<{isa.WORDS}I", program[at:at + isa.RECORD_BYTES]))
+    op = isa.OPCODE_NAMES[words[0] & 0xFF]
+    for k, v in changes.items():
+        if k == "word0":
+            words[0] = v
+        else:
+            words[1 + isa.FIELDS[op].index(isa.ALIASES.get(op, {}).get(k, k))] = v & 0xFFFFFFFF
+    return program[:at] + struct.pack(f"<{isa.WORDS}I", *words) + program[at + isa.RECORD_BYTES:]
+
+
+def test_fused_instruction_refusals(graph, build):
+    hw, _, program, weights, meta = build
+    img = _inputs(graph)[0]
+    ins = meta["instructions"]
+    g = next(i for i in ins if i["op"] == "gemm" and i.get("fused"))
+    e = next(i for i in ins if i["op"] == "gemm" and i["xmode"] != "direct")
+    c = next(i for i in ins if i["op"] == "moe_combine" and i.get("fused"))
+    # residual with a queue mode is not an encoding
+    _refused("bad_opcode", _patch(program, e["index"], word0=e["word0"] | 1 << (8 + isa.FLAGS["residual"])),
+             weights, img)
+    for mode in (isa.make_flags(xmode="gather"), isa.make_flags(ymode="scatter")):
+        _refused("bad_opcode", _patch(program, g["index"], word0=g["word0"] | mode << 8), weights, img)
+    # the residual operand past the end of its space, and a residual format wider than 16 bits
+    end = isa.ref("arena", (meta["header"]["arena_bytes"] - 64) // 64 * 64)
+    for i in (g, c):
+        _refused("over_limit", _patch(program, i["index"], res_ref=end), weights, img)
+        _refused("over_limit", _patch(program, i["index"], res_fmt=isa.pack_fmt(20, 8)), weights, img)
+
+
+def test_fused_shifts_and_operand_are_used(graph, build):
+    """Each field of a fused instruction changes the result: the shifts, the operand, the format."""
+    hw, _, program, weights, meta = build
+    img = _inputs(graph)[0]
+    good = px.execute(program, weights, img, 0, meta=meta).output
+    ins = meta["instructions"]
+    for i in (next(i for i in ins if i["op"] == k and i.get("fused")) for k in ("gemm", "moe_combine")):
+        a, b = isa.unpack_res_shifts(i["fields"]["res_shifts"])
+        for changed in (dict(res_shifts=isa.pack_res_shifts(a + 1, b)), dict(res_shifts=isa.pack_res_shifts(a, b - 1)),
+                        dict(res_ref=meta["tensors"]["blocks.0.norm1"]["ref"]),
+                        dict(res_fmt=isa.pack_fmt(6, isa.unpack_fmt(i["fields"]["res_fmt"])[1]))):
+            out = px.execute(_patch(program, i["index"], **changed), weights, img, 0, meta=meta).output
+            assert not np.array_equal(out, good), (i["name"], changed)
 
 
 def test_tasks_route_differently(graph, build):
@@ -167,5 +259,7 @@ def test_edge_moe_frame_bit_exact(tmp_path):
         start = time.perf_counter()
         res = px.execute_build(tmp_path, img, task, hw_hash=hw.hash(), trace=True)
         assert time.perf_counter() - start < 30
-        for name in ref:
+        meta = json.loads((tmp_path / "program.json").read_text())
+        assert list(res.trace) == lower.trace_subset(meta, list(ref))
+        for name in res.trace:
             assert np.array_equal(res.trace[name], ref[name]), f"{name}, task {task}"

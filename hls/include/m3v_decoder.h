@@ -7,8 +7,9 @@
 // DDR is word memory (ap_uint<AXI_W>) behind four address spaces (wgt, arena, in, out). Every
 // on-chip buffer is bounded by hw.json (token_block, buffers.*; see dec_sizes): instructions
 // stream blocks of token_block rows from DDR, through one unit and back, the GEMM per staged
-// P_OUT column group, attention per head in query and key tiles. Element-wise unpacking and no
-// overlap of transfer and compute: not the performance model of the accelerator.
+// P_OUT column group, attention per head in query and key tiles. The GEMM's weight tiles are
+// double-buffered (the next column group is fetched while the current one computes, gemm_step);
+// elsewhere transfers and compute do not overlap: not the performance model of the accelerator.
 //
 // Template parameters: CFG is the generated m3v::config; BLD carries the build's AXI width, the
 // hardware hash and the instruction / task limits (generated m3v_build.h). The ISA constants come
@@ -206,11 +207,12 @@ struct dec_sizes {
     static constexpr int TBK = TB * CFG::MAX_K;
     static constexpr int PAR_N = cmax(cmax(CFG::MAX_DIM, CFG::MAX_EXPERTS), PO);
     static constexpr int AB = (CFG::ACT_BITS + 7) / 8;
-    static constexpr long WEIGHT_BYTES = cbytes(long(KT) * PI * PO, CFG::WEIGHT_BITS);
+    // two MAX_IN x P_OUT weight tiles: the GEMM's ping-pong (op_gemm)
+    static constexpr long WEIGHT_BYTES = 2 * cbytes(long(KT) * PI * PO, CFG::WEIGHT_BITS);
     static constexpr long FIXED_ACT_BYTES =
         cbytes(long(X_N) + Y_N + long(DKT) * PI * QT + QT + CFG::MAX_DIM, CFG::ACT_BITS) +
-        cbytes(long(QT) * DH, pv_t::width) + cbytes(QT, psum_t::width) + cbytes(PAR_N + PO, CFG::ACC_BITS) +
-        cbytes(PAR_N, shift_t::width) + cbytes(PO, 32) + cbytes(CFG::MAX_DIM, ln_gamma_t::width) +
+        cbytes(long(QT) * DH, pv_t::width) + cbytes(QT, psum_t::width) + cbytes(PAR_N + 2 * PO, CFG::ACC_BITS) +
+        cbytes(PAR_N, shift_t::width) + cbytes(2 * PO, 32) + cbytes(CFG::MAX_DIM, ln_gamma_t::width) +
         cbytes(3L * TK + TBK + TBK + CFG::MAX_EXPERTS + 1 + 2 * TB, 16);
     static constexpr long KV_ROOM = (long(CFG::BUF_ACTIVATIONS) - FIXED_ACT_BYTES) / (2 * AB);
     static constexpr int KV_N = KV_ROOM < long(CFG::MAX_TOKENS) * DH ? int(KV_ROOM) : CFG::MAX_TOKENS * DH;
@@ -218,7 +220,9 @@ struct dec_sizes {
     static constexpr long ACT_BYTES = FIXED_ACT_BYTES + 2 * cbytes(KV_N, CFG::ACT_BITS);
     static constexpr long SCORE_BYTES = cbytes(SC_N, CFG::ACT_BITS);
     static constexpr long BYTES = WEIGHT_BYTES + ACT_BYTES + SCORE_BYTES;
-    static_assert(WEIGHT_BYTES <= CFG::BUF_WEIGHTS, "a staged MAX_IN x P_OUT weight tile exceeds buffers.weights");
+    static_assert(WEIGHT_BYTES <= CFG::BUF_WEIGHTS,
+                  "the weight ping-pong (two MAX_IN x P_OUT tiles) exceeds buffers.weights");
+    static_assert(X_N >= TB * PO, "the input block stages a fused residual's TOKEN_BLOCK x P_OUT rows");
     static_assert(KV_ROOM >= DH, "buffers.activations leaves no room for one key and one value of a head");
     static_assert(SC_N >= 1, "buffers.scores holds no score");
     static_assert(ACT_BYTES <= CFG::BUF_ACTIVATIONS, "activation buffers exceed buffers.activations");
@@ -271,11 +275,12 @@ inline void queue_layout(int n, int tk, ap_uint<32> &tok_off, ap_uint<32> &dst_o
 inline int imin(int a, int b) { return a < b ? a : b; }
 
 // Stage output columns o0 .. o0 + ncols - 1 of w [in_dim, w_cols] (element bytes 1 or 2) into
-// the weight tile, with their biases and per-channel shifts.
+// the weight tile, with their biases and per-channel shifts (lanes past ncols get 0). It touches
+// nothing but the tile it fills, so it can run beside a GEMM on the other tile.
 template <class CFG, int AW>
-void stage_tile(M3V_DDR_PARAMS, dec_bufs<CFG> &B, M3V_TILE_PARAMS, int in_dim, int w_cols, int o0, int ncols,
-                bool w16, ap_uint<32> w_ref, boff_t w_byte_off, bool has_bias, ap_uint<32> bias_ref,
-                boff_t bias_byte_off, ap_uint<32> shift_ref, boff_t shift_byte_off) {
+void stage_tile(M3V_DDR_PARAMS, M3V_TILE_PARAMS, int in_dim, int w_cols, int o0, int ncols, bool w16,
+                ap_uint<32> w_ref, boff_t w_byte_off, bool has_bias, ap_uint<32> bias_ref, boff_t bias_byte_off,
+                ap_uint<32> shift_ref, boff_t shift_byte_off) {
     constexpr int PI = CFG::P_IN;
     constexpr int PO = CFG::P_OUT;
     constexpr int MAX_IN = CFG::MAX_IN;
@@ -288,13 +293,13 @@ void stage_tile(M3V_DDR_PARAMS, dec_bufs<CFG> &B, M3V_TILE_PARAMS, int in_dim, i
         else
             ddr_load<AW, 1, true, PO>(M3V_DDR_ARGS, w_ref, at, ncols, wt[i / PI][i % PI]);
     }
-    ddr_load<AW, 1, true, PO>(M3V_DDR_ARGS, shift_ref, shift_byte_off + boff_t(o0), ncols, B.shift);
+    ddr_load<AW, 1, true, PO>(M3V_DDR_ARGS, shift_ref, shift_byte_off + boff_t(o0), ncols, shift_l);
     for (int j = 0; j < PO; j++) {
         const bool on = j < ncols;
         bias_l[j] = (on && has_bias) ? typename CFG::acc_t(ddr_load64<AW>(M3V_DDR_ARGS, bias_ref,
                                                                             bias_byte_off + boff_t(8 * (o0 + j))))
                                      : typename CFG::acc_t(0);
-        shift_l[j] = on ? int(B.shift[j]) : 0;
+        shift_l[j] = on ? shift_l[j] : 0;
     }
 }
 
@@ -371,88 +376,266 @@ int op_patchify(M3V_DDR_PARAMS, dec_bufs<CFG> &B, const ifield_t f[]) {
     return isa::STATUS_OK;
 }
 
-// Weight-stationary: per group of P_OUT output columns the tile is staged once, then the rows
-// stream through it in blocks of TOKEN_BLOCK (gathered at load, scattered at store).
+// A GEMM instruction decoded once for all its column groups.
+struct gemm_job {
+    int xmode, ymode, in_dim, out_dim, x_ld, y_ld, rows, q0, expert;
+    bool w16, gelu, has_bias, residual, queued;
+    fmt_t fmt, gelu_fmt, res_fmt;
+    int res_a, res_b; // the fused add's shifts of the GEMM value and of the residual operand
+    ap_uint<32> x_ref, y_ref, w_ref, bias_ref, shift_ref, q_ref, res_ref, tok_off, dst_off;
+};
+
+// The weight tile staged ahead by the previous GEMM: valid while nothing else used the halves;
+// `half` holds column group 0 of `job`.
+struct gemm_prefetch {
+    bool valid;
+    int half;
+    gemm_job job;
+};
+
+// Decodes a GEMM's words and checks everything but its rows: isa::STATUS_OK, BAD_OPCODE or
+// OVER_LIMIT (the order of the Python executor's checks).
+template <class CFG>
+int gemm_decode(const ifield_t f[], gemm_job &j) {
+    constexpr int MAX_LD = 1 << 16; // keeps row offsets of the 40-bit address arithmetic exact
+    const ap_uint<24> flags = f[0] >> 8;
+    j.xmode = int(flags >> isa::XMODE_SHIFT) & 3;
+    j.ymode = int(flags >> isa::YMODE_SHIFT) & 3;
+    j.w16 = flags[isa::FLAG_W16];
+    j.gelu = flags[isa::FLAG_GELU];
+    j.has_bias = flags[isa::FLAG_BIAS];
+    j.residual = flags[isa::FLAG_RESIDUAL];
+    j.queued = j.xmode != isa::XMODE_DIRECT || j.ymode != isa::YMODE_DIRECT;
+    j.in_dim = f[isa::F_GEMM_IN_DIM];
+    j.out_dim = f[isa::F_GEMM_OUT_DIM];
+    j.x_ld = f[isa::F_GEMM_X_LD];
+    j.y_ld = f[isa::F_GEMM_Y_LD];
+    j.rows = f[isa::F_GEMM_ROWS];
+    j.expert = f[isa::F_GEMM_EXPERT];
+    j.fmt = unpack_fmt(f[isa::F_GEMM_FMT]);
+    j.gelu_fmt = unpack_fmt(f[isa::F_GEMM_GELU_FMT]);
+    j.x_ref = f[isa::F_GEMM_X_REF];
+    j.y_ref = f[isa::F_GEMM_Y_REF];
+    j.w_ref = f[isa::F_GEMM_W_REF];
+    j.bias_ref = f[isa::F_GEMM_BIAS_REF];
+    j.shift_ref = f[isa::F_GEMM_SHIFT_REF];
+    j.q_ref = f[isa::F_GEMM_QUEUE_REF];
+    j.res_ref = f[isa::F_GEMM_RES_REF];
+    j.res_fmt = unpack_fmt(f[isa::F_GEMM_RES_FMT]);
+    j.res_a = int(ap_int<16>(f[isa::F_GEMM_RES_SHIFTS].range(15, 0)));
+    j.res_b = int(ap_int<16>(f[isa::F_GEMM_RES_SHIFTS].range(31, 16)));
+    j.tok_off = 0;
+    j.dst_off = 0;
+    j.q0 = 0;
+    if (j.xmode > int(isa::XMODE_QUEUE) || j.ymode > int(isa::YMODE_SCATTER) || (j.residual && j.queued))
+        return isa::STATUS_BAD_OPCODE;
+    if (j.in_dim < 1 || j.in_dim > CFG::MAX_IN || j.out_dim < 1 || j.out_dim > CFG::MAX_OUT || j.x_ld < j.in_dim ||
+        j.y_ld < j.out_dim || j.x_ld > MAX_LD || j.y_ld > MAX_LD || (j.w16 && CFG::WEIGHT_BITS < 16) ||
+        (!j.w16 && CFG::WEIGHT_BITS < 8) || !fits_fmt<CFG>(j.fmt) || (j.gelu && !fits_fmt<CFG>(j.gelu_fmt)) ||
+        (j.residual && !fits_fmt<CFG>(j.res_fmt)))
+        return isa::STATUS_OVER_LIMIT;
+    return isa::STATUS_OK;
+}
+
+// The same column group 0: every input of stage_tile for o0 = 0 is equal.
+inline bool same_tile(const gemm_job &a, const gemm_job &b) {
+    return a.w_ref == b.w_ref && a.bias_ref == b.bias_ref && a.shift_ref == b.shift_ref && a.in_dim == b.in_dim &&
+           a.out_dim == b.out_dim && a.w16 == b.w16 && a.has_bias == b.has_bias;
+}
+
+// Fetch: the weights, biases and shifts of column group o0 into one half of the ping-pong
+// (nothing when `on` is false or o0 is past the last group).
 template <class CFG, int AW>
-int op_gemm(M3V_DDR_PARAMS, dec_bufs<CFG> &B, M3V_TILE_PARAMS, const ifield_t f[]) {
-    typedef dec_sizes<CFG> S;
+void gemm_fetch(M3V_DDR_PARAMS, M3V_TILE_PARAMS, bool on, const gemm_job &j, int o0) {
+    if (!on || o0 >= j.out_dim)
+        return;
+    stage_tile<CFG, AW>(M3V_DDR_ARGS, M3V_TILE_ARGS, j.in_dim, j.out_dim, o0, imin(CFG::P_OUT, j.out_dim - o0), j.w16,
+                        j.w_ref, 0, j.has_bias, j.bias_ref, 0, j.shift_ref, 0);
+}
+
+// Compute: column group o0 on the staged half; the rows stream through in blocks of
+// TOKEN_BLOCK, gathered at load and scattered at store, the fused residual added on the way out.
+template <class CFG, int AW>
+void gemm_columns(M3V_DDR_PARAMS, dec_bufs<CFG> &B, M3V_TILE_PARAMS, const gemm_job &j, int o0, sat_cnt_t &sat_gelu) {
     constexpr int PO = CFG::P_OUT;
     constexpr int TB = CFG::TOKEN_BLOCK;
     constexpr int MAX_IN = CFG::MAX_IN;
     constexpr int RB = cdiv(CFG::MAX_ROWS, TB);
+    const int nc = imin(PO, j.out_dim - o0);
+    for (int r0 = 0; r0 < j.rows; r0 += TB) {
+        M3V_TRIPCOUNT(1, RB)
+        const int nb = imin(TB, j.rows - r0);
+        for (int r = 0; r < nb; r++) {
+            M3V_TRIPCOUNT(1, TB)
+            B.src[r] = j.xmode == isa::XMODE_QUEUE ? j.q0 + r0 + r : r0 + r;
+            B.dst[r] = j.ymode == isa::YMODE_QUEUE ? j.q0 + r0 + r : r0 + r;
+        }
+        if (j.xmode == isa::XMODE_GATHER)
+            ddr_load<AW, 2, false, TB>(M3V_DDR_ARGS, j.q_ref, boff_t(j.tok_off) + 2 * (j.q0 + r0), nb, B.src);
+        if (j.ymode == isa::YMODE_SCATTER)
+            ddr_load<AW, 2, false, TB>(M3V_DDR_ARGS, j.q_ref, boff_t(j.dst_off) + 2 * (j.q0 + r0), nb, B.dst);
+        // Gather at load time: row r of the block is memory row src(r).
+        for (int r = 0; r < nb; r++) {
+            M3V_TRIPCOUNT(1, TB)
+            ddr_load<AW, 2, true, MAX_IN>(M3V_DDR_ARGS, j.x_ref, boff_t(2) * B.src[r] * j.x_ld, j.in_dim,
+                                          B.x + r * j.in_dim);
+        }
+        run_tile<CFG>(B, M3V_TILE_ARGS, nb, j.in_dim, nc, j.in_dim, j.fmt, j.gelu, j.gelu_fmt, B.y, PO, 0, B.sat,
+                      sat_gelu);
+        if (j.residual) {
+            // the input block is spent: it stages the residual operand's rows (direct mode: dst = r0 + r)
+            for (int r = 0; r < nb; r++) {
+                M3V_TRIPCOUNT(1, TB)
+                ddr_load<AW, 2, true, PO>(M3V_DDR_ARGS, j.res_ref, boff_t(2) * (boff_t(B.dst[r]) * j.y_ld + o0), nc,
+                                          B.x + r * PO);
+            }
+            residual_add<CFG>(nb, nc, B.y, PO, B.x, PO, j.res_a, j.res_b, j.res_fmt, B.y, PO, B.sat);
+        }
+        // Scatter at store time: row r goes to memory row dst(r).
+        for (int r = 0; r < nb; r++) {
+            M3V_TRIPCOUNT(1, TB)
+            ddr_store16<AW, PO>(M3V_DDR_ARGS, j.y_ref, boff_t(2) * (boff_t(B.dst[r]) * j.y_ld + o0), nc,
+                                B.y + r * PO);
+        }
+    }
+}
+
+// One step of the weight ping-pong: column group oc of job jc computes on the current half while
+// group of of job jf (the next group, or the next GEMM's first) is fetched into the other. The
+// two share no buffer and each has its own fault flag (cf for the fetch), so they form a dataflow
+// region whose weight traffic hides under the compute.
+template <class CFG, int AW>
+void gemm_step(const ap_uint<AW> *wgt, ap_uint<AW> *arena, const ap_uint<AW> *in, ap_uint<AW> *out, ddr_ctx &c,
+               ddr_ctx &cf, dec_bufs<CFG> &B, M3V_TILE_PARAMS, typename CFG::wgt_t wt_n[][CFG::P_IN][CFG::P_OUT],
+               typename CFG::acc_t bias_n[CFG::P_OUT], int shift_n[CFG::P_OUT], bool fetch, const gemm_job &jf,
+               int of, const gemm_job &jc, int oc, sat_cnt_t &sat_gelu) {
+    M3V_HLS(dataflow)
+    gemm_fetch<CFG, AW>(wgt, arena, in, out, cf, wt_n, bias_n, shift_n, fetch, jf, of);
+    gemm_columns<CFG, AW>(M3V_DDR_ARGS, B, M3V_TILE_ARGS, jc, oc, sat_gelu);
+}
+
+// Word i (32 bits) of the program memory.
+template <int AW>
+ap_uint<32> prog_word(const ap_uint<AW> *prog, int i) {
+    constexpr int PER = AW / 32;
+    const ap_uint<AW> w = prog[i / PER];
+    const int lo = (i % PER) * 32;
+    return w.range(lo + 31, lo);
+}
+
+// The next GEMM whose weights may be fetched ahead: the first one after instruction pc that will
+// run rows (queued GEMMs of idle experts do nothing and are passed over), its weights, biases and
+// shifts in the read-only wgt space (so no instruction in between can change them), before any
+// moe_gate (which stages its own tile) or end. Reads only; its faults are its own (a scratch
+// context), the instruction itself checks everything again when it runs.
+template <class CFG, int AW>
+bool next_gemm(const ap_uint<AW> *prog, M3V_DDR_PARAMS, int pc, int n_instr, gemm_job &nj) {
+    constexpr int W = isa::WORDS;
+    constexpr int LOOKAHEAD = 2 * CFG::MAX_EXPERTS + 4; // an MoE layer's expert GEMMs and its neighbours
+    ddr_ctx s = c;
+    s.fault = false;
+    ifield_t g[W];
+    for (int k = pc + 1; k < n_instr && k <= pc + LOOKAHEAD; k++) {
+        M3V_TRIPCOUNT(1, LOOKAHEAD)
+        for (int i = 0; i < W; i++) {
+            M3V_HLS(pipeline II=1)
+            g[i] = prog_word<AW>(prog, W * (1 + k) + i);
+        }
+        const int op = int(g[0] & 0xFF);
+        if (op == isa::OP_END || op == isa::OP_MOE_GATE)
+            return false;
+        if (op != isa::OP_GEMM)
+            continue;
+        if (gemm_decode<CFG>(g, nj) != isa::STATUS_OK)
+            return false;
+        if (nj.queued) {
+            idx_t off2[2];
+            ddr_load<AW, 2, false, 2>(wgt, arena, in, out, s, nj.q_ref, boff_t(2 * nj.expert), 2, off2);
+            if (s.fault)
+                return false;
+            if (off2[1] <= off2[0])
+                continue; // an idle expert: it fetches nothing, the next GEMM may
+        }
+        return ref_space(nj.w_ref) == isa::SPACE_WGT && ref_space(nj.shift_ref) == isa::SPACE_WGT &&
+               (!nj.has_bias || ref_space(nj.bias_ref) == isa::SPACE_WGT);
+    }
+    return false;
+}
+
+// Weight-stationary per group of P_OUT output columns, the groups double-buffered: the tile of
+// group g + 1 is fetched while group g's rows stream through tile g (gemm_step), and during the
+// last group the first tile of the next GEMM (`nj`, when `has_next`: the next expert, or the
+// layer after an attention or LayerNorm) goes into the free half; `pf` carries it to that GEMM,
+// which starts computing at once when the tile is its own. Each group's weights are read once.
+// With flag `residual` (direct modes only) the add that followed the GEMM is applied to each
+// output block before it is stored.
+template <class CFG, int AW>
+int op_gemm(M3V_DDR_PARAMS, dec_bufs<CFG> &B, M3V_TILE_PARAMS, typename CFG::wgt_t wt2[][CFG::P_IN][CFG::P_OUT],
+            typename CFG::acc_t bias_l2[CFG::P_OUT], int shift_l2[CFG::P_OUT], const ifield_t f[], gemm_prefetch &pf,
+            bool has_next, const gemm_job &nj) {
+    typedef dec_sizes<CFG> S;
+    constexpr int PO = CFG::P_OUT;
     constexpr int OT = cdiv(CFG::MAX_OUT, PO);
-    constexpr int MAX_LD = 1 << 16; // keeps row offsets of the 40-bit address arithmetic exact
-    const ap_uint<24> flags = f[0] >> 8;
-    const int xmode = int(flags >> isa::XMODE_SHIFT) & 3, ymode = int(flags >> isa::YMODE_SHIFT) & 3;
-    const bool w16 = flags[isa::FLAG_W16], gelu = flags[isa::FLAG_GELU], has_bias = flags[isa::FLAG_BIAS];
-    const int in_dim = f[isa::F_GEMM_IN_DIM], out_dim = f[isa::F_GEMM_OUT_DIM];
-    const int x_ld = f[isa::F_GEMM_X_LD], y_ld = f[isa::F_GEMM_Y_LD];
-    const fmt_t fmt = unpack_fmt(f[isa::F_GEMM_FMT]), gelu_fmt = unpack_fmt(f[isa::F_GEMM_GELU_FMT]);
-    if (xmode > int(isa::XMODE_QUEUE) || ymode > int(isa::YMODE_SCATTER))
-        return isa::STATUS_BAD_OPCODE;
-    if (in_dim < 1 || in_dim > CFG::MAX_IN || out_dim < 1 || out_dim > CFG::MAX_OUT || x_ld < in_dim ||
-        y_ld < out_dim || x_ld > MAX_LD || y_ld > MAX_LD || (w16 && CFG::WEIGHT_BITS < 16) ||
-        (!w16 && CFG::WEIGHT_BITS < 8) || !fits_fmt<CFG>(fmt) || (gelu && !fits_fmt<CFG>(gelu_fmt)))
-        return isa::STATUS_OVER_LIMIT;
-    const int rows_max = f[isa::F_GEMM_ROWS];
-    int rows = rows_max;
-    int q0 = 0;
-    const ap_uint<32> qref = f[isa::F_GEMM_QUEUE_REF];
-    const bool queued = xmode != isa::XMODE_DIRECT || ymode != isa::YMODE_DIRECT;
-    ap_uint<32> tok_off = 0, dst_off = 0;
-    if (queued) {
+    gemm_job j;
+    const int st = gemm_decode<CFG>(f, j);
+    if (st != isa::STATUS_OK)
+        return st;
+    const int rows_max = j.rows;
+    if (j.queued) {
         // queue_shape = N | T k << 16 locates q_tok and q_dst; expert e's queue is
         // q_off[e] .. q_off[e+1] - 1, and `rows` bounds its length.
-        const int e = f[isa::F_GEMM_EXPERT];
+        const int e = j.expert;
         const int n_exp = int(f[isa::F_GEMM_QUEUE_SHAPE] & 0xFFFF), tk = int(f[isa::F_GEMM_QUEUE_SHAPE] >> 16);
         if (n_exp < 1 || n_exp > CFG::MAX_EXPERTS || e >= n_exp || tk < 1 || tk > S::TK)
             return isa::STATUS_OVER_LIMIT;
-        queue_layout(n_exp, tk, tok_off, dst_off);
-        if (!ddr_in_range(c, ref_space(qref), ref_off(qref), dst_off + 2 * tk))
+        queue_layout(n_exp, tk, j.tok_off, j.dst_off);
+        if (!ddr_in_range(c, ref_space(j.q_ref), ref_off(j.q_ref), j.dst_off + 2 * tk))
             return isa::STATUS_OVER_LIMIT;
         idx_t off2[2];
-        ddr_load<AW, 2, false, 2>(M3V_DDR_ARGS, qref, boff_t(2 * e), 2, off2);
-        q0 = off2[0];
-        rows = int(off2[1]) - int(off2[0]);
-        if (rows < 0 || rows > rows_max || q0 + rows > tk)
+        ddr_load<AW, 2, false, 2>(M3V_DDR_ARGS, j.q_ref, boff_t(2 * e), 2, off2);
+        j.q0 = off2[0];
+        j.rows = int(off2[1]) - int(off2[0]);
+        if (j.rows < 0 || j.rows > rows_max || j.q0 + j.rows > tk)
             return isa::STATUS_OVER_LIMIT;
-        if (rows == 0)
-            return isa::STATUS_OK; // an idle expert fetches nothing and writes nothing
+        if (j.rows == 0)
+            return isa::STATUS_OK; // an idle expert fetches nothing and writes nothing (a prefetch stays)
     }
-    if (rows < 1 || rows > CFG::MAX_ROWS)
+    if (j.rows < 1 || j.rows > CFG::MAX_ROWS)
+        return isa::STATUS_OVER_LIMIT;
+    // the residual operand [rows, out_dim] with row stride y_ld, as the Python executor reads it
+    if (j.residual && !ddr_in_range(c, ref_space(j.res_ref), ref_off(j.res_ref), boff_t(2) * j.rows * j.y_ld))
         return isa::STATUS_OVER_LIMIT;
     sat_cnt_t sat_gelu = 0;
-    for (int o0 = 0; o0 < out_dim; o0 += PO) {
+    ddr_ctx cf = c; // the fetches' own fault flags: this GEMM's (merged at the end) and the prefetch's
+    cf.fault = false;
+    ddr_ctx cn = cf;
+    // group 0: staged ahead by the previous GEMM, or fetched now
+    int h0 = 0;
+    if (pf.valid && same_tile(pf.job, j))
+        h0 = pf.half;
+    else
+        gemm_fetch<CFG, AW>(wgt, arena, in, out, cf, M3V_TILE_ARGS, true, j, 0);
+    pf.valid = false;
+    const int groups = (j.out_dim + PO - 1) / PO;
+    for (int g = 0; g < groups; g++) {
         M3V_TRIPCOUNT(1, OT)
-        const int nc = imin(PO, out_dim - o0);
-        stage_tile<CFG, AW>(M3V_DDR_ARGS, B, M3V_TILE_ARGS, in_dim, out_dim, o0, nc, w16, f[isa::F_GEMM_W_REF], 0,
-                            has_bias, f[isa::F_GEMM_BIAS_REF], 0, f[isa::F_GEMM_SHIFT_REF], 0);
-        for (int r0 = 0; r0 < rows; r0 += TB) {
-            M3V_TRIPCOUNT(1, RB)
-            const int nb = imin(TB, rows - r0);
-            for (int r = 0; r < nb; r++) {
-                M3V_TRIPCOUNT(1, TB)
-                B.src[r] = xmode == isa::XMODE_QUEUE ? q0 + r0 + r : r0 + r;
-                B.dst[r] = ymode == isa::YMODE_QUEUE ? q0 + r0 + r : r0 + r;
-            }
-            if (xmode == isa::XMODE_GATHER)
-                ddr_load<AW, 2, false, TB>(M3V_DDR_ARGS, qref, boff_t(tok_off) + 2 * (q0 + r0), nb, B.src);
-            if (ymode == isa::YMODE_SCATTER)
-                ddr_load<AW, 2, false, TB>(M3V_DDR_ARGS, qref, boff_t(dst_off) + 2 * (q0 + r0), nb, B.dst);
-            // Gather at load time: row r of the block is memory row src(r).
-            for (int r = 0; r < nb; r++) {
-                M3V_TRIPCOUNT(1, TB)
-                ddr_load<AW, 2, true, MAX_IN>(M3V_DDR_ARGS, f[isa::F_GEMM_X_REF], boff_t(2) * B.src[r] * x_ld, in_dim,
-                                              B.x + r * in_dim);
-            }
-            run_tile<CFG>(B, M3V_TILE_ARGS, nb, in_dim, nc, in_dim, fmt, gelu, gelu_fmt, B.y, PO, 0, B.sat, sat_gelu);
-            // Scatter at store time: row r goes to memory row dst(r).
-            for (int r = 0; r < nb; r++) {
-                M3V_TRIPCOUNT(1, TB)
-                ddr_store16<AW, PO>(M3V_DDR_ARGS, f[isa::F_GEMM_Y_REF], boff_t(2) * (boff_t(B.dst[r]) * y_ld + o0),
-                                    nc, B.y + r * PO);
-            }
-        }
+        const bool last = g == groups - 1;
+        const gemm_job &jf = last ? nj : j;
+        ddr_ctx &cx = last ? cn : cf;
+        const bool fetch = !last || has_next;
+        const int of = last ? 0 : (g + 1) * PO;
+        if (((h0 + g) & 1) == 0)
+            gemm_step<CFG, AW>(wgt, arena, in, out, c, cx, B, M3V_TILE_ARGS, wt2, bias_l2, shift_l2, fetch, jf, of, j,
+                               g * PO, sat_gelu);
+        else
+            gemm_step<CFG, AW>(wgt, arena, in, out, c, cx, B, wt2, bias_l2, shift_l2, M3V_TILE_ARGS, fetch, jf, of, j,
+                               g * PO, sat_gelu);
+    }
+    c.fault = c.fault || cf.fault;
+    if (has_next && !cn.fault) {
+        pf.valid = true;
+        pf.half = (h0 + groups) & 1;
+        pf.job = nj;
     }
     B.sat += sat_gelu;
     return isa::STATUS_OK;
@@ -735,7 +918,7 @@ int op_moe_gate(M3V_DDR_PARAMS, dec_bufs<CFG> &B, M3V_TILE_PARAMS, const ifield_
             M3V_TRIPCOUNT(1, GT)
             const int nc = imin(PO, n - o0);
             if (!one_tile || r0 == 0)
-                stage_tile<CFG, AW>(M3V_DDR_ARGS, B, M3V_TILE_ARGS, d, n, o0, nc, w16, f[isa::F_MOE_GATE_W_REF], wo,
+                stage_tile<CFG, AW>(M3V_DDR_ARGS, M3V_TILE_ARGS, d, n, o0, nc, w16, f[isa::F_MOE_GATE_W_REF], wo,
                                     true, f[isa::F_MOE_GATE_BIAS_REF], bo, f[isa::F_MOE_GATE_SHIFT_REF], so);
             run_tile<CFG>(B, M3V_TILE_ARGS, nb, d, nc, d, fmt, false, fmt, B.y, n, o0, B.sat, sat_gelu);
         }
@@ -772,7 +955,13 @@ int op_moe_combine(M3V_DDR_PARAMS, dec_bufs<CFG> &B, const ifield_t f[]) {
     constexpr int TBLOCKS = cdiv(CFG::MAX_TOKENS, TB);
     const int t = f[isa::F_MOE_COMBINE_TOKENS], k = f[isa::F_MOE_COMBINE_K], d = f[isa::F_MOE_COMBINE_DIM];
     const fmt_t fmt = unpack_fmt(f[isa::F_MOE_COMBINE_FMT]);
-    if (t < 1 || t > CFG::MAX_TOKENS || k < 1 || k > CFG::MAX_K || d < 1 || d > CFG::MAX_DIM || !fits_fmt<CFG>(fmt))
+    const ap_uint<24> flags = f[0] >> 8;
+    const bool residual = flags[isa::FLAG_RESIDUAL];
+    const fmt_t res_fmt = unpack_fmt(f[isa::F_MOE_COMBINE_RES_FMT]);
+    const int res_a = int(ap_int<16>(f[isa::F_MOE_COMBINE_RES_SHIFTS].range(15, 0)));
+    const int res_b = int(ap_int<16>(f[isa::F_MOE_COMBINE_RES_SHIFTS].range(31, 16)));
+    if (t < 1 || t > CFG::MAX_TOKENS || k < 1 || k > CFG::MAX_K || d < 1 || d > CFG::MAX_DIM || !fits_fmt<CFG>(fmt) ||
+        (residual && !fits_fmt<CFG>(res_fmt)))
         return isa::STATUS_OVER_LIMIT;
     ddr_load<AW, 2, false, S::TK>(M3V_DDR_ARGS, f[isa::F_MOE_COMBINE_IDX_REF], 0, t * k, B.idx);
     // the combine shifts are per expert: load as many as the highest routed index needs
@@ -798,21 +987,17 @@ int op_moe_combine(M3V_DDR_PARAMS, dec_bufs<CFG> &B, const ifield_t f[]) {
             B.idx_blk[i] = B.idx[r0 * k + i];
         }
         moe_combine<CFG>(nb, k, d, B.score_blk, B.x, B.idx_blk, B.shift, true, fmt, B.y, B.sat);
+        if (residual) {
+            // the expert outputs are spent: the input block stages the residual operand's rows
+            ddr_load<AW, 2, true, S::X_N>(M3V_DDR_ARGS, f[isa::F_MOE_COMBINE_RES_REF], boff_t(2) * r0 * d, nb * d, B.x);
+            residual_add<CFG>(nb, d, B.y, d, B.x, d, res_a, res_b, res_fmt, B.y, d, B.sat);
+        }
         ddr_store16<AW, S::Y_N>(M3V_DDR_ARGS, f[isa::F_MOE_COMBINE_OUT_REF], boff_t(2) * r0 * d, nb * d, B.y);
     }
     return isa::STATUS_OK;
 }
 
 // ---------------------------------------------------------------------------- the sequencer
-
-// Word i (32 bits) of the program memory.
-template <int AW>
-ap_uint<32> prog_word(const ap_uint<AW> *prog, int i) {
-    constexpr int PER = AW / 32;
-    const ap_uint<AW> w = prog[i / PER];
-    const int lo = (i % PER) * 32;
-    return w.range(lo + 31, lo);
-}
 
 // Runs the Program; returns its status (isa::STATUS_*). n_done: instructions completed.
 template <class CFG, class BLD>
@@ -832,6 +1017,14 @@ int run_program(const ap_uint<BLD::AXI_W> *prog, const ap_uint<BLD::AXI_W> *wgt,
     M3V_HLS(array_partition variable=bias_l complete)
     static int shift_l[CFG::P_OUT];
     M3V_HLS(array_partition variable=shift_l complete)
+    // the other half of the GEMM's weight ping-pong
+    static typename CFG::wgt_t wt2[S::KT][CFG::P_IN][CFG::P_OUT];
+    M3V_HLS(array_partition variable=wt2 complete dim=2)
+    M3V_HLS(array_partition variable=wt2 complete dim=3)
+    static typename CFG::acc_t bias_l2[CFG::P_OUT];
+    M3V_HLS(array_partition variable=bias_l2 complete)
+    static int shift_l2[CFG::P_OUT];
+    M3V_HLS(array_partition variable=shift_l2 complete)
     static typename CFG::act_t qb[S::DKT][CFG::P_IN][CFG::ATT_QT];
     M3V_HLS(array_partition variable=qb complete dim=2)
     M3V_HLS(array_partition variable=qb complete dim=3)
@@ -871,6 +1064,10 @@ int run_program(const ap_uint<BLD::AXI_W> *prog, const ap_uint<BLD::AXI_W> *wgt,
     int status = isa::STATUS_OK;
     ifield_t f[W];
     M3V_HLS(array_partition variable=f complete)
+    gemm_prefetch pf;
+    pf.valid = false;
+    pf.half = 0;
+    gemm_job nj;
     constexpr int MAX_INSTR = BLD::MAX_INSTR;
     for (int pc = 0; pc < n_instr; pc++) {
         M3V_TRIPCOUNT(1, MAX_INSTR)
@@ -884,8 +1081,10 @@ int run_program(const ap_uint<BLD::AXI_W> *prog, const ap_uint<BLD::AXI_W> *wgt,
             break;
         else if (op == isa::OP_PATCHIFY)
             st = op_patchify<CFG, AW>(M3V_DDR_ARGS, B, f);
-        else if (op == isa::OP_GEMM)
-            st = op_gemm<CFG, AW>(M3V_DDR_ARGS, B, M3V_TILE_ARGS, f);
+        else if (op == isa::OP_GEMM) {
+            const bool has_next = next_gemm<CFG, AW>(prog, M3V_DDR_ARGS, pc, n_instr, nj);
+            st = op_gemm<CFG, AW>(M3V_DDR_ARGS, B, M3V_TILE_ARGS, wt2, bias_l2, shift_l2, f, pf, has_next, nj);
+        }
         else if (op == isa::OP_EMBED)
             st = op_embed<CFG, AW>(M3V_DDR_ARGS, B, f);
         else if (op == isa::OP_LAYERNORM)
@@ -894,8 +1093,10 @@ int run_program(const ap_uint<BLD::AXI_W> *prog, const ap_uint<BLD::AXI_W> *wgt,
             st = op_attention<CFG, AW>(M3V_DDR_ARGS, B, qb, sc, f);
         else if (op == isa::OP_ADD)
             st = op_add<CFG, AW>(M3V_DDR_ARGS, B, f);
-        else if (op == isa::OP_MOE_GATE)
+        else if (op == isa::OP_MOE_GATE) {
+            pf.valid = false; // the gate stages its tile into the first half
             st = op_moe_gate<CFG, AW>(M3V_DDR_ARGS, B, M3V_TILE_ARGS, f, task);
+        }
         else if (op == isa::OP_MOE_COMBINE)
             st = op_moe_combine<CFG, AW>(M3V_DDR_ARGS, B, f);
         else

@@ -1,34 +1,32 @@
 // m3v_accel: the accelerator top. The host (rtl_sim/driver.py) writes the registers of
 // compiler/regmap.py over AXI4-Lite and starts a Program (docs/program.md) that sits in DDR; the
-// top fetches it through its AXI4 master ports and runs it. docs/accelerator.md has the diagram.
+// top fetches it through its AXI4 master port 0 and hands each instruction to one engine, which
+// owns every master port and (for the matrix engines) the shared compute unit until it is done.
+// docs/accelerator.md has the diagram and the engine interface.
 //
 //   axil_regs ── start/bases/TASK ──> controller ── counters/STATUS ──> axil_regs
-//   port 0: axi_reader  ── header + instructions ──> controller
-//                       └─ operand B (add: b, embed: pos) ──> elem_packer ─┐
-//   port 1: axi_reader  ── operand A (add: a, embed: cls then x) ──> elem_packer ─┤
-//                                                                        add_unit (P lanes)
-//   port 2: axi_writer  <── y ─────────────────────────────────────────────────────┘
-//   ports 3..: idle (reserved for the weight streams of the GEMM engine)
+//   port 0 (between instructions): axi_reader ── header + instructions ──> controller
+//   engines: eng_elem (add, embed), eng_gemm (gemm, moe_combine), eng_gate (moe_gate),
+//            eng_attn (attention), eng_ln (layernorm), eng_patchify (patchify)
+//   compute_unit ── shared by eng_gemm, eng_gate, eng_attn
 //
-// The controller, on start: fetches the 64-byte header through port 0 and refuses it with STATUS
-// bad_magic, bad_version or hw_mismatch (all 32 digest bytes against the configuration this top
-// was built for, `M3V_HW_DIGEST) or bad_task (TASK >= the header's task count); then fetches and
-// runs one instruction at a time until END or the header's instruction count (STATUS ok).
-// Current state: ADD and EMBED run, bit-exact with compiler/program_exec.py (residual_add, with
-// EMBED's A stream = the CLS row then the patch rows); every other opcode stops the run with
-// STATUS bad_opcode (their engines come later). An operand past the end of its space or a store
-// outside arena/out stops it with over_limit. A run that stops keeps the stores of the
+// The controller, on start: fetches the 64-byte header and refuses it with STATUS bad_magic,
+// bad_version or hw_mismatch (all 32 digest bytes against the configuration this top was built
+// for, `M3V_HW_DIGEST) or bad_task (TASK >= the header's task count); then fetches and runs one
+// instruction at a time until END or the header's instruction count (STATUS ok). An opcode
+// without an engine stops the run with bad_opcode; an engine that refuses its instruction
+// (over_limit, bad_opcode) stops it with its code. A run that stops keeps the stores of the
 // instructions before it. INSTR_COUNT counts completed instructions (END included).
 // Counters (reset at start): CYCLES = cycles from the start write to done; STALL_CYCLES = those in
-// which the elementwise datapath took no beat (fetch, decode, DDR latency and back-pressure), so
-// CYCLES - STALL_CYCLES = beats computed; DDR_RD/WR_BYTES = beats moved on the master ports times
-// the beat size; OP_CYCLES_<op> = cycles of each completed instruction from its fetch to its
-// retirement (their sum leaves out the header check and the final cycle).
+// which no engine's datapath did useful work (fetch, decode, DDR latency, back-pressure);
+// DDR_RD/WR_BYTES = beats moved on all master ports times the beat size; OP_CYCLES_<op> = cycles
+// of each completed instruction from its fetch to its retirement.
 // Addresses on the master ports are the low ADDR_W bits of base + offset; the buffers must be
 // beat-aligned (the driver allocates 4 KB-aligned buffers; refs are 64-byte aligned).
 `include "m3v_isa.svh"
 `include "m3v_regmap.svh"
 `include "m3v_accel_cfg.svh"
+`include "m3v_hw_config.svh"
 
 module m3v_accel #(
     parameter int DW        = `M3V_AXI_W,
@@ -91,17 +89,25 @@ module m3v_accel #(
     input  logic [PORTS*ID_W-1:0]    m_bid,
     input  logic [PORTS*2-1:0]       m_bresp
 );
-    localparam int P     = DW / 16;          // int16 lanes: one beat per cycle
-    localparam int BB    = DW / 8;
-    localparam int BPR   = 512 / DW;         // beats per 64-byte record
-    localparam int RBW   = $clog2(BPR);
-    localparam int NB_W  = $clog2(BB) + 1;
-    localparam int NW    = $clog2(P + 1);
-    localparam int N_OPS = 9;
+    localparam int BB     = DW / 8;
+    localparam int BPR    = 512 / DW;         // beats per 64-byte record
+    localparam int RBW    = $clog2(BPR);
+    localparam int NB_W   = $clog2(BB) + 1;
+    localparam int N_OPS  = 9;
+    localparam int N_ENG  = 6;
+    localparam int SLOT_W = $clog2(`M3V_SLOTS);
+    localparam int CUW_W  = `M3V_P_IN * `M3V_P_OUT * `M3V_W_W;
+    localparam int CUB_W  = `M3V_P_OUT * `M3V_ACC_W;
+    localparam int CUS_W  = `M3V_P_OUT * `M3V_SHIFT_W;
+    localparam int CUX_W  = `M3V_P_IN * `M3V_ACT_W;
+    localparam int CUO_W  = `M3V_P_OUT * `M3V_ACT_W;
+    // engine numbers
+    localparam logic [2:0] E_ELEM = 3'd0, E_GEMM = 3'd1, E_GATE = 3'd2, E_ATTN = 3'd3, E_LN = 3'd4,
+                           E_PATCH = 3'd5, E_NONE = 3'd7;
 
     localparam logic [3:0] S_IDLE = 4'd0, S_HDR_REQ = 4'd1, S_HDR_RD = 4'd2, S_HDR_CHK = 4'd3,
-                           S_FETCH_REQ = 4'd4, S_FETCH_RD = 4'd5, S_DECODE = 4'd6, S_CHECK = 4'd7,
-                           S_EXEC = 4'd8, S_RETIRE = 4'd9, S_DONE = 4'd10;
+                           S_FETCH_REQ = 4'd4, S_FETCH_RD = 4'd5, S_DECODE = 4'd6, S_EXEC = 4'd8,
+                           S_RETIRE = 4'd9, S_DONE = 4'd10;
 
     // ---- register file
     logic        start, core_idle, core_done;
@@ -120,128 +126,178 @@ module m3v_accel #(
         .core_idle, .core_done, .status(status_q), .instr_count, .cycles, .stall_cycles,
         .rd_bytes, .wr_bytes, .op_cycles);
 
-    // ---- DMA engines
-    logic              r0_cmd_valid, r0_cmd_ready, r1_cmd_valid, r1_cmd_ready, w_cmd_valid, w_cmd_ready;
-    logic [ADDR_W-1:0] r0_cmd_addr, r1_cmd_addr, w_cmd_addr;
-    logic [31:0]       r0_cmd_bytes, r1_cmd_bytes, w_cmd_bytes;
-    logic              r1_cmd_eos;
-    logic              r0_valid, r0_ready, r0_eos, r1_valid, r1_ready, r1_eos;
-    logic [DW-1:0]     r0_data, r1_data;
-    logic [NB_W-1:0]   r0_nbytes, r1_nbytes;
+    logic [3:0]     state;
+    logic [2:0]     sel;                 // the engine running the current instruction
+    logic           run;                 // an engine owns the ports
+    assign run = state == S_EXEC;
 
-    axi_reader #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(MAX_BURST)) u_rd0 (
-        .clk, .rst_n, .cmd_valid(r0_cmd_valid), .cmd_ready(r0_cmd_ready), .cmd_addr(r0_cmd_addr),
-        .cmd_bytes(r0_cmd_bytes), .cmd_eos(1'b1), .out_valid(r0_valid), .out_ready(r0_ready),
-        .out_data(r0_data), .out_nbytes(r0_nbytes), .out_eos(r0_eos),
-        .arvalid(m_arvalid[0]), .arready(m_arready[0]), .araddr(m_araddr[0 +: ADDR_W]), .arlen(m_arlen[0 +: 8]),
-        .arsize(m_arsize[0 +: 3]), .arburst(m_arburst[0 +: 2]), .arid(m_arid[0 +: ID_W]),
-        .rvalid(m_rvalid[0]), .rready(m_rready[0]), .rdata(m_rdata[0 +: DW]), .rid(m_rid[0 +: ID_W]),
+    // ---- Program fetch: its own reader on port 0, connected while no engine runs
+    logic              f_cmd_valid, f_cmd_ready, f_valid, f_ready, f_eos;
+    logic [ADDR_W-1:0] f_cmd_addr;
+    logic [DW-1:0]     f_data;
+    logic [NB_W-1:0]   f_nbytes;
+    logic              f_arvalid, f_rready;
+    logic [ADDR_W-1:0] f_araddr;
+    logic [7:0]        f_arlen;
+    logic [2:0]        f_arsize;
+    logic [1:0]        f_arburst;
+    logic [ID_W-1:0]   f_arid;
+    logic [31:0]       pc;
+
+    assign f_cmd_valid = state == S_HDR_REQ || state == S_FETCH_REQ;
+    assign f_cmd_addr  = ADDR_W'(base_prog + (state == S_FETCH_REQ ? {26'd0, pc + 32'd1, 6'd0} : 64'd0));
+    assign f_ready     = state == S_HDR_RD || state == S_FETCH_RD;
+
+    axi_reader #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(MAX_BURST)) u_fetch (
+        .clk, .rst_n, .cmd_valid(f_cmd_valid), .cmd_ready(f_cmd_ready), .cmd_addr(f_cmd_addr),
+        .cmd_bytes(32'd64), .cmd_eos(1'b1), .out_valid(f_valid), .out_ready(f_ready),
+        .out_data(f_data), .out_nbytes(f_nbytes), .out_eos(f_eos),
+        .arvalid(f_arvalid), .arready(!run && m_arready[0]), .araddr(f_araddr), .arlen(f_arlen),
+        .arsize(f_arsize), .arburst(f_arburst), .arid(f_arid),
+        .rvalid(!run && m_rvalid[0]), .rready(f_rready), .rdata(m_rdata[0 +: DW]), .rid(m_rid[0 +: ID_W]),
         .rlast(m_rlast[0]), .rresp(m_rresp[0 +: 2]));
 
-    axi_reader #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(MAX_BURST)) u_rd1 (
-        .clk, .rst_n, .cmd_valid(r1_cmd_valid), .cmd_ready(r1_cmd_ready), .cmd_addr(r1_cmd_addr),
-        .cmd_bytes(r1_cmd_bytes), .cmd_eos(r1_cmd_eos), .out_valid(r1_valid), .out_ready(r1_ready),
-        .out_data(r1_data), .out_nbytes(r1_nbytes), .out_eos(r1_eos),
-        .arvalid(m_arvalid[1]), .arready(m_arready[1]), .araddr(m_araddr[ADDR_W +: ADDR_W]),
-        .arlen(m_arlen[8 +: 8]), .arsize(m_arsize[3 +: 3]), .arburst(m_arburst[2 +: 2]),
-        .arid(m_arid[ID_W +: ID_W]), .rvalid(m_rvalid[1]), .rready(m_rready[1]), .rdata(m_rdata[DW +: DW]),
-        .rid(m_rid[ID_W +: ID_W]), .rlast(m_rlast[1]), .rresp(m_rresp[2 +: 2]));
+    // ---- engines: one instance each, outputs side by side, muxed by sel
+    logic [N_ENG-1:0]                  e_start, e_done, e_active;
+    logic [N_ENG*4-1:0]               e_status;
+    logic [N_ENG*(PORTS)-1:0] e_arvalid, e_rready, e_awvalid, e_wvalid, e_wlast, e_bready;
+    logic [N_ENG*(PORTS*ADDR_W)-1:0] e_araddr, e_awaddr;
+    logic [N_ENG*(PORTS*8)-1:0] e_arlen, e_awlen;
+    logic [N_ENG*(PORTS*3)-1:0] e_arsize, e_awsize;
+    logic [N_ENG*(PORTS*2)-1:0] e_arburst, e_awburst;
+    logic [N_ENG*(PORTS*ID_W)-1:0] e_arid, e_awid;
+    logic [N_ENG*(PORTS*DW)-1:0] e_wdata;
+    logic [N_ENG*(PORTS*DW/8)-1:0] e_wstrb;
+    logic [N_ENG*(PORTS)-1:0] g_arready, g_rvalid, g_awready, g_wready, g_bvalid;
+    logic [N_ENG-1:0]                  e_cu_w_valid, e_cu_w_combine, e_cu_w_gelu, e_cu_x_valid, e_cu_x_wnext,
+                                       e_cu_x_first, e_cu_x_last, e_cu_o_ready, g_cu_w_ready, g_cu_x_ready,
+                                       g_cu_o_valid;
+    logic [N_ENG*(CUW_W)-1:0] e_cu_w_weights;
+    logic [N_ENG*(CUB_W)-1:0] e_cu_w_bias;
+    logic [N_ENG*(CUS_W)-1:0] e_cu_w_shift;
+    logic [N_ENG*(`M3V_OB_W)-1:0] e_cu_w_out_bits, e_cu_w_gelu_out_bits;
+    logic [N_ENG*(`M3V_CSH_W)-1:0] e_cu_w_comb_shift;
+    logic [N_ENG*7-1:0]               e_cu_w_gelu_in_frac, e_cu_w_gelu_out_frac;
+    logic [N_ENG*(CUX_W)-1:0] e_cu_x_act;
+    logic [N_ENG*(CUO_W)-1:0] e_cu_x_eout;
+    logic [N_ENG*(`M3V_SCORE_W)-1:0] e_cu_x_score;
+    logic [N_ENG*(SLOT_W)-1:0] e_cu_x_slot;
+    logic [N_ENG*(`M3V_TAG_W)-1:0] e_cu_x_tag;
+    logic                              cu_w_ready, cu_x_ready, cu_o_valid;
+    logic [CUO_W-1:0]                  cu_o_data;
+    logic [`M3V_TAG_W-1:0]             cu_o_tag;
 
-    logic          y_valid, y_ready;
-    logic [DW-1:0] y_data;
-
-    axi_writer #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(MAX_BURST)) u_wr (
-        .clk, .rst_n, .cmd_valid(w_cmd_valid), .cmd_ready(w_cmd_ready), .cmd_addr(w_cmd_addr),
-        .cmd_bytes(w_cmd_bytes), .in_valid(y_valid), .in_ready(y_ready), .in_data(y_data),
-        .awvalid(m_awvalid[2]), .awready(m_awready[2]), .awaddr(m_awaddr[2*ADDR_W +: ADDR_W]),
-        .awlen(m_awlen[16 +: 8]), .awsize(m_awsize[6 +: 3]), .awburst(m_awburst[4 +: 2]),
-        .awid(m_awid[2*ID_W +: ID_W]), .wvalid(m_wvalid[2]), .wready(m_wready[2]),
-        .wdata(m_wdata[2*DW +: DW]), .wstrb(m_wstrb[2*BB +: BB]), .wlast(m_wlast[2]),
-        .bvalid(m_bvalid[2]), .bready(m_bready[2]), .bid(m_bid[2*ID_W +: ID_W]), .bresp(m_bresp[4 +: 2]));
-
-    // the channels no engine drives yet
-    assign m_awvalid[1:0] = '0;
-    assign m_awaddr[2*ADDR_W-1:0] = '0;
-    assign m_awlen[15:0] = '0;
-    assign m_awsize[5:0] = '0;
-    assign m_awburst[3:0] = '0;
-    assign m_awid[2*ID_W-1:0] = '0;
-    assign m_wvalid[1:0] = '0;
-    assign m_wdata[2*DW-1:0] = '0;
-    assign m_wstrb[2*BB-1:0] = '0;
-    assign m_wlast[1:0] = '0;
-    assign m_bready[1:0] = '1;
-    assign m_arvalid[2] = 1'b0;
-    assign m_araddr[2*ADDR_W +: ADDR_W] = '0;
-    assign m_arlen[16 +: 8] = '0;
-    assign m_arsize[6 +: 3] = '0;
-    assign m_arburst[4 +: 2] = '0;
-    assign m_arid[2*ID_W +: ID_W] = '0;
-    assign m_rready[2] = 1'b1;
-    generate
-        if (PORTS > 3) begin : g_idle
-            assign m_arvalid[PORTS-1:3] = '0;
-            assign m_araddr[PORTS*ADDR_W-1:3*ADDR_W] = '0;
-            assign m_arlen[PORTS*8-1:24] = '0;
-            assign m_arsize[PORTS*3-1:9] = '0;
-            assign m_arburst[PORTS*2-1:6] = '0;
-            assign m_arid[PORTS*ID_W-1:3*ID_W] = '0;
-            assign m_rready[PORTS-1:3] = '1;
-            assign m_awvalid[PORTS-1:3] = '0;
-            assign m_awaddr[PORTS*ADDR_W-1:3*ADDR_W] = '0;
-            assign m_awlen[PORTS*8-1:24] = '0;
-            assign m_awsize[PORTS*3-1:9] = '0;
-            assign m_awburst[PORTS*2-1:6] = '0;
-            assign m_awid[PORTS*ID_W-1:3*ID_W] = '0;
-            assign m_wvalid[PORTS-1:3] = '0;
-            assign m_wdata[PORTS*DW-1:3*DW] = '0;
-            assign m_wstrb[PORTS*BB-1:3*BB] = '0;
-            assign m_wlast[PORTS-1:3] = '0;
-            assign m_bready[PORTS-1:3] = '1;
+    // an engine sees its AXI and compute-unit handshakes only while it is selected
+    always_comb begin
+        for (int e = 0; e < N_ENG; e++) begin
+            g_arready[e*PORTS +: PORTS]    = (run && sel == 3'(e)) ? m_arready : '0;
+            g_rvalid[e*PORTS +: PORTS]     = (run && sel == 3'(e)) ? m_rvalid : '0;
+            g_awready[e*PORTS +: PORTS]    = (run && sel == 3'(e)) ? m_awready : '0;
+            g_wready[e*PORTS +: PORTS]     = (run && sel == 3'(e)) ? m_wready : '0;
+            g_bvalid[e*PORTS +: PORTS]     = (run && sel == 3'(e)) ? m_bvalid : '0;
+            g_cu_w_ready[e] = run && sel == 3'(e) && cu_w_ready;
+            g_cu_x_ready[e] = run && sel == 3'(e) && cu_x_ready;
+            g_cu_o_valid[e] = run && sel == 3'(e) && cu_o_valid;
         end
-    endgenerate
+    end
 
-    // ---- elementwise datapath: A and B packed to full beats, added, written
-    logic          pa_valid, pa_ready, pb_valid, pb_ready, pb_in_valid, pb_in_ready;
-    logic [DW-1:0] pa_data, pb_data;
-    logic          add_in_valid, add_in_ready, add_fire;
-    logic [31:0]   x_a_shift, x_b_shift;
-    logic [5:0]    x_fmt_bits;
-    logic          x_fmt_signed;
-    logic [3:0]    state;
+`define M3V_ENGINE(MOD, INST, E) \
+    MOD #(.DW(DW), .PORTS(PORTS), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(MAX_BURST)) INST ( \
+        .clk, .rst_n, .start(e_start[E]), .rec, .task_idx, .base_wgt, .base_arena, .base_in, .base_out, \
+        .sz_wgt, .sz_arena, .sz_in, .sz_out, .done(e_done[E]), .status(e_status[32'(E)*4 +: 4]), .active(e_active[E]), \
+        .m_arvalid(e_arvalid[32'(E)*(PORTS) +: PORTS]), .m_arready(g_arready[32'(E)*(PORTS) +: PORTS]), .m_araddr(e_araddr[32'(E)*(PORTS*ADDR_W) +: PORTS*ADDR_W]), .m_arlen(e_arlen[32'(E)*(PORTS*8) +: PORTS*8]), \
+        .m_arsize(e_arsize[32'(E)*(PORTS*3) +: PORTS*3]), .m_arburst(e_arburst[32'(E)*(PORTS*2) +: PORTS*2]), .m_arid(e_arid[32'(E)*(PORTS*ID_W) +: PORTS*ID_W]), .m_rvalid(g_rvalid[32'(E)*(PORTS) +: PORTS]), \
+        .m_rready(e_rready[32'(E)*(PORTS) +: PORTS]), .m_rdata, .m_rid, .m_rlast, .m_rresp, .m_awvalid(e_awvalid[32'(E)*(PORTS) +: PORTS]), \
+        .m_awready(g_awready[32'(E)*(PORTS) +: PORTS]), .m_awaddr(e_awaddr[32'(E)*(PORTS*ADDR_W) +: PORTS*ADDR_W]), .m_awlen(e_awlen[32'(E)*(PORTS*8) +: PORTS*8]), .m_awsize(e_awsize[32'(E)*(PORTS*3) +: PORTS*3]), \
+        .m_awburst(e_awburst[32'(E)*(PORTS*2) +: PORTS*2]), .m_awid(e_awid[32'(E)*(PORTS*ID_W) +: PORTS*ID_W]), .m_wvalid(e_wvalid[32'(E)*(PORTS) +: PORTS]), .m_wready(g_wready[32'(E)*(PORTS) +: PORTS]), \
+        .m_wdata(e_wdata[32'(E)*(PORTS*DW) +: PORTS*DW]), .m_wstrb(e_wstrb[32'(E)*(PORTS*DW/8) +: PORTS*DW/8]), .m_wlast(e_wlast[32'(E)*(PORTS) +: PORTS]), .m_bvalid(g_bvalid[32'(E)*(PORTS) +: PORTS]), \
+        .m_bready(e_bready[32'(E)*(PORTS) +: PORTS]), .m_bid, .m_bresp, \
+        .cu_w_valid(e_cu_w_valid[E]), .cu_w_ready(g_cu_w_ready[E]), .cu_w_weights(e_cu_w_weights[32'(E)*(CUW_W) +: CUW_W]), \
+        .cu_w_bias(e_cu_w_bias[32'(E)*(CUB_W) +: CUB_W]), .cu_w_shift(e_cu_w_shift[32'(E)*(CUS_W) +: CUS_W]), .cu_w_out_bits(e_cu_w_out_bits[32'(E)*(`M3V_OB_W) +: `M3V_OB_W]), \
+        .cu_w_comb_shift(e_cu_w_comb_shift[32'(E)*(`M3V_CSH_W) +: `M3V_CSH_W]), .cu_w_combine(e_cu_w_combine[E]), .cu_w_gelu(e_cu_w_gelu[E]), \
+        .cu_w_gelu_in_frac(e_cu_w_gelu_in_frac[32'(E)*7 +: 7]), .cu_w_gelu_out_frac(e_cu_w_gelu_out_frac[32'(E)*7 +: 7]), \
+        .cu_w_gelu_out_bits(e_cu_w_gelu_out_bits[32'(E)*(`M3V_OB_W) +: `M3V_OB_W]), .cu_x_valid(e_cu_x_valid[E]), \
+        .cu_x_ready(g_cu_x_ready[E]), .cu_x_wnext(e_cu_x_wnext[E]), .cu_x_act(e_cu_x_act[32'(E)*(CUX_W) +: CUX_W]), \
+        .cu_x_eout(e_cu_x_eout[32'(E)*(CUO_W) +: CUO_W]), .cu_x_score(e_cu_x_score[32'(E)*(`M3V_SCORE_W) +: `M3V_SCORE_W]), .cu_x_slot(e_cu_x_slot[32'(E)*(SLOT_W) +: SLOT_W]), \
+        .cu_x_first(e_cu_x_first[E]), .cu_x_last(e_cu_x_last[E]), .cu_x_tag(e_cu_x_tag[32'(E)*(`M3V_TAG_W) +: `M3V_TAG_W]), \
+        .cu_o_valid(g_cu_o_valid[E]), .cu_o_ready(e_cu_o_ready[E]), .cu_o_data, .cu_o_tag);
 
-    elem_packer #(.P(P), .EW(16)) u_pack_a (
-        .clk, .rst_n, .in_valid(r1_valid), .in_ready(r1_ready), .in_data(r1_data), .in_n(NW'(r1_nbytes >> 1)),
-        .in_eos(r1_eos), .out_valid(pa_valid), .out_ready(pa_ready), .out_data(pa_data));
+    `M3V_ENGINE(eng_elem, u_elem, 0)
+    `M3V_ENGINE(eng_gemm, u_gemm, 1)
+    `M3V_ENGINE(eng_gate, u_gate, 2)
+    `M3V_ENGINE(eng_attn, u_attn, 3)
+    `M3V_ENGINE(eng_ln, u_ln, 4)
+    `M3V_ENGINE(eng_patchify, u_patchify, 5)
+`undef M3V_ENGINE
 
-    assign pb_in_valid = state == S_EXEC && r0_valid;
-    assign r0_ready = (state == S_HDR_RD || state == S_FETCH_RD) || (state == S_EXEC && pb_in_ready);
+    // ---- the master ports: the selected engine's, or the fetch reader on port 0
+    always_comb begin
+        m_arvalid = '0; m_araddr = '0; m_arlen = '0; m_arsize = '0; m_arburst = '0; m_arid = '0;
+        m_rready = '0; m_awvalid = '0; m_awaddr = '0; m_awlen = '0; m_awsize = '0; m_awburst = '0;
+        m_awid = '0; m_wvalid = '0; m_wdata = '0; m_wstrb = '0; m_wlast = '0; m_bready = '0;
+        if (run && sel < 3'(N_ENG)) begin
+            m_arvalid = e_arvalid[32'(sel)*(PORTS) +: PORTS]; m_araddr = e_araddr[32'(sel)*(PORTS*ADDR_W) +: PORTS*ADDR_W]; m_arlen = e_arlen[32'(sel)*(PORTS*8) +: PORTS*8];
+            m_arsize = e_arsize[32'(sel)*(PORTS*3) +: PORTS*3]; m_arburst = e_arburst[32'(sel)*(PORTS*2) +: PORTS*2]; m_arid = e_arid[32'(sel)*(PORTS*ID_W) +: PORTS*ID_W];
+            m_rready = e_rready[32'(sel)*(PORTS) +: PORTS]; m_awvalid = e_awvalid[32'(sel)*(PORTS) +: PORTS]; m_awaddr = e_awaddr[32'(sel)*(PORTS*ADDR_W) +: PORTS*ADDR_W];
+            m_awlen = e_awlen[32'(sel)*(PORTS*8) +: PORTS*8]; m_awsize = e_awsize[32'(sel)*(PORTS*3) +: PORTS*3]; m_awburst = e_awburst[32'(sel)*(PORTS*2) +: PORTS*2];
+            m_awid = e_awid[32'(sel)*(PORTS*ID_W) +: PORTS*ID_W]; m_wvalid = e_wvalid[32'(sel)*(PORTS) +: PORTS]; m_wdata = e_wdata[32'(sel)*(PORTS*DW) +: PORTS*DW]; m_wstrb = e_wstrb[32'(sel)*(PORTS*DW/8) +: PORTS*DW/8];
+            m_wlast = e_wlast[32'(sel)*(PORTS) +: PORTS]; m_bready = e_bready[32'(sel)*(PORTS) +: PORTS];
+        end else begin
+            m_arvalid[0] = f_arvalid; m_araddr[0 +: ADDR_W] = f_araddr; m_arlen[0 +: 8] = f_arlen;
+            m_arsize[0 +: 3] = f_arsize; m_arburst[0 +: 2] = f_arburst; m_arid[0 +: ID_W] = f_arid;
+            m_rready[0] = f_rready;
+            m_bready = '1;
+        end
+    end
 
-    elem_packer #(.P(P), .EW(16)) u_pack_b (
-        .clk, .rst_n, .in_valid(pb_in_valid), .in_ready(pb_in_ready), .in_data(r0_data),
-        .in_n(NW'(r0_nbytes >> 1)), .in_eos(r0_eos), .out_valid(pb_valid), .out_ready(pb_ready),
-        .out_data(pb_data));
+    // ---- the shared compute unit, driven by the selected engine
+    logic                     c_w_valid, c_w_combine, c_w_gelu, c_x_valid, c_x_wnext, c_x_first, c_x_last,
+                              c_o_ready;
+    logic [CUW_W-1:0]         c_w_weights;
+    logic [CUB_W-1:0]         c_w_bias;
+    logic [CUS_W-1:0]         c_w_shift;
+    logic [`M3V_OB_W-1:0]     c_w_out_bits, c_w_gelu_out_bits;
+    logic [`M3V_CSH_W-1:0]    c_w_comb_shift;
+    logic [6:0]               c_w_gelu_in_frac, c_w_gelu_out_frac;
+    logic [CUX_W-1:0]         c_x_act;
+    logic [CUO_W-1:0]         c_x_eout;
+    logic [`M3V_SCORE_W-1:0]  c_x_score;
+    logic [SLOT_W-1:0]        c_x_slot;
+    logic [`M3V_TAG_W-1:0]    c_x_tag;
 
-    assign add_in_valid = pa_valid && pb_valid;
-    assign pa_ready = add_in_ready && pb_valid;
-    assign pb_ready = add_in_ready && pa_valid;
-    assign add_fire = add_in_valid && add_in_ready;
+    always_comb begin
+        // only the matrix engines drive it; the others' outputs are constant zero
+        logic [2:0] s;
+        s = (sel == E_GEMM || sel == E_GATE || sel == E_ATTN) ? sel : E_GEMM;
+        c_w_valid = run && sel == s && e_cu_w_valid[s];
+        c_x_valid = run && sel == s && e_cu_x_valid[s];
+        c_o_ready = run && sel == s && e_cu_o_ready[s];
+        c_w_weights = e_cu_w_weights[32'(s)*(CUW_W) +: CUW_W]; c_w_bias = e_cu_w_bias[32'(s)*(CUB_W) +: CUB_W]; c_w_shift = e_cu_w_shift[32'(s)*(CUS_W) +: CUS_W];
+        c_w_out_bits = e_cu_w_out_bits[32'(s)*(`M3V_OB_W) +: `M3V_OB_W]; c_w_comb_shift = e_cu_w_comb_shift[32'(s)*(`M3V_CSH_W) +: `M3V_CSH_W];
+        c_w_combine = e_cu_w_combine[s]; c_w_gelu = e_cu_w_gelu[s]; c_w_gelu_in_frac = e_cu_w_gelu_in_frac[32'(s)*7 +: 7];
+        c_w_gelu_out_frac = e_cu_w_gelu_out_frac[32'(s)*7 +: 7]; c_w_gelu_out_bits = e_cu_w_gelu_out_bits[32'(s)*(`M3V_OB_W) +: `M3V_OB_W];
+        c_x_wnext = e_cu_x_wnext[s]; c_x_act = e_cu_x_act[32'(s)*(CUX_W) +: CUX_W]; c_x_eout = e_cu_x_eout[32'(s)*(CUO_W) +: CUO_W];
+        c_x_score = e_cu_x_score[32'(s)*(`M3V_SCORE_W) +: `M3V_SCORE_W]; c_x_slot = e_cu_x_slot[32'(s)*(SLOT_W) +: SLOT_W]; c_x_first = e_cu_x_first[s];
+        c_x_last = e_cu_x_last[s]; c_x_tag = e_cu_x_tag[32'(s)*(`M3V_TAG_W) +: `M3V_TAG_W];
+    end
 
-    add_unit #(.P(P), .EW(16)) u_add (
-        .clk, .rst_n, .a_shift(x_a_shift), .b_shift(x_b_shift), .fmt_bits(x_fmt_bits), .fmt_signed(x_fmt_signed),
-        .in_valid(add_in_valid), .in_ready(add_in_ready), .a_data(pa_data), .b_data(pb_data),
-        .out_valid(y_valid), .out_ready(y_ready), .out_data(y_data));
+    compute_unit u_cu (
+        .clk, .rst_n,
+        .w_valid(c_w_valid), .w_ready(cu_w_ready), .w_weights(c_w_weights), .w_bias(c_w_bias),
+        .w_shift(c_w_shift), .w_out_bits(c_w_out_bits), .w_comb_shift(c_w_comb_shift), .w_combine(c_w_combine),
+        .w_gelu(c_w_gelu), .w_gelu_in_frac(c_w_gelu_in_frac), .w_gelu_out_frac(c_w_gelu_out_frac),
+        .w_gelu_out_bits(c_w_gelu_out_bits),
+        .x_valid(c_x_valid), .x_ready(cu_x_ready), .x_wnext(c_x_wnext), .x_act(c_x_act), .x_eout(c_x_eout),
+        .x_score(c_x_score), .x_slot(c_x_slot), .x_first(c_x_first), .x_last(c_x_last), .x_tag(c_x_tag),
+        .o_valid(cu_o_valid), .o_ready(c_o_ready), .o_data(cu_o_data), .o_tag(cu_o_tag));
 
     // ---- controller
     logic [511:0]   rec;                 // the header or instruction being read
     logic [RBW-1:0] rb;
-    logic [31:0]    n_instr, sz_wgt, sz_arena, sz_in, sz_out, pc, d_fmt;
+    logic [31:0]    n_instr, sz_wgt, sz_arena, sz_in, sz_out;
     logic [7:0]     op;
-    logic [63:0]    n_elem, icyc;
-    logic           a1_pend, a2_pend, b_pend, y_pend;
-    logic [ADDR_W-1:0] a1_addr, a2_addr, b_addr, y_addr;
-    logic [31:0]    a1_bytes, a2_bytes, n_bytes;
-    logic           a1_eos;
+    logic [63:0]    icyc;
+    logic [2:0]     dec_eng;
 
     function automatic logic [31:0] word(input logic [511:0] r, input int k);
         word = r[32*k +: 32];
@@ -250,79 +306,23 @@ module m3v_accel #(
     assign core_idle = state == S_IDLE;
     assign core_done = state == S_DONE;
 
-    // the byte address of a ref
-    function automatic logic [ADDR_W-1:0] addr_of(input logic [31:0] r, input logic [63:0] bw, input logic [63:0] ba,
-                                                  input logic [63:0] bi, input logic [63:0] bo);
-        logic [63:0] b;
-        case (r[31:30])
-            2'd0: b = bw;
-            2'd1: b = ba;
-            2'd2: b = bi;
-            default: b = bo;
-        endcase
-        addr_of = ADDR_W'(b + {34'd0, r[29:0]});
-    endfunction
-
-    // bytes from a ref inside its space (the sizes the header states)
-    function automatic logic fits(input logic [31:0] r, input logic [64:0] nb, input logic [31:0] sw,
-                                  input logic [31:0] sa, input logic [31:0] si, input logic [31:0] so);
-        logic [31:0] s;
-        case (r[31:30])
-            2'd0: s = sw;
-            2'd1: s = sa;
-            2'd2: s = si;
-            default: s = so;
-        endcase
-        fits = 66'(r[29:0]) + 66'(nb) <= 66'(s);
-    endfunction
-
-    // operands of the instruction in rec, for the limit checks and the commands
-    logic        is_add;
-    logic [31:0] f_a, f_b, f_y, f_x, f_cls, f_pos, f_patches, f_dim;
-    logic [64:0] nb_all, nb_cls;
-    logic        in_limits;
     always_comb begin
-        is_add    = op == 8'(`M3V_ISA_OP_ADD);
-        d_fmt     = rec[7:0] == 8'(`M3V_ISA_OP_ADD) ? word(rec, `M3V_ISA_F_ADD_FMT) : word(rec, `M3V_ISA_F_EMBED_FMT);
-        f_a       = word(rec, `M3V_ISA_F_ADD_A_REF);
-        f_b       = word(rec, `M3V_ISA_F_ADD_B_REF);
-        f_y       = is_add ? word(rec, `M3V_ISA_F_ADD_Y_REF) : word(rec, `M3V_ISA_F_EMBED_Y_REF);
-        f_x       = word(rec, `M3V_ISA_F_EMBED_X_REF);
-        f_cls     = word(rec, `M3V_ISA_F_EMBED_CLS_REF);
-        f_pos     = word(rec, `M3V_ISA_F_EMBED_POS_REF);
-        f_patches = word(rec, `M3V_ISA_F_EMBED_PATCHES);
-        f_dim     = word(rec, `M3V_ISA_F_EMBED_DIM);
-        nb_all    = {n_elem, 1'b0};
-        nb_cls    = {32'd0, f_dim, 1'b0};
-        // only arena and out take stores
-        in_limits = (f_y[31:30] == 2'(`M3V_ISA_SPACE_ARENA) || f_y[31:30] == 2'(`M3V_ISA_SPACE_OUT))
-                    && fits(f_y, nb_all, sz_wgt, sz_arena, sz_in, sz_out);
-        if (is_add)
-            in_limits = in_limits && fits(f_a, nb_all, sz_wgt, sz_arena, sz_in, sz_out)
-                        && fits(f_b, nb_all, sz_wgt, sz_arena, sz_in, sz_out);
-        else
-            in_limits = in_limits && fits(f_x, nb_all - nb_cls, sz_wgt, sz_arena, sz_in, sz_out)
-                        && fits(f_cls, nb_cls, sz_wgt, sz_arena, sz_in, sz_out)
-                        && fits(f_pos, nb_all, sz_wgt, sz_arena, sz_in, sz_out);
-    end
-
-    always_comb begin
-        r0_cmd_valid = state == S_HDR_REQ || state == S_FETCH_REQ || (state == S_EXEC && b_pend);
-        r0_cmd_addr  = state == S_EXEC ? b_addr
-                     : ADDR_W'(base_prog + (state == S_FETCH_REQ ? {26'd0, pc + 32'd1, 6'd0} : 64'd0));
-        r0_cmd_bytes = state == S_EXEC ? n_bytes : 32'd64;
-        r1_cmd_valid = state == S_EXEC && (a1_pend || a2_pend);
-        r1_cmd_addr  = a1_pend ? a1_addr : a2_addr;
-        r1_cmd_bytes = a1_pend ? a1_bytes : a2_bytes;
-        r1_cmd_eos   = a1_pend ? a1_eos : 1'b1;
-        w_cmd_valid  = state == S_EXEC && y_pend;
-        w_cmd_addr   = y_addr;
-        w_cmd_bytes  = n_bytes;
+        case (rec[7:0])
+            8'(`M3V_ISA_OP_ADD), 8'(`M3V_ISA_OP_EMBED):        dec_eng = E_ELEM;
+            8'(`M3V_ISA_OP_GEMM), 8'(`M3V_ISA_OP_MOE_COMBINE): dec_eng = E_GEMM;
+            8'(`M3V_ISA_OP_MOE_GATE):                          dec_eng = E_GATE;
+            8'(`M3V_ISA_OP_ATTENTION):                         dec_eng = E_ATTN;
+            8'(`M3V_ISA_OP_LAYERNORM):                         dec_eng = E_LN;
+            8'(`M3V_ISA_OP_PATCHIFY):                          dec_eng = E_PATCH;
+            default:                                           dec_eng = E_NONE;
+        endcase
     end
 
     always_ff @(posedge clk) begin
+        e_start <= '0;
         if (!rst_n) begin
             state        <= S_IDLE;
+            sel          <= E_NONE;
             status_q     <= '0;
             instr_count  <= '0;
             cycles       <= '0;
@@ -330,10 +330,6 @@ module m3v_accel #(
             rd_bytes     <= '0;
             wr_bytes     <= '0;
             op_cycles    <= '0;
-            a1_pend      <= 1'b0;
-            a2_pend      <= 1'b0;
-            b_pend       <= 1'b0;
-            y_pend       <= 1'b0;
         end else begin
             if (start) begin
                 // the cycle start is taken counts: CYCLES spans the start write to done
@@ -348,20 +344,20 @@ module m3v_accel #(
             end
             if (state != S_IDLE) begin
                 cycles <= cycles + 64'd1;
-                if (!add_fire) stall_cycles <= stall_cycles + 64'd1;
-                rd_bytes <= rd_bytes + 64'(BB) * (64'(m_rvalid[0] && m_rready[0]) + 64'(m_rvalid[1] && m_rready[1]));
-                wr_bytes <= wr_bytes + 64'(BB) * 64'(m_wvalid[2] && m_wready[2]);
+                if (!(run && sel < 3'(N_ENG) && e_active[sel])) stall_cycles <= stall_cycles + 64'd1;
+                rd_bytes <= rd_bytes + 64'(BB) * 64'($countones(m_rvalid & m_rready));
+                wr_bytes <= wr_bytes + 64'(BB) * 64'($countones(m_wvalid & m_wready));
             end
             icyc <= icyc + 64'd1;
             case (state)
                 S_HDR_REQ, S_FETCH_REQ:
-                    if (r0_cmd_ready) begin
+                    if (f_cmd_ready) begin
                         state <= state == S_HDR_REQ ? S_HDR_RD : S_FETCH_RD;
                         rb <= '0;
                     end
                 S_HDR_RD, S_FETCH_RD:
-                    if (r0_valid) begin
-                        rec[32'(rb)*DW +: DW] <= r0_data;
+                    if (f_valid) begin
+                        rec[32'(rb)*DW +: DW] <= f_data;
                         rb <= rb + 1'b1;
                         if (rb == RBW'(BPR - 1)) state <= state == S_HDR_RD ? S_HDR_CHK : S_DECODE;
                     end
@@ -384,55 +380,25 @@ module m3v_accel #(
                     op <= rec[7:0];
                     if (rec[7:0] == 8'(`M3V_ISA_OP_END)) begin
                         state <= S_RETIRE;
-                    end else if (rec[7:0] == 8'(`M3V_ISA_OP_ADD)) begin
-                        n_elem <= word(rec, `M3V_ISA_F_ADD_ROWS) * word(rec, `M3V_ISA_F_ADD_COLS);
-                        x_a_shift <= word(rec, `M3V_ISA_F_ADD_A_SHIFT);
-                        x_b_shift <= word(rec, `M3V_ISA_F_ADD_B_SHIFT);
-                        {x_fmt_signed, x_fmt_bits} <= {d_fmt[16], d_fmt[5:0]};
-                        state <= S_CHECK;
-                    end else if (rec[7:0] == 8'(`M3V_ISA_OP_EMBED)) begin
-                        n_elem <= 64'(word(rec, `M3V_ISA_F_EMBED_PATCHES) + 33'd1)
-                                  * 64'(word(rec, `M3V_ISA_F_EMBED_DIM));
-                        x_a_shift <= word(rec, `M3V_ISA_F_EMBED_A_SHIFT);
-                        x_b_shift <= word(rec, `M3V_ISA_F_EMBED_B_SHIFT);
-                        {x_fmt_signed, x_fmt_bits} <= {d_fmt[16], d_fmt[5:0]};
-                        state <= S_CHECK;
-                    end else begin
+                    end else if (dec_eng == E_NONE) begin
                         status_q <= `M3V_ISA_STATUS_BAD_OPCODE;
                         state <= S_DONE;
-                    end
-                end
-                S_CHECK: begin
-                    n_bytes  <= 32'(nb_all);
-                    y_addr   <= addr_of(f_y, base_wgt, base_arena, base_in, base_out);
-                    b_addr   <= addr_of(is_add ? f_b : f_pos, base_wgt, base_arena, base_in, base_out);
-                    a1_addr  <= addr_of(is_add ? f_a : f_cls, base_wgt, base_arena, base_in, base_out);
-                    a1_bytes <= is_add ? 32'(nb_all) : 32'(nb_cls);
-                    a2_addr  <= addr_of(f_x, base_wgt, base_arena, base_in, base_out);
-                    a2_bytes <= 32'(nb_all - nb_cls);
-                    a1_eos   <= is_add || f_patches == 0;
-                    if (!in_limits) begin
-                        status_q <= `M3V_ISA_STATUS_OVER_LIMIT;
-                        state <= S_DONE;
-                    end else if (n_elem == 0) begin
-                        state <= S_RETIRE;
                     end else begin
-                        a1_pend <= 1'b1;
-                        a2_pend <= !is_add && f_patches != 0;
-                        b_pend  <= 1'b1;
-                        y_pend  <= 1'b1;
-                        state   <= S_EXEC;
+                        sel <= dec_eng;
+                        e_start[dec_eng] <= 1'b1;
+                        state <= S_EXEC;
                     end
                 end
-                S_EXEC: begin
-                    if (r0_cmd_ready) b_pend <= 1'b0;
-                    if (r1_cmd_valid && r1_cmd_ready) begin
-                        if (a1_pend) a1_pend <= 1'b0;
-                        else a2_pend <= 1'b0;
+                S_EXEC:
+                    if (sel < 3'(N_ENG) && e_done[sel]) begin
+                        sel <= E_NONE;
+                        if (e_status[32'(sel)*4 +: 4] != 4'd0) begin
+                            status_q <= 32'(e_status[32'(sel)*4 +: 4]);
+                            state <= S_DONE;
+                        end else begin
+                            state <= S_RETIRE;
+                        end
                     end
-                    if (w_cmd_ready) y_pend <= 1'b0;
-                    if (!a1_pend && !a2_pend && !b_pend && !y_pend && w_cmd_ready) state <= S_RETIRE;
-                end
                 S_RETIRE: begin
                     instr_count <= instr_count + 32'd1;
                     op_cycles[32'(op)*64 +: 64] <= op_cycles[32'(op)*64 +: 64] + icyc + 64'd1;
@@ -448,13 +414,5 @@ module m3v_accel #(
     end
 
     logic unused_ok;
-    assign unused_ok = &{1'b0, d_fmt[31:17], d_fmt[15:6], m_arready[PORTS-1:2], m_rvalid[PORTS-1:2],
-                         m_rdata[PORTS*DW-1:2*DW],
-                         m_rid[PORTS*ID_W-1:2*ID_W], m_rlast[PORTS-1:2], m_rresp[PORTS*2-1:4], m_awready[1:0],
-                         m_wready[1:0], m_bvalid[1:0], m_bid[2*ID_W-1:0], m_bresp[3:0]};
-    if (PORTS > 3) begin : g_unused
-        logic unused_hi;
-        assign unused_hi = &{1'b0, m_awready[PORTS-1:3], m_wready[PORTS-1:3], m_bvalid[PORTS-1:3],
-                             m_bid[PORTS*ID_W-1:3*ID_W], m_bresp[PORTS*2-1:6]};
-    end
+    assign unused_ok = &{1'b0, f_nbytes, f_eos, word(rec, 13)};
 endmodule

@@ -75,6 +75,22 @@ module accel_tb #(
         .wlast, .bvalid, .bready, .bid, .bresp, .bytes_rd(ddr_bytes_rd), .bytes_wr(ddr_bytes_wr),
         .errors(ddr_errors));
 
+    // Per-instruction log (+instr_log=FILE), for rtlsim's breakdown and progress: one line per
+    // retired instruction: run number, instruction index, opcode, its cycles from fetch to
+    // retirement, and the accelerator's running counts of stall cycles and DDR bytes.
+    integer ilog = 0;
+    integer runs = 0;
+    string  ilog_path;
+    initial if ($value$plusargs("instr_log=%s", ilog_path)) ilog = $fopen(ilog_path, "w");
+    always @(posedge clk) begin
+        if (rst_n && u_accel.start) runs = runs + 1;
+        if (ilog != 0 && rst_n && u_accel.state == 4'd9) begin
+            $fwrite(ilog, "%0d %0d %0d %0d %0d %0d %0d\n", runs, u_accel.pc, u_accel.op, u_accel.icyc + 64'd1,
+                    u_accel.stall_cycles, u_accel.rd_bytes, u_accel.wr_bytes);
+            $fflush(ilog);
+        end
+    end
+
     logic counting;
     always_ff @(posedge clk) begin
         if (!rst_n) begin

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from accel_device import CocotbDevice
+from m3vit.rtl_sim.cocotb_device import CocotbDevice
 from cocotb.triggers import RisingEdge
 
 import cocotb
@@ -136,7 +136,7 @@ async def start(dut, stall_permille: int = 0) -> tuple[CocotbDevice, Driver]:
     await dev.reset(stall_permille)
     power_up = TEST_DIR / "power_up.txt"
     if not power_up.exists():
-        power_up.write_text(f"{dut.u_accel.u_add.ta.value.to_unsigned():x}\n")
+        power_up.write_text(f"{dut.u_accel.u_elem.u_add.ta.value.to_unsigned():x}\n")
     drv = Driver(dev, HW)
     await drv.check_bitstream()
     return dev, drv
@@ -258,7 +258,7 @@ async def refusals_leave_the_executors_status(dut):
     p[0] ^= 0x01
     cases["bad_magic"] = (bytes(p), 0, None)
     p = bytearray(good.program)
-    p[4] = 2
+    struct.pack_into("<I", p, 4, isa.VERSION + 1)
     cases["bad_version"] = (bytes(p), 0, None)
     p = bytearray(good.program)
     p[39] ^= 0x80                      # the last digest byte: the whole hash is compared
