@@ -27,6 +27,7 @@
 `include "m3v_isa.svh"
 `include "m3v_accel_cfg.svh"
 `include "m3v_hw_config.svh"
+`include "m3v_mem.svh"
 
 module eng_attn #(
     parameter int DW        = `M3V_AXI_W,
@@ -162,22 +163,6 @@ module eng_attn #(
         top = $signed(w) >>> (n - 1);
         fits_signed = top == '0 || top == '1;
     endfunction
-    function automatic logic [63:0] space_base(input logic [1:0] r);
-        case (r)
-            2'd0:    space_base = base_wgt;
-            2'd1:    space_base = base_arena;
-            2'd2:    space_base = base_in;
-            default: space_base = base_out;
-        endcase
-    endfunction
-    function automatic logic [31:0] space_size(input logic [1:0] r);
-        case (r)
-            2'd0:    space_size = sz_wgt;
-            2'd1:    space_size = sz_arena;
-            2'd2:    space_size = sz_in;
-            default: space_size = sz_out;
-        endcase
-    endfunction
 
     logic [5:0]  sbits, obits;
     logic        s_signed, o_signed;
@@ -194,8 +179,8 @@ module eng_attn #(
     assign qkv_bytes = 64'(T) * 64'(D) * 64'd6;
     assign y_bytes   = 64'(T) * 64'(D) * 64'd2;
     logic [ADDR_W-1:0] qkv_addr, y_addr;
-    assign qkv_addr = ADDR_W'(space_base(f_qkv[31:30]) + 64'(f_qkv[29:0]));
-    assign y_addr   = ADDR_W'(space_base(f_y[31:30]) + 64'(f_y[29:0]));
+    assign qkv_addr = ADDR_W'(m3v_addr(f_qkv, base_wgt, base_arena, base_in, base_out));
+    assign y_addr   = ADDR_W'(m3v_addr(f_y, base_wgt, base_arena, base_in, base_out));
 
     // ---------------------------------------------------------------- control
     typedef enum logic [3:0] {
@@ -693,9 +678,9 @@ module eng_attn #(
                     end
                 end
                 S_FITS: begin
-                    if (64'(f_qkv[29:0]) + qkv_bytes > 64'(space_size(f_qkv[31:30])) ||
-                        64'(f_y[29:0]) + y_bytes > 64'(space_size(f_y[31:30])) || f_y[31:30] == 2'd0 ||
-                        f_y[31:30] == 2'd2) begin
+                    if (!m3v_fits(f_qkv, 65'(qkv_bytes), sz_wgt, sz_arena, sz_in, sz_out) ||
+                        !m3v_fits(f_y, 65'(y_bytes), sz_wgt, sz_arena, sz_in, sz_out) ||
+                        !m3v_writable(f_y)) begin
                         st <= S_FIN;
                     end else begin
                         dv_n <= D;
@@ -811,6 +796,6 @@ module eng_attn #(
     logic unused_ok;
     assign unused_ok = &{1'b0, task_idx, cu_o_tag, sfrac[7], f_osh, f_ssh, m_bid, m_bresp,
                          m_rvalid, m_rdata, m_rid, m_rlast, m_rresp, m_arready, m_awready,
-                         m_wready, m_bvalid, f_qkv[31:30], f_y, dv_q[15], rec[511:352], rec[31:0],
+                         m_wready, m_bvalid, dv_q[15], rec[511:352], rec[31:0],
                          f_sfmt, f_fmt};
 endmodule
