@@ -58,10 +58,12 @@ def contract_params() -> dict[str, int]:
 
 def render_svh(hw: HwConfig) -> str:
     # the limits size the gate unit (experts, top-k, token counters and queue RAMs), the
-    # LayerNorm row buffer (max_dim) and the GEMM engine's K extent (max_dim, max_hidden)
+    # LayerNorm row buffer (max_dim) and the GEMM engine's K extent (max_dim, max_hidden); the
+    # buffer sizes (bytes) size the attention engine's score buffer and its per-head Q / K / V buffers
     limits = {"MAX_EXPERTS": hw.limits.max_experts, "MAX_K": hw.limits.max_k,
               "MAX_TOKENS": hw.limits.max_tokens, "MAX_DIM": hw.limits.max_dim,
-              "MAX_HIDDEN": hw.limits.max_hidden}
+              "MAX_HIDDEN": hw.limits.max_hidden,
+              "BUF_SCORES": hw.buffers.scores, "BUF_ACTIVATIONS": hw.buffers.activations}
     params = sorted({**hw.rtl_params(), **limits}.items())
     contract = sorted(contract_params().items())
     return _env.get_template("hw_config.svh.j2").render(hw=hw, hash=hw.hash(), params=params,
