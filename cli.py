@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p["flow"].add_argument("--calib-images", type=int, default=8, help="calibration images for the compiler")
     p["flow"].add_argument("--hw", metavar="FILE", help="hardware config (default: the shipped rtl_sim/hw.json)")
     p["flow"].add_argument("--parallel", metavar="PINxPOUT", help="override the MAC array, e.g. 16x16")
+    p["flow"].add_argument("--no-rtlsim", action="store_true", help="skip the RTL simulation stage")
     p["flow"].add_argument("--json", action="store_true", help="print one JSON summary on stdout")
 
     add_model_args(p["train"], task=False)

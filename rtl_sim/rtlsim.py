@@ -277,9 +277,11 @@ def run_rtlsim(build_dir: str | Path, image=None, tasks=None, trace: bool = Fals
         queues = _queue_counts(meta, instrs, res.arena)
         est = schedule.estimate(build / "program.json", hw, queue_lengths=queues or None)
         rows = per_run.get(k + 1, [])
+        cls_of = {r["index"]: r["class"] for r in est["instructions"]}   # fused ops keep their origin's class
+        est_cyc = {r["index"]: r["cycles"] for r in est["instructions"]}
         classes: dict[str, dict] = {}
         for (pc, _op, cyc, stall, rd, wr) in rows:
-            cls = schedule.class_of(instrs[pc]) if pc < len(instrs) else "end"
+            cls = cls_of.get(pc, "end")
             c = classes.setdefault(cls, {"cycles": 0, "stall_cycles": 0, "ddr_bytes": 0, "instructions": 0})
             c["cycles"] += cyc
             c["stall_cycles"] += stall
@@ -298,7 +300,8 @@ def run_rtlsim(build_dir: str | Path, image=None, tasks=None, trace: bool = Fals
             "ddr_rd_bytes": res.rd_bytes, "ddr_wr_bytes": res.wr_bytes, "ddr_errors": res.ddr_errors,
             "schedule_estimate_cycles": est["total"]["cycles"], "classes": classes,
             "instructions": [{"index": pc, "op": isa.OPCODE_NAMES.get(op, str(op)), "name": instrs[pc].name,
-                              "cycles": cyc, "stall_cycles": st, "ddr_bytes": rd + wr}
+                              "class": cls_of.get(pc, "end"), "cycles": cyc, "stall_cycles": st,
+                              "ddr_bytes": rd + wr, "estimate_cycles": est_cyc.get(pc, 0)}
                              for (pc, op, cyc, st, rd, wr) in rows if pc < len(instrs)]})
         mism = entry["output_mismatches"] + entry["tensor_mismatches"]
         report["tasks"].append(entry)

@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""RTL benchmark: a preset's full frame on the RTL accelerator (Verilator, DDR model, host
+Driver), every task, bit-exact against the golden model; cycles, latency at 300 MHz, MAC-array
+utilisation, stall cycles, DDR MB, the schedule model's estimate beside each, simulated cycles
+per second; with --synth, the yosys resource count of the whole datapath.
+
+    scripts/bench_rtlsim.py [--preset edge-moe] [--parallel 32x48] [--trace] [--synth] [--keep DIR] [--json]
+
+The preset's multi-task backbone is exported with random-init weights (seed 0), calibrated on
+--calib-images bundled photographs and compiled for the hardware configuration (hw.json, or
+--parallel); `m3vit rtlsim BUILD` then runs every task. The first run builds the Verilator model
+of the accelerator for that configuration (cached under build/rtl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _m3vit(*args: str) -> tuple[dict, float]:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "m3vit", *args, "--json"], capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode not in (0, 1) or not proc.stdout.strip():
+        raise SystemExit(f"m3vit {args[0]} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return json.loads(proc.stdout), seconds
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="edge-moe", help="edge-moe, m3vit-small or tiny")
+    ap.add_argument("--parallel", help="MAC array PINxPOUT (default: hw.json's)")
+    ap.add_argument("--calib-images", type=int, default=4)
+    ap.add_argument("--trace", action="store_true", help="compare every layer")
+    ap.add_argument("--synth", action="store_true", help="also synthesise the whole datapath with yosys")
+    ap.add_argument("--keep", metavar="DIR", help="keep the build in DIR")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    from m3vit.model.config import resolve_config
+    from m3vit.model.export import export_onnx
+    from m3vit.model.vit import build_model
+
+    with tempfile.TemporaryDirectory(prefix="m3vit-bench-") as scratch:
+        root = Path(args.keep or scratch)
+        root.mkdir(parents=True, exist_ok=True)
+        cfg = resolve_config(args.preset)
+        onnx = root / f"{cfg.name}.onnx"
+        export_onnx(build_model(cfg, with_heads=False), onnx, all_tasks=True)
+        build = root / f"{cfg.name}-build"
+        extra = ["--parallel", args.parallel] if args.parallel else []
+        comp, t_comp = _m3vit("compile", str(onnx), "--out", str(build), "--calib-images", str(args.calib_images),
+                              *extra)
+        rep, t_sim = _m3vit("rtlsim", str(build), *(["--trace"] if args.trace else []))
+        out = {"preset": cfg.name, "compile_seconds": round(t_comp, 1), "rtlsim_seconds": round(t_sim, 1),
+               "bit_exact": rep["bit_exact"], "mismatches": rep["mismatches"], "parallel": comp.get("parallel"),
+               "simulated_cycles_per_second": rep["simulated_cycles_per_second"], "tasks": []}
+        for e in rep["tasks"]:
+            out["tasks"].append({k: e[k] for k in ("task", "total_cycles", "latency_ms_300mhz", "utilization",
+                                                   "stall_cycles", "ddr_bytes", "schedule_estimate_cycles")})
+        if args.synth:
+            syn, t_syn = _m3vit("synth", "--unit", "all", *extra)
+            t = syn["total"]
+            out["synth"] = {"seconds": round(t_syn, 1), "dsp": t["dsp"], "lut": syn["lut_including_lutram_srl"],
+                            "ff": t["ff"], "bram": t["bram36"], "fits": syn["fits"]}
+    if args.json:
+        print(json.dumps(out, sort_keys=True))
+        return 0 if out["bit_exact"] else 1
+    print(f"{out['preset']} on the RTL ({out['parallel']} MACs): {'bit-exact' if out['bit_exact'] else 'MISMATCH'}; "
+          f"compile {out['compile_seconds']} s, rtlsim {out['rtlsim_seconds']} s "
+          f"({out['simulated_cycles_per_second']:,.0f} simulated cycles/s)")
+    print("| task | cycles | ms at 300 MHz | utilisation | stall cycles | DDR MB | schedule estimate | RTL / estimate |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for t in out["tasks"]:
+        ratio = t["total_cycles"] / t["schedule_estimate_cycles"] if t["schedule_estimate_cycles"] else 0
+        print(f"| {t['task']} | {t['total_cycles']:,} | {t['latency_ms_300mhz']:.3f} | {100 * t['utilization']:.1f} % | "
+              f"{t['stall_cycles']:,} | {t['ddr_bytes'] / 1e6:.2f} | {t['schedule_estimate_cycles']:,} | {ratio:.3f} |")
+    if "synth" in out:
+        s = out["synth"]
+        print(f"yosys whole datapath: DSP {s['dsp']}, LUT {s['lut']}, FF {s['ff']}, BRAM36 {s['bram']} "
+              f"({s['seconds']} s)")
+    return 0 if out["bit_exact"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
