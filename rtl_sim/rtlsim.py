@@ -99,6 +99,8 @@ def simulate(jobs: Sequence[Job], hw: HwConfig, *, seed: int = 1, stall_permille
     ``instr_log``: a file that receives one line per retired instruction (accel_tb.sv)."""
     if not jobs:
         return []
+    if hw.axi_ports < 4:
+        raise M3ViTError(f"the RTL accelerator streams on 4 AXI ports; this hw.json has axi_ports = {hw.axi_ports}")
     words = ddr_words(jobs, hw)
     params = {"MEM_WORDS": words} if words != MEM_WORDS else None
     names = [j.name for j in jobs]

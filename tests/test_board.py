@@ -290,7 +290,7 @@ def test_hand_off_copies_bit_and_hwh(tmp_path):
     assert (d / "vivado" / "m3v.bit").read_bytes() == b"bit" and (d / "vivado" / "m3v.hwh").read_text() == "hwh"
 
 
-@pytest.mark.parametrize("ports,width", [(4, 128), (3, 64)])
+@pytest.mark.parametrize("ports,width", [(4, 128), (4, 64)])
 def test_wrapper_lints_with_the_rtl(tmp_path, ports, width):
     """m3v_accel_bd.v plus the bundled RTL and headers: Verilator -Wall clean with the wrapper as
     top, read as plain Verilog by yosys for the default configuration."""

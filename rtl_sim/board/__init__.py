@@ -40,7 +40,7 @@ WRAPPER_NAME = "m3v_accel_bd.v"
 ADDR_W, ID_W, MAX_OUT, MAX_BURST = 32, 4, 8, 16
 # m3v_accel drives three master ports (Program and operand B, operand A, results): a narrower
 # hw.json gets the HLS variant only
-RTL_MIN_PORTS = 3
+RTL_MIN_PORTS = 4
 
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(TEMPLATES)),
