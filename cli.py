@@ -17,7 +17,7 @@ from m3vit.errors import M3ViTError
 
 # command -> (module, handler, one-line help)
 COMMANDS = {
-    "flow": ("m3vit.flow", "cli_flow", "run the main job on a model: profile, ONNX export and the ONNX Runtime check"),
+    "flow": ("m3vit.flow", "cli_flow", "the main job: profile, ONNX export, compile, fidelity, resources, C-sim, RTL sim and the task head, with one report"),
     "train": ("m3vit.model.train_cli", "cli_train", "train a model briefly on synthetic multi-task data and save a checkpoint"),
     "export": ("m3vit.model.export", "cli_export", "export one task's pathway (or the multi-task backbone) to ONNX"),
     "profile": ("m3vit.model.profile", "cli_profile", "exact MACs, parameters and expert usage of one task's pathway"),
@@ -48,9 +48,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def add_model_args(p: argparse.ArgumentParser, task: bool = True) -> None:
+def add_model_args(p: argparse.ArgumentParser, task: bool = True, default_preset: str = "edge-moe") -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--preset", help="built-in model: tiny, edge-moe, m3vit-small (default: edge-moe)")
+    g.add_argument("--preset", help=f"built-in model: tiny, edge-moe, m3vit-small (default: {default_preset})")
     g.add_argument("--dataset", help="the preset's dataset (m3vit-small: pascal or nyud)")
     g.add_argument("--config", metavar="FILE", help="JSON or YAML config: a 'preset' key plus any overrides")
     g.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
@@ -74,13 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = {name: sub.add_parser(name, help=h, description=h[0].upper() + h[1:] + ".", formatter_class=_Formatter)
          for name, (_, _, h) in COMMANDS.items()}
 
-    add_model_args(p["flow"])
+    from m3vit.flow import FLOW_PRESET
+
+    add_model_args(p["flow"], default_preset=FLOW_PRESET)
     p["flow"].add_argument("--out", default="build/flow", help="folder for the flow's outputs")
-    p["flow"].add_argument("--images", type=int, default=4, help="images for the data-dependent profile")
+    p["flow"].add_argument("--images", type=int, default=4, help="images for the data-dependent profile and the fidelity report")
     p["flow"].add_argument("--calib-images", type=int, default=8, help="calibration images for the compiler")
     p["flow"].add_argument("--hw", metavar="FILE", help="hardware config (default: the shipped rtl_sim/hw.json)")
     p["flow"].add_argument("--parallel", metavar="PINxPOUT", help="override the MAC array, e.g. 16x16")
     p["flow"].add_argument("--no-rtlsim", action="store_true", help="skip the RTL simulation stage")
+    p["flow"].add_argument("--synth", action="store_true",
+                           help="measure the resources with yosys (minutes) instead of the design model")
     p["flow"].add_argument("--json", action="store_true", help="print one JSON summary on stdout")
 
     add_model_args(p["train"], task=False)

@@ -109,6 +109,52 @@ def stage_compile(ctx: FlowContext) -> None:
     ]
 
 
+def stage_fidelity(ctx: FlowContext) -> None:
+    """The compiled (bit-exact quantized) backbone against the float model, layer by layer, on
+    crops of the bundled photographs: the same report as `m3vit quant-report`."""
+    from m3vit.compiler import qgraph as qg
+    from m3vit.compiler.fidelity import eval_images, evaluate, plot, summary_text
+
+    graph = qg.load(ctx.work / "build" / "qgraph")
+    images = eval_images(ctx.model.cfg.img_size, ctx.args.images, seed=1)
+    rep = evaluate(ctx.model, graph, images, progress=not ctx.quiet)
+    (ctx.work / "fidelity.json").write_text(json.dumps(rep, indent=1, sort_keys=True))
+    plot(rep, ctx.work / "fidelity.png")
+    ctx.summary["fidelity"] = {"output_cosine_min": rep["output_cosine"]["min"],
+                               "routing_agreement_min": rep["routing_agreement"]["min"],
+                               "targets_met": rep["targets"]["met"], "images": len(images)}
+    ctx.report += ["## Fidelity", "",
+                   f"The compiled backbone (every task) against the float model on {len(images)} crops of the bundled "
+                   "photographs: output cosine, SQNR and top-k routing agreement per task, and per layer in the "
+                   "plot (`fidelity.json` has every figure).", "", "```", summary_text(rep), "```", "",
+                   "![fidelity](fidelity.png)", ""]
+
+
+def stage_resources(ctx: FlowContext) -> None:
+    """Resources of the accelerator the build targets against the ZCU104: the design model by
+    default, yosys per datapath unit with --synth."""
+    from m3vit.rtl_sim.hwconfig import load_hw_config
+    from m3vit.rtl_sim.synth import RESOURCES, model_report, resource_plot, synth_report
+
+    hw = load_hw_config(ctx.work / "build" / "hw.json")
+    rep = synth_report(hw, ["all"]) if getattr(ctx.args, "synth", False) else model_report(hw)
+    (ctx.work / "resources.json").write_text(json.dumps(rep, indent=1, sort_keys=True))
+    resource_plot(rep, ctx.work / "resources.png")
+    measured = rep.get("method") != "model"
+    ctx.summary["resources"] = {"method": "yosys" if measured else "model", "total": rep["total"],
+                                "utilisation_pct": rep["utilisation_pct"], "fits": rep["fits"]}
+    kinds = [k for k in RESOURCES if any(r[k] for r in rep["units"].values())]
+    how = ("yosys `synth_xilinx -family xcup`, per datapath unit" if measured else
+           "the design model (DSP48E2 per unit as synthesised earlier, buffers of hw.json in URAM/BRAM); "
+           "`m3vit flow --synth` or `m3vit synth --unit all` measures with yosys")
+    ctx.report += ["## Resources", "", f"{rep['parallel']} MAC array at {rep['clock_mhz']} MHz, from {how}.", "",
+                   "| unit | " + " | ".join(kinds) + " |", "| --- |" + " ---: |" * len(kinds)]
+    ctx.report += [f"| {u} | " + " | ".join(f"{r[k]:g}" for k in kinds) + " |" for u, r in rep["units"].items()]
+    ctx.report += ["| total | " + " | ".join(f"{rep['total'][k]:g}" for k in kinds) + " |", "",
+                   "Utilisation: " + ", ".join(f"{k.upper()} {v} %" for k, v in rep["utilisation_pct"].items()) + ".",
+                   "", "![resources](resources.png)", ""]
+
+
 def _flow_image(ctx: FlowContext):
     """The demo input: the first bundled photograph at the model's size, [C, H, W] float."""
     from m3vit.model.images import sample_images, to_input
@@ -233,6 +279,8 @@ STAGES: list[tuple[str, Callable[[FlowContext], None]]] = [
     ("profile", stage_profile),
     ("export", stage_export),
     ("compile", stage_compile),
+    ("fidelity", stage_fidelity),
+    ("resources", stage_resources),
     ("csim", stage_csim),
     ("rtlsim", stage_rtlsim),
     ("head", stage_head),
@@ -292,6 +340,12 @@ def cli_flow(args) -> int:
     c, s, h = summary["compile"], summary["csim"], summary["head"]
     print(f"  compile : {c['instructions']} instructions, {c['weight_bytes'] / 1e6:.2f} MB of weights; schedule model "
           f"{c['estimated_cycles']:,} cycles = {c['estimated_ms']:.3f} ms at 300 MHz ({c['parallel']} MACs)")
+    f, r = summary["fidelity"], summary["resources"]
+    print(f"  fidelity: output cosine {f['output_cosine_min']:.5f}, routing agreement "
+          f"{100 * f['routing_agreement_min']:.2f} % (worst task, {f['images']} images; targets "
+          f"{'met' if f['targets_met'] else 'NOT met'})")
+    print(f"  resource: " + ", ".join(f"{k.upper()} {v} %" for k, v in r["utilisation_pct"].items()) +
+          f" of the ZCU104 ({'yosys' if r['method'] == 'yosys' else 'design model; --synth measures'})")
     print(f"  csim    : bit-exact with the golden model on '{s['image']}' ({s['seconds_per_frame']:.2f} s per frame)")
     if "rtlsim" in summary:
         r = summary["rtlsim"]

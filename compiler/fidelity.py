@@ -294,5 +294,5 @@ def plot(report: dict, path) -> None:
         ax.legend(fontsize=7, ncol=min(2 * n + 1, 6), loc="lower right")
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)

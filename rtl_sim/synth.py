@@ -47,7 +47,7 @@ from typing import Any
 from m3vit.errors import M3ViTError, UsageError
 from m3vit.rtl_sim import runner
 from m3vit.rtl_sim.emit import emit_svh
-from m3vit.rtl_sim.hwconfig import ZCU104, HwConfig, load_hw_config
+from m3vit.rtl_sim.hwconfig import BRAM36_BYTES, URAM_BYTES, ZCU104, HwConfig, load_hw_config
 
 DATAPATH = ["compute_unit"]          # the units that make up the whole datapath today
 # "all": the MAC array with its GELU epilogue and the nonlinear units, those present in rtl/
@@ -331,6 +331,57 @@ def synth_report(hw: HwConfig, units: list[str] | None = None, method: str = "au
         "macs_per_cycle": hw.macs,
         "peak_gmacs": round(hw.macs * hw.clock_mhz / 1000.0, 2),
     }
+
+
+def model_report(hw: HwConfig) -> dict[str, Any]:
+    """The resources the design model expects for hw, without synthesis: DSP48E2 per datapath unit
+    (HwConfig.dsp_units, from earlier yosys runs) and the on-chip buffers of hw.json: the weight
+    and activation buffers in URAM (the large ones), the score buffer in BRAM36. The same shape
+    as synth_report; LUT and FF need synthesis and are left out."""
+    units = {u: {k: 0 for k in RESOURCES} | {"dsp": n, "method": "model"} for u, n in hw.dsp_units().items()}
+    for name, kind, size in (("weights", "uram", URAM_BYTES), ("activations", "uram", URAM_BYTES),
+                             ("scores", "bram36", BRAM36_BYTES)):
+        units[f"{name} buffer"] = {k: 0 for k in RESOURCES} | {
+            kind: math.ceil(getattr(hw.buffers, name) / size), "method": "model"}
+    total = {k: sum(r[k] for r in units.values()) for k in RESOURCES}
+    util = {k: round(100.0 * total[k] / ZCU104[k], 2) for k in ("dsp", "bram36", "uram")}
+    return {"board": hw.board, "part": hw.part, "parallel": f"{hw.p_in}x{hw.p_out}", "hw_hash": hw.hash(),
+            "clock_mhz": hw.clock_mhz, "method": "model", "units": units, "total": total, "budget": dict(ZCU104),
+            "utilisation_pct": util, "fits": all(v <= 100.0 for v in util.values()),
+            "macs_per_cycle": hw.macs, "peak_gmacs": round(hw.macs * hw.clock_mhz / 1000.0, 2)}
+
+
+def resource_plot(rep: dict[str, Any], path: str | Path) -> Path:
+    """Utilisation of the ZCU104 per resource, stacked by unit, against the 100 % line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in ("dsp", "lut", "ff", "bram36", "uram") if k in rep["utilisation_pct"]]
+    fig, ax = plt.subplots(figsize=(10, 0.7 * len(kinds) + 1.8))
+    left = [0.0] * len(kinds)
+    for i, (unit, r) in enumerate(rep["units"].items()):
+        widths = [100.0 * (r[k] + (r["lutram"] + r["srl"] if k == "lut" else 0)) / rep["budget"][k] for k in kinds]
+        ax.barh(range(len(kinds)), widths, left=left, label=unit, color=f"C{i % 10}")
+        left = [a + b for a, b in zip(left, widths)]
+    for y, k in enumerate(kinds):
+        ax.text(left[y] + 1, y, f"{rep['utilisation_pct'][k]:.1f} %", va="center", fontsize=8)
+    ax.axvline(100, color="red", ls="--", lw=1)
+    ax.set_yticks(range(len(kinds)))
+    ax.set_yticklabels([k.upper() for k in kinds])
+    ax.invert_yaxis()
+    ax.set_xlabel(f"% of the {rep['board'].upper()} ({rep['part']})")
+    how = "yosys synth_xilinx" if rep.get("method") != "model" else "design model, not synthesised"
+    ax.set_title(f"resources, {rep['parallel']} MAC array ({how})", fontsize=10)
+    ax.set_xlim(0, max(110.0, max(left) + 12))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return out
 
 
 def format_report(rep: dict[str, Any]) -> str:

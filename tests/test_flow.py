@@ -21,10 +21,18 @@ def test_flow_runs_every_stage_bit_exact(tmp_path, capsys):
     assert summary["csim"]["bit_exact"] and summary["rtlsim"]["bit_exact"]
     r = summary["rtlsim"]
     assert r["total_cycles"] > 0 and r["ddr_bytes"] > 0 and 0 < r["utilization"] < 1
-    assert set(summary["seconds"]) == {"profile", "export", "compile", "csim", "rtlsim", "head"}
+    assert set(summary["seconds"]) == {"profile", "export", "compile", "fidelity", "resources", "csim", "rtlsim",
+                                       "head"}
+    f = summary["fidelity"]
+    assert f["images"] == 1 and 0.9 < f["output_cosine_min"] <= 1.0 and 0.0 <= f["routing_agreement_min"] <= 1.0
+    res = summary["resources"]
+    assert res["method"] == "model" and res["total"]["dsp"] == HW.dsp_datapath
     report = (out / "report.md").read_text()
-    assert "## RTL simulation" in report and "bit-exact" in report
-    for name in ("rtlsim_latency.png", "task_output.png", "build/program.bin"):
+    for section in ("## Profile", "## Fidelity", "## Resources", "## RTL simulation", "## Task output"):
+        assert section in report, section
+    assert "bit-exact" in report
+    for name in ("profile.png", "fidelity.png", "fidelity.json", "resources.png", "resources.json",
+                 "rtlsim_latency.png", "task_output.png", "build/program.bin"):
         assert (out / name).is_file(), name
 
 
