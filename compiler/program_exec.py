@@ -175,10 +175,11 @@ def _header(program: bytes, hw_hash: str | None) -> isa.Header:
 
 
 def execute(program: bytes, weights: bytes, image_q, task: int = 0, *, hw_hash: str | None = None,
-            meta: dict | None = None, trace: bool = False) -> ProgramResult:
+            meta: dict | None = None, trace: bool = False, arena: bytes | None = None) -> ProgramResult:
     """Run a Program. ``image_q``: the quantized input (int array [C, H, W] or its int16 bytes);
     ``task``: the TASK register; ``hw_hash``: the hex hash of the running hardware configuration
-    (the Program must match it); ``meta``: program.json (needed for ``trace`` and the output shape)."""
+    (the Program must match it); ``meta``: program.json (needed for ``trace`` and the output shape);
+    ``arena``: the arena's contents at the start (zero otherwise), to run a slice of a Program."""
     h = _header(program, hw_hash)
     if not isinstance(task, (int, np.integer)) or not 0 <= int(task) < h.n_tasks:
         raise ProgramError(f"task {task} is out of range: the Program has {h.n_tasks} task(s)", "bad_task")
@@ -188,7 +189,10 @@ def execute(program: bytes, weights: bytes, image_q, task: int = 0, *, hw_hash: 
     image = image_q if isinstance(image_q, (bytes, bytearray)) else np.asarray(image_q).astype("<i2").tobytes()
     if len(image) != h.input_bytes:
         raise ProgramError(f"input has {len(image)} bytes, the Program takes {h.input_bytes}", "over_limit")
-    spaces = {"wgt": bytearray(weights), "arena": bytearray(h.arena_bytes), "in": bytearray(image),
+    if arena is not None and len(arena) != h.arena_bytes:
+        raise ProgramError(f"the initial arena has {len(arena)} bytes, the Program's is {h.arena_bytes}", "over_limit")
+    spaces = {"wgt": bytearray(weights), "arena": bytearray(arena if arena is not None else h.arena_bytes),
+              "in": bytearray(image),
               "out": bytearray(h.output_bytes)}
     mem = _Mem(spaces)
     stats = SatCounter()

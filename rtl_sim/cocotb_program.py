@@ -40,6 +40,8 @@ async def run_jobs(dut):
         image = np.frombuffer((RUN_DIR / job["image"]).read_bytes(), "<i2")
         meta = json.loads((RUN_DIR / job["meta"]).read_text()) if job.get("meta") else {}
         prog = await drv.load((program, weights, meta))
+        if job.get("arena_init"):   # a slice of a Program starts from the arena its prefix left
+            await dev.write_mem(prog.addr["ARENA"], (RUN_DIR / job["arena_init"]).read_bytes())
         res = await drv.run(prog, image, task=job["task"], max_polls=spec.get("max_polls", 10_000_000))
         # the testbench's counts restart with each start write
         tb = (int(dut.tb_cycles.value), int(dut.tb_rd_bytes.value), int(dut.tb_wr_bytes.value))

@@ -37,6 +37,21 @@ class Job:
     task: int = 0
     meta: dict | None = None    # program.json, when the Program came from a build
     arena: bool = True          # read the arena back
+    arena_init: bytes | None = None   # the arena's contents at the start (a slice of a Program)
+
+
+@dataclass
+class WaveWindow:
+    """A wave dump of one instruction: from its fetch in job number ``run`` (1-based) to its
+    retirement, at most ``cycles`` cycles; FST or VCD by the file's suffix."""
+    path: Path
+    run: int
+    pc: int
+    cycles: int = 20000
+
+    @property
+    def format(self) -> str:
+        return Path(self.path).suffix.lstrip(".").lower()
 
 
 @dataclass
@@ -94,9 +109,11 @@ def ddr_words(jobs: Sequence[Job], hw: HwConfig) -> int:
 
 def simulate(jobs: Sequence[Job], hw: HwConfig, *, seed: int = 1, stall_permille: int = 0,
              build_root: str | Path | None = None, run_name: str = "rtlsim", poll_cycles: int = 64,
-             instr_log: Path | None = None) -> list[JobResult]:
+             instr_log: Path | None = None, waves: "WaveWindow | None" = None) -> list[JobResult]:
     """Build accel_tb for hw (cached) and run the jobs, in order, in one simulation.
-    ``instr_log``: a file that receives one line per retired instruction (accel_tb.sv)."""
+    ``instr_log``: a file that receives one line per retired instruction (accel_tb.sv).
+    ``waves``: write an FST of that window instead (a model built with tracing); the simulation
+    ends with the window, so no results are returned."""
     if not jobs:
         return []
     if hw.axi_ports < 4:
@@ -106,7 +123,7 @@ def simulate(jobs: Sequence[Job], hw: HwConfig, *, seed: int = 1, stall_permille
     names = [j.name for j in jobs]
     if len(set(names)) != len(names):
         raise M3ViTError(f"job names must be unique: {names}")
-    run_dir = runner.build_dir_for(TB, hw, build_root, params) / f"{run_name}-jobs"
+    run_dir = runner.build_dir_for(TB, hw, build_root, params, waves.format if waves else None) / f"{run_name}-jobs"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     spec_jobs = []
@@ -115,6 +132,9 @@ def simulate(jobs: Sequence[Job], hw: HwConfig, *, seed: int = 1, stall_permille
         (run_dir / files["program"]).write_bytes(j.program)
         (run_dir / files["weights"]).write_bytes(j.weights)
         (run_dir / files["image"]).write_bytes(j.image)
+        if j.arena_init is not None:
+            files["arena_init"] = f"{j.name}.arena_init.bin"
+            (run_dir / files["arena_init"]).write_bytes(j.arena_init)
         if j.meta is not None:
             files["meta"] = f"{j.name}.meta.json"
             (run_dir / files["meta"]).write_text(json.dumps(j.meta))
@@ -124,11 +144,24 @@ def simulate(jobs: Sequence[Job], hw: HwConfig, *, seed: int = 1, stall_permille
          "jobs": spec_jobs}))
     from m3vit.rtl_sim.cocotb_device import plusargs   # needs cocotb: imported only when simulating
 
-    test_dir = runner.build_dir_for(TB, hw, build_root, params) / run_name
+    test_dir = runner.build_dir_for(TB, hw, build_root, params, waves.format if waves else None) / run_name
     extra = [f"+instr_log={Path(instr_log).resolve()}"] if instr_log is not None else []
+    if waves is not None:
+        out = Path(waves.path).resolve()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".part")
+        tmp.unlink(missing_ok=True)
+        extra += [f"+wave_file={tmp}", f"+wave_run={waves.run}", f"+wave_pc={waves.pc}",
+                  f"+wave_cycles={waves.cycles}"]
     result = runner.run(TB, hw, "m3vit.rtl_sim.cocotb_program", seed=seed, build_root=build_root, name=run_name,
                         plusargs=plusargs(test_dir) + extra, extra_env={"M3V_RUN_DIR": str(run_dir)},
-                        parameters=params)
+                        parameters=params, waves=waves.format if waves else None)
+    if waves is not None:
+        if not tmp.is_file() or tmp.stat().st_size == 0:
+            raise M3ViTError(f"the RTL simulation wrote no waves: run {waves.run} never fetched instruction "
+                             f"{waves.pc} (log {result.log})")
+        tmp.replace(out)
+        return []
     out = []
     for j in jobs:
         rep = run_dir / f"{j.name}.json"
@@ -148,20 +181,34 @@ def simulate(jobs: Sequence[Job], hw: HwConfig, *, seed: int = 1, stall_permille
 
 def _queue_counts(meta: dict, instrs: list[isa.Instr], arena: bytes) -> list[list[int]]:
     """Per MoE layer (program order), the tokens each expert received, read from the queue tables
-    the RTL wrote into its arena."""
+    the RTL wrote into its arena; a layer whose gate did not run (outside a slice) counts as
+    uniform routing, as the schedule model assumes without a trace."""
     import numpy as np
+
+    from m3vit.compiler.schedule import uniform_queues
 
     counts = []
     for ins in instrs:
         if ins.op != "moe_gate":
             continue
-        n = ins.fields["experts_k"] & 0xFFFF
+        n, k = ins.fields["experts_k"] & 0xFFFF, ins.fields["experts_k"] >> 16
         space, off = isa.split_ref(ins.fields["queue_ref"])
         if space != "arena" or off + 2 * (n + 1) > len(arena):
             return []
-        q_off = np.frombuffer(arena, np.uint16, n + 1, off).astype(int)
-        counts.append(list(np.diff(q_off)))
+        q = list(np.diff(np.frombuffer(arena, np.uint16, n + 1, off).astype(int)))
+        counts.append(q if sum(q) == ins.fields["tokens"] * k else uniform_queues(ins.fields["tokens"], n, k))
     return counts
+
+
+def writer_of(meta: dict, tensor: str) -> dict | None:
+    """The first instruction of a build's Program that writes ``tensor``: index, opcode, layer."""
+    from m3vit.compiler.schedule import _OUTPUTS
+
+    for entry in meta["instructions"]:
+        ops = entry.get("operands", {})
+        if any(ops.get(f) == tensor for f in _OUTPUTS.get(entry["op"], ())):
+            return {"instruction": entry["index"], "op": entry["op"], "layer": entry.get("name") or ""}
+    return None
 
 
 def read_instr_log(path: Path) -> dict[int, list[tuple[int, int, int, int, int, int]]]:
@@ -183,11 +230,17 @@ def read_instr_log(path: Path) -> dict[int, list[tuple[int, int, int, int, int, 
 
 
 def run_rtlsim(build_dir: str | Path, image=None, tasks=None, trace: bool = False, progress: bool = False,
-               stall_permille: int = 0, seed: int = 1, plot: str | Path | None = None) -> dict:
+               stall_permille: int = 0, seed: int = 1, plot: str | Path | None = None,
+               waves: str | Path | None = None, waves_instr: int | None = None, wave_cycles: int = 20000,
+               span: tuple[int, int] | None = None) -> dict:
     """Run a compiled build on the RTL accelerator for ``tasks`` (None: every task), compare with
     the golden model (every traced tensor with ``trace``), and report cycles, latency at the
     configuration's clock, MAC-array utilisation, stalls and DDR bytes, per instruction class
-    next to the compiler's schedule estimate for the same routing."""
+    next to the compiler's schedule estimate for the same routing. ``waves``: then simulate once
+    more with tracing and write an FST of the instruction that produced the first mismatch (or
+    of instruction ``waves_instr``), at most ``wave_cycles`` cycles. ``span`` = (A, B): run only
+    instructions A..B-1, from the arena the Python executor leaves after A-1; the tensors they
+    write are compared with the golden model's, every arena byte with the executor's after B-1."""
     import threading
     import time
 
@@ -218,7 +271,27 @@ def run_rtlsim(build_dir: str | Path, image=None, tasks=None, trace: bool = Fals
         raise UsageError(f"--task {tasks}: the model's tasks are {', '.join(names)}") from None
     x_q = quantized_input(graph, default_image(graph) if image is None else image)
     image_bytes = np.asarray(x_q).astype("<i2").tobytes()
-    jobs = [Job(f"task{ti}", program, weights, image_bytes, ti, meta=meta) for ti in task_ids]
+    first, last = 0, len(instrs)   # the instructions that run: all, or a slice
+    refs: list[dict] = []           # per job, with a slice: the executor's memories after it
+    if span is None:
+        jobs = [Job(f"task{ti}", program, weights, image_bytes, ti, meta=meta) for ti in task_ids]
+    else:
+        from m3vit.compiler.program_exec import execute
+
+        body = [i for i in instrs if i.op != "end"]
+        first, last = span
+        if not 0 <= first < last <= len(body):
+            raise UsageError(f"--instrs {first}:{last}: the Program has instructions 0..{len(body) - 1}; give A:B "
+                             f"with 0 <= A < B <= {len(body)}")
+        sizes = {"weight_bytes": header.weight_bytes, "arena_bytes": header.arena_bytes,
+                 "input_bytes": header.input_bytes, "output_bytes": header.output_bytes, "n_tasks": header.n_tasks}
+        prefix = program_bytes(body[:first] + [isa.Instr("end")], hw, **sizes)
+        piece = program_bytes(body[first:last] + [isa.Instr("end")], hw, **sizes)
+        jobs = []
+        for ti in task_ids:
+            start = bytes(execute(prefix, weights, image_bytes, ti, hw_hash=hw.hash()).memories["arena"])
+            refs.append(execute(piece, weights, image_bytes, ti, hw_hash=hw.hash(), arena=start).memories)
+            jobs.append(Job(f"task{ti}", piece, weights, image_bytes, ti, meta=meta, arena_init=start))
 
     log = runner.build_dir_for(TB, hw) / "rtlsim-instr.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -238,7 +311,7 @@ def run_rtlsim(build_dir: str | Path, image=None, tasks=None, trace: bool = Fals
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(jobs) * header.n_instr, desc="rtlsim", unit="instr", file=sys.stderr, mininterval=1.0)
+        bar = tqdm(total=len(jobs) * (header.n_instr if span is None else last - first + 1), desc="rtlsim", unit="instr", file=sys.stderr, mininterval=1.0)
     while th.is_alive():
         th.join(1.0)
         if bar is not None:
@@ -254,31 +327,49 @@ def run_rtlsim(build_dir: str | Path, image=None, tasks=None, trace: bool = Fals
     out_name, out_shape = meta["output"]["name"], tuple(meta["output"]["shape"])
     macs_per_cycle = hw.p_in * hw.p_out
     report = {"build": str(build), "hw": hw.to_dict(), "trace": trace, "tasks": [], "bit_exact": True,
+              "instructions_run": [first, last],
               "mismatches": 0, "first_mismatch": None, "seconds": round(seconds, 3)}
     for k, (ti, res) in enumerate(zip(task_ids, outcome["results"])):
         if res.status != 0:
-            i = res.counters.get("instr_count", 0)
+            i = first + res.counters.get("instr_count", 0)
             at = f"at instruction {i} ({instrs[i].op} {instrs[i].name})".rstrip() if i < len(instrs) else ""
             raise M3ViTError(f"task {names[ti]}: the accelerator stopped with STATUS {res.status_name} {at}".rstrip())
-        ref_out, ref_tr = golden.run(graph, x_q, ti, trace=trace, stats=SatCounter())
         got = np.frombuffer(res.output, "<i2").astype(np.int64).reshape(out_shape)
-        entry = {"task": names[ti], "output_mismatches": _count(got, ref_out), "tensors_compared": 0,
-                 "tensor_mismatches": 0, "first_mismatch": None}
-        if entry["output_mismatches"]:
+        spaces = {"wgt": weights, "arena": res.arena, "in": image_bytes, "out": res.output}
+        entry = {"task": names[ti], "output_mismatches": 0, "tensors_compared": 0, "tensor_mismatches": 0,
+                 "first_mismatch": None}
+        ref_out, ref_tr = golden.run(graph, x_q, ti, trace=trace or span is not None, stats=SatCounter())
+        if span is None:
+            compare = meta["trace"] if trace else []
+        else:
+            # a slice: the tensors its instructions write against the golden model's; every arena
+            # byte (queue tables too) against the executor's; the output only if the slice makes it
+            compare = [n for n in meta["trace"] if first <= (writer_of(meta, n) or {}).get("instruction", -1) < last]
+            ref = refs[k]
+            if not first <= (writer_of(meta, out_name) or {}).get("instruction", -1) < last:
+                ref_out = np.frombuffer(bytes(ref["out"]), "<i2").astype(np.int64).reshape(out_shape)
+            entry["arena_bytes_differing"] = int(np.count_nonzero(
+                np.frombuffer(res.arena, np.uint8) != np.frombuffer(bytes(ref["arena"]), np.uint8)))
+        entry["output_mismatches"] = _count(got, ref_out)
+        for name in compare:   # in execution order, so the first difference is where it arose
+            if name not in ref_tr or name == out_name:
+                continue
+            n = _count(read_tensor(spaces, meta, name), ref_tr[name])
+            entry["tensors_compared"] += 1
+            entry["tensor_mismatches"] += n
+            if n and entry["first_mismatch"] is None:
+                entry["first_mismatch"] = _first_diff(name, read_tensor(spaces, meta, name), ref_tr[name])
+        if entry["output_mismatches"] and entry["first_mismatch"] is None:
             entry["first_mismatch"] = _first_diff(out_name, got, ref_out)
-        if trace:
-            spaces = {"wgt": weights, "arena": res.arena, "in": image_bytes, "out": res.output}
-            for name in meta["trace"]:
-                if name not in ref_tr or name == out_name:
-                    continue
-                n = _count(read_tensor(spaces, meta, name), ref_tr[name])
-                entry["tensors_compared"] += 1
-                entry["tensor_mismatches"] += n
-                if n and entry["first_mismatch"] is None:
-                    entry["first_mismatch"] = _first_diff(name, read_tensor(spaces, meta, name), ref_tr[name])
+        if entry.get("arena_bytes_differing") and entry["first_mismatch"] is None:
+            off = int(np.argmax(np.frombuffer(res.arena, np.uint8) != np.frombuffer(bytes(refs[k]["arena"]), np.uint8)))
+            entry["first_mismatch"] = {"tensor": f"arena byte {off}", "index": [off],
+                                       "got": res.arena[off], "expected": refs[k]["arena"][off]}
         queues = _queue_counts(meta, instrs, res.arena)
         est = schedule.estimate(build / "program.json", hw, queue_lengths=queues or None)
-        rows = per_run.get(k + 1, [])
+        # Program indices; a slice's own END is not one of the Program's instructions
+        rows = [(pc + first, *rest) for (pc, *rest) in per_run.get(k + 1, []) if span is None or pc + first < last]
+        ran = [r for r in est["instructions"] if first <= r["index"] < last]
         cls_of = {r["index"]: r["class"] for r in est["instructions"]}   # fused ops keep their origin's class
         est_cyc = {r["index"]: r["cycles"] for r in est["instructions"]}
         classes: dict[str, dict] = {}
@@ -289,31 +380,45 @@ def run_rtlsim(build_dir: str | Path, image=None, tasks=None, trace: bool = Fals
             c["stall_cycles"] += stall
             c["ddr_bytes"] += rd + wr
             c["instructions"] += 1
-        for cls, c in est["classes"].items():
-            classes.setdefault(cls, {"cycles": 0, "stall_cycles": 0, "ddr_bytes": 0, "instructions": 0})
-            classes[cls]["estimate_cycles"] = c["cycles"] if isinstance(c, dict) else c
+        for r in ran:
+            c = classes.setdefault(r["class"], {"cycles": 0, "stall_cycles": 0, "ddr_bytes": 0, "instructions": 0})
+            c["estimate_cycles"] = c.get("estimate_cycles", 0) + r["cycles"]
         cycles = res.tb_cycles
-        macs = est["total"]["macs"]
+        macs = sum(r["macs"] for r in ran)
         entry.update({
             "total_cycles": cycles, "latency_ms_300mhz": round(cycles / 300e3, 4),
             "latency_ms": round(cycles / (hw.clock_mhz * 1e3), 4),
             "utilization": round(macs / (macs_per_cycle * cycles), 4) if cycles else 0.0, "useful_macs": macs,
             "stall_cycles": res.counters.get("stall_cycles", 0), "ddr_bytes": res.rd_bytes + res.wr_bytes,
             "ddr_rd_bytes": res.rd_bytes, "ddr_wr_bytes": res.wr_bytes, "ddr_errors": res.ddr_errors,
-            "schedule_estimate_cycles": est["total"]["cycles"], "classes": classes,
+            "schedule_estimate_cycles": sum(r["cycles"] for r in ran), "classes": classes,
             "instructions": [{"index": pc, "op": isa.OPCODE_NAMES.get(op, str(op)), "name": instrs[pc].name,
                               "class": cls_of.get(pc, "end"), "cycles": cyc, "stall_cycles": st,
                               "ddr_bytes": rd + wr, "estimate_cycles": est_cyc.get(pc, 0)}
                              for (pc, op, cyc, st, rd, wr) in rows if pc < len(instrs)]})
-        mism = entry["output_mismatches"] + entry["tensor_mismatches"]
+        mism = entry["output_mismatches"] + entry["tensor_mismatches"] + entry.get("arena_bytes_differing", 0)
         report["tasks"].append(entry)
         report["mismatches"] += mism
         if mism and report["first_mismatch"] is None:
             report["first_mismatch"] = dict(entry["first_mismatch"], task=names[ti])
     report["bit_exact"] = report["mismatches"] == 0
-    first = report["tasks"][0]
+    if report["first_mismatch"] is not None:
+        report["first_mismatch"].update(writer_of(meta, report["first_mismatch"]["tensor"]) or {})
+    if waves is not None:
+        fm = report["first_mismatch"]
+        k = next((i for i, ti in enumerate(task_ids) if fm and names[ti] == fm["task"]), 0)
+        pc = waves_instr if waves_instr is not None else (fm or {}).get("instruction")
+        if pc is not None and not first <= pc < last:
+            raise UsageError(f"--waves-instr {pc} is outside the instructions that ran ({first}..{last - 1})")
+        if pc is not None:
+            simulate([jobs[k]], hw, seed=seed, stall_permille=stall_permille,
+                     waves=WaveWindow(Path(waves), 1, pc - first, wave_cycles))
+            report["waves"] = {"file": str(waves), "task": names[task_ids[k]], "instruction": pc,
+                               "op": instrs[pc].op, "layer": instrs[pc].name}
+        else:
+            report["waves"] = None
     for key in ("total_cycles", "latency_ms_300mhz", "utilization", "ddr_bytes", "stall_cycles"):
-        report[key] = first[key]
+        report[key] = report["tasks"][0][key]
     sim_cycles = sum(e["total_cycles"] for e in report["tasks"])
     report["simulated_cycles_per_second"] = round(sim_cycles / seconds, 1) if seconds else 0.0
     if plot is not None:
@@ -358,6 +463,15 @@ def add_rtlsim_args(p) -> None:
                    help="random DDR stalls: N per mille of the cycles (0 = off)")
     p.add_argument("--seed", type=int, default=1, help="Verilator seed of the randomised power-up state")
     p.add_argument("--plot", metavar="PNG", help="latency-breakdown plot (default: BUILD/rtlsim_latency.png)")
+    p.add_argument("--instrs", metavar="A:B", help="run only instructions A..B-1 (a layer, a block), starting from "
+                                                   "the arena the Python executor leaves after A-1; their tensors "
+                                                   "are compared with the golden model's")
+    p.add_argument("--waves", metavar="FILE", help="on a mismatch, simulate again with tracing and write the waves "
+                                                   "of the instruction that produced it (its fetch to its "
+                                                   "retirement) to FILE.fst (needs liblz4-dev) or FILE.vcd")
+    p.add_argument("--waves-instr", type=int, metavar="N", help="with --waves: dump instruction N of the first task "
+                                                               "instead, mismatch or not")
+    p.add_argument("--wave-cycles", type=int, default=20000, metavar="N", help="with --waves: at most N cycles")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
@@ -371,18 +485,39 @@ def cli_rtlsim(args) -> int:
         raise UsageError(f"{build}: no qgraph.json; give a folder written by m3vit compile")
     if not 0 <= args.stall_permille <= 1000:
         raise UsageError(f"--stall-permille must be between 0 and 1000, got {args.stall_permille}")
+    waves_instr = getattr(args, "waves_instr", None)
+    if waves_instr is not None and not args.waves:
+        raise UsageError("--waves-instr needs --waves FILE.fst")
+    if args.waves and Path(args.waves).suffix.lower() not in (".fst", ".vcd"):
+        raise UsageError(f"--waves writes FST or VCD; give a name ending in .fst or .vcd, got '{args.waves}'")
+    if args.wave_cycles < 1:
+        raise UsageError(f"--wave-cycles must be at least 1, got {args.wave_cycles}")
+    if waves_instr is not None:
+        n = len(json.loads((build / "program.json").read_text())["instructions"])
+        if not 0 <= waves_instr < n:
+            raise UsageError(f"--waves-instr {waves_instr}: the Program has instructions 0..{n - 1}")
+    span = None
+    if getattr(args, "instrs", None):
+        a, sep, b = args.instrs.partition(":")
+        if not (sep and a.strip().isdigit() and b.strip().isdigit()):
+            raise UsageError(f"--instrs takes A:B (instruction indices, B exclusive), got '{args.instrs}'")
+        span = (int(a), int(b))
     image = load_input(args.input, qg.load(build / "qgraph")) if args.input else None
     tasks = [int(t) if t.isdigit() else t for t in args.task] if args.task else None
     rep = run_rtlsim(build, image, tasks, trace=args.trace, progress=not args.json,
                      stall_permille=args.stall_permille, seed=args.seed,
-                     plot=args.plot or build / "rtlsim_latency.png")
+                     plot=args.plot or build / "rtlsim_latency.png", waves=args.waves, waves_instr=waves_instr,
+                     wave_cycles=args.wave_cycles, span=span)
     if args.json:
         print(json.dumps(rep, sort_keys=True))
         return 0 if rep["bit_exact"] else 1
+    if span is not None:
+        print(f"instructions {span[0]}..{span[1] - 1}, from the Python executor's arena; their tensors compared with "
+              f"the golden model, the arena with the executor")
     for e in rep["tasks"]:
-        mism = e["output_mismatches"] + e["tensor_mismatches"]
+        mism = e["output_mismatches"] + e["tensor_mismatches"] + e.get("arena_bytes_differing", 0)
         state = "bit-exact" if not mism else f"{mism} mismatching elements"
-        extra = f", {e['tensors_compared']} tensors traced" if rep["trace"] else ""
+        extra = f", {e['tensors_compared']} tensors compared" if rep["trace"] or span is not None else ""
         print(f"task {e['task']}: {state}{extra}; {e['total_cycles']:,} cycles = {e['latency_ms_300mhz']:.3f} ms "
               f"at 300 MHz (schedule estimate {e['schedule_estimate_cycles']:,}); utilisation "
               f"{100 * e['utilization']:.1f} %, stalls {e['stall_cycles']:,} cycles, DDR {e['ddr_bytes'] / 1e6:.2f} MB")
@@ -390,7 +525,13 @@ def cli_rtlsim(args) -> int:
     if fm:
         where = f" at {fm['index']}: {fm['got']} != {fm['expected']}" if "index" in fm else \
             f": shape {fm['shape']} != {fm['expected_shape']}"
-        print(f"first mismatch: task {fm['task']}, tensor {fm['tensor']}{where}")
+        instr = f" (instruction {fm['instruction']}, {fm['op']} {fm['layer']})" if "instruction" in fm else ""
+        print(f"first mismatch: task {fm['task']}, tensor {fm['tensor']}{where}{instr}")
+    if rep.get("waves"):
+        w = rep["waves"]
+        print(f"waves: {w['file']} (task {w['task']}, instruction {w['instruction']}, {w['op']} {w['layer']})")
+    elif args.waves:
+        print("waves: none written (bit-exact; --waves-instr N dumps an instruction anyway)")
     print(f"m3vit rtlsim: {'bit-exact' if rep['bit_exact'] else 'MISMATCH'} over {len(rep['tasks'])} task(s) in "
           f"{rep['seconds']:.1f} s ({rep['simulated_cycles_per_second']:,.0f} simulated cycles/s); plot {rep['plot']}")
     return 0 if rep["bit_exact"] else 1

@@ -33,6 +33,7 @@ TB_DIR = Path(__file__).with_name("tb")   # simulation-only models (the DDR), ne
 DEFAULT_BUILD_ROOT = Path("build/rtl")
 X_FLAGS = ["--x-assign", "unique", "--x-initial", "unique"]
 BUILD_FLAGS = [*X_FLAGS]
+WAVE_FLAGS = {"fst": ["--trace-fst", "-DM3V_WAVES"], "vcd": ["-DM3V_WAVES"]}   # cocotb adds --trace
 # Optimisation of the generated C++ (make variables of Verilator's makefile): the evaluation code at
 # -O1; the one-time construction code at -O0, because cocotb's --public-flat-rw makes the symbol
 # table's constructor huge and g++ takes tens of minutes to optimise it for the accelerator top.
@@ -131,9 +132,9 @@ def _sources_for(unit: str) -> list[Path]:
 
 
 def build_dir_for(unit: str, hw: HwConfig, build_root: str | Path | None = None,
-                  parameters: Mapping[str, int] | None = None) -> Path:
+                  parameters: Mapping[str, int] | None = None, waves: str | None = None) -> Path:
     root = Path(build_root) if build_root is not None else DEFAULT_BUILD_ROOT
-    extra = "".join(f"-{k.lower()}{v}" for k, v in sorted((parameters or {}).items()))
+    extra = "".join(f"-{k.lower()}{v}" for k, v in sorted((parameters or {}).items())) + (f"-{waves}" if waves else "")
     return (root / f"{unit}-{hw.hash()[:12]}{extra}").resolve()
 
 
@@ -217,14 +218,23 @@ def _digest(parts: Sequence[bytes]) -> str:
 
 
 def build(unit: str, hw: HwConfig, build_root: str | Path | None = None, force: bool = False,
-          parameters: Mapping[str, int] | None = None) -> Path:
+          parameters: Mapping[str, int] | None = None, waves: str | None = None) -> Path:
     """Verilate and compile unit for hw (cached) and return its build directory. ``parameters``
-    override top-level parameters (each set gets its own build directory)."""
+    override top-level parameters (each set gets its own build directory). ``waves`` ("fst" or
+    "vcd") builds a separate model that can write waves in that format (define M3V_WAVES; the
+    testbench decides when)."""
     _check_unit(unit)
     import cocotb  # imported here: the rest of m3vit must not need cocotb
     from cocotb_tools.runner import get_runner
 
-    bdir = build_dir_for(unit, hw, build_root, parameters)
+    bdir = build_dir_for(unit, hw, build_root, parameters, waves)
+    if waves not in (None, *WAVE_FLAGS):
+        raise M3ViTError(f"waves must be one of {', '.join(WAVE_FLAGS)}, got {waves!r}")
+    if waves == "fst" and subprocess.run(["c++", "-E", "-x", "c++", "-"], input="#include <lz4.h>\n",
+                                         capture_output=True, text=True).returncode != 0:
+        raise M3ViTError("FST waves need the lz4 headers that Verilator's FST writer compiles against "
+                         "(Debian: apt-get install liblz4-dev); ask for a .vcd file instead")
+    flags = BUILD_FLAGS + (WAVE_FLAGS[waves] if waves else [])
     inc = bdir / "include"
     svh = emit_svh(hw, inc)
     headers = emit_program_headers(hw, inc)
@@ -232,7 +242,7 @@ def build(unit: str, hw: HwConfig, build_root: str | Path | None = None, force: 
     mems = [p.read_bytes() for p in sorted(inc.glob("*.mem"))]
     stamp_value = _digest([p.read_bytes() for p in sources] + mems + [p.read_bytes() for p in headers] +
                           [svh.read_bytes(), unit.encode(), json.dumps(sorted((parameters or {}).items())).encode(),
-                          json.dumps(BUILD_FLAGS + MAKE_OPT).encode(), verilator_version().encode(),
+                          json.dumps(flags + MAKE_OPT).encode(), verilator_version().encode(),
                           cocotb.__version__.encode()])
     stamp = bdir / "build.stamp"
     if not force and stamp.is_file() and stamp.read_text() == stamp_value and (bdir / unit).is_file():
@@ -242,7 +252,7 @@ def build(unit: str, hw: HwConfig, build_root: str | Path | None = None, force: 
         runner = get_runner("verilator")
         try:
             runner.build(sources=sources, includes=[inc], hdl_toplevel=unit, build_dir=bdir,
-                         build_args=BUILD_FLAGS, parameters=dict(parameters or {}), timescale=TIMESCALE, always=True,
+                         build_args=flags, waves=bool(waves), parameters=dict(parameters or {}), timescale=TIMESCALE, always=True,
                          log_file=bdir / "build.log")
         except (RuntimeError, SystemExit) as exc:
             log = (bdir / "build.log").read_text(errors="replace") if (bdir / "build.log").is_file() else ""
@@ -254,12 +264,12 @@ def build(unit: str, hw: HwConfig, build_root: str | Path | None = None, force: 
 def run(unit: str, hw: HwConfig, test_module: str, *, seed: int = 1, module_dir: str | Path | None = None,
         testcase: str | None = None, extra_env: Mapping[str, str] | None = None,
         build_root: str | Path | None = None, name: str | None = None, plusargs: Sequence[str] = (),
-        parameters: Mapping[str, int] | None = None) -> SimResult:
+        parameters: Mapping[str, int] | None = None, waves: str | None = None) -> SimResult:
     """Build (cached), then run the cocotb test module against unit with Verilator seed `seed`
     (and any further plusargs)."""
     from cocotb_tools.runner import get_runner
 
-    bdir = build(unit, hw, build_root, parameters=parameters)
+    bdir = build(unit, hw, build_root, parameters=parameters, waves=waves)
     test_dir = bdir / (name or f"run-{test_module}-seed{seed}")
     shutil.rmtree(test_dir, ignore_errors=True)   # nothing from an earlier run may be mistaken for this one's
     test_dir.mkdir(parents=True)

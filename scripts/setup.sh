@@ -37,14 +37,20 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
   echo "$digest" > "$stamp"
 fi
 
-# Resource counts need Debian's yosys; install it when we may, and say so when we may not.
-if [ "$want_system" = 1 ] && ! command -v yosys >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "setup: installing yosys (apt-get)"
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq yosys) >/dev/null 2>&1 \
-      || echo "setup: could not install yosys; synthesis tests will be skipped" >&2
-  else
-    echo "setup: yosys not found and not root; synthesis tests will be skipped" >&2
+# Resource counts need Debian's yosys, FST waves the lz4 headers; install them when we may, and
+# say so when we may not.
+if [ "$want_system" = 1 ]; then
+  pkgs=""
+  command -v yosys >/dev/null 2>&1 || pkgs="$pkgs yosys"
+  echo '#include <lz4.h>' | c++ -E -x c++ - >/dev/null 2>&1 || pkgs="$pkgs liblz4-dev"
+  if [ -n "$pkgs" ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "setup: installing$pkgs (apt-get)"
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $pkgs) >/dev/null 2>&1 \
+        || echo "setup: could not install$pkgs; synthesis tests are skipped without yosys, FST waves need liblz4-dev" >&2
+    else
+      echo "setup:$pkgs not installed and not root; synthesis tests are skipped without yosys, FST waves need liblz4-dev" >&2
+    fi
   fi
 fi
 echo "setup: ready (.venv/bin/m3vit)"

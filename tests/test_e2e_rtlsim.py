@@ -68,8 +68,48 @@ def test_rtlsim_detects_a_corrupted_weight(tiny_build, tmp_path, capsys):
     weights[prog["weights"]["blocks.0.attn.qkv.w"]["offset"]] ^= 0x40
     (bad / "weights.bin").write_bytes(bytes(weights))
     capsys.readouterr()
-    rc, r = _rtlsim(bad, capsys, "--task", "0")
+    rc, r = _rtlsim(bad, capsys, "--task", "0", "--trace")
     assert rc == 1 and r["bit_exact"] is False and r["mismatches"] > 0
+    # the first difference is named down to the instruction that wrote it
+    fm = r["first_mismatch"]
+    writer = next(e for e in prog["instructions"] if e["operands"].get("w_ref") == "blocks.0.attn.qkv.w")
+    assert (fm["instruction"], fm["op"], fm["layer"]) == (writer["index"], "gemm", writer["name"])
+    assert fm["tensor"] == writer["operands"]["y_ref"] and fm["got"] != fm["expected"]
+    # a slice holding only that instruction, started from the executor's arena, finds it too, and
+    # the waves of that instruction are written (VCD: text, so its contents can be checked here)
+    w = writer["index"]
+    vcd = tmp_path / "first.vcd"
+    rc, r = _rtlsim(bad, capsys, "--task", "0", "--instrs", f"{w}:{w + 1}", "--waves", str(vcd),
+                    "--wave-cycles", "400")
+    assert rc == 1 and r["instructions_run"] == [w, w + 1] and r["first_mismatch"]["instruction"] == w
+    assert r["waves"] == {"file": str(vcd), "task": "semseg", "instruction": w, "op": "gemm", "layer": writer["name"]}
+    text = vcd.read_text()
+    head, _, body = text.partition("$enddefinitions")
+    assert "$scope module u_accel $end" in head and "$scope module u_gemm $end" in head
+    unit = {"1ps": 1e-3, "1ns": 1.0}[head.split("$timescale")[1].split("$end")[0].strip()]   # ns per tick
+    stamps = [int(line[1:]) * unit for line in body.splitlines() if line.startswith("#")]
+    # that instruction only: at most 400 cycles of the harness's 10 ns clock from where dumping began
+    assert len(stamps) > 10 and stamps[-1] - stamps[0] <= 401 * 10
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_rtlsim_runs_a_slice_of_the_program(tiny_build, capsys):
+    """One block of the Program, from the arena the executor leaves before it: bit-exact, and
+    only its instructions are timed and estimated."""
+    prog = json.loads((tiny_build / "program.json").read_text())
+    idx = [e["index"] for e in prog["instructions"] if e["name"].startswith("blocks.1.")]
+    a, b = min(idx), max(idx) + 1
+    capsys.readouterr()
+    rc, r = _rtlsim(tiny_build, capsys, "--task", "1", "--instrs", f"{a}:{b}")
+    assert rc == 0 and r["bit_exact"] and r["instructions_run"] == [a, b]
+    e = r["tasks"][0]
+    assert e["task"] == "depth" and e["arena_bytes_differing"] == 0 and e["tensors_compared"] >= len(idx) // 2
+    assert [i["index"] for i in e["instructions"]] == list(range(a, b))
+    assert all(i["name"] == prog["instructions"][i["index"]]["name"] for i in e["instructions"])
+    assert e["total_cycles"] >= sum(i["cycles"] for i in e["instructions"]) > 0
+    assert e["schedule_estimate_cycles"] == sum(i["estimate_cycles"] for i in e["instructions"])
+    assert main(["rtlsim", str(tiny_build), "--instrs", f"{b}:{a}"]) == 2
+    assert f"--instrs {b}:{a}" in capsys.readouterr().err
 
 
 @settings(max_examples=1, deadline=None, derandomize=True, database=None, phases=[Phase.generate],

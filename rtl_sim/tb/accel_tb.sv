@@ -91,6 +91,37 @@ module accel_tb #(
         end
     end
 
+    // Wave window (+wave_file=F.fst +wave_run=R +wave_pc=P +wave_cycles=N, a build with
+    // --trace-fst): dumping starts when run R fetches instruction P and stops, ending the
+    // simulation, when that instruction retires or after N cycles, so a mismatch deep into a
+    // frame gives a small file.
+`ifdef M3V_WAVES
+    string  wave_path;
+    integer wave_run = 0, wave_pc = -1, wave_cycles = 20000, waved = 0;
+    logic   wave_on = 1'b0;
+    initial begin
+        void'($value$plusargs("wave_file=%s", wave_path));
+        void'($value$plusargs("wave_run=%d", wave_run));
+        void'($value$plusargs("wave_pc=%d", wave_pc));
+        void'($value$plusargs("wave_cycles=%d", wave_cycles));
+    end
+    always @(posedge clk) begin
+        if (!wave_on && wave_path.len() != 0 && rst_n && runs == wave_run && u_accel.state == 4'd4
+            && 32'(u_accel.pc) == 32'(wave_pc)) begin
+            $dumpfile(wave_path);
+            $dumpvars(0, u_accel);
+            wave_on = 1'b1;
+        end else if (wave_on) begin
+            waved = waved + 1;
+            if ((u_accel.state == 4'd9 && 32'(u_accel.pc) == 32'(wave_pc)) || u_accel.state == 4'd10
+                || waved >= wave_cycles) begin
+                $dumpflush;
+                $finish;
+            end
+        end
+    end
+`endif
+
     logic counting;
     always_ff @(posedge clk) begin
         if (!rst_n) begin
