@@ -232,7 +232,7 @@ def read_instr_log(path: Path) -> dict[int, list[tuple[int, int, int, int, int, 
 def run_rtlsim(build_dir: str | Path, image=None, tasks=None, trace: bool = False, progress: bool = False,
                stall_permille: int = 0, seed: int = 1, plot: str | Path | None = None,
                waves: str | Path | None = None, waves_instr: int | None = None, wave_cycles: int = 20000,
-               span: tuple[int, int] | None = None) -> dict:
+               span: tuple[int, int] | None = None, csim: bool = False) -> dict:
     """Run a compiled build on the RTL accelerator for ``tasks`` (None: every task), compare with
     the golden model (every traced tensor with ``trace``), and report cycles, latency at the
     configuration's clock, MAC-array utilisation, stalls and DDR bytes, per instruction class
@@ -240,7 +240,9 @@ def run_rtlsim(build_dir: str | Path, image=None, tasks=None, trace: bool = Fals
     more with tracing and write an FST of the instruction that produced the first mismatch (or
     of instruction ``waves_instr``), at most ``wave_cycles`` cycles. ``span`` = (A, B): run only
     instructions A..B-1, from the arena the Python executor leaves after A-1; the tensors they
-    write are compared with the golden model's, every arena byte with the executor's after B-1."""
+    write are compared with the golden model's, every arena byte with the executor's after B-1.
+    ``csim``: also run the HLS kernel's C-simulation on the same input and compare the RTL's
+    output (every traced tensor with ``trace``) with it."""
     import threading
     import time
 
@@ -359,6 +361,14 @@ def run_rtlsim(build_dir: str | Path, image=None, tasks=None, trace: bool = Fals
             entry["tensor_mismatches"] += n
             if n and entry["first_mismatch"] is None:
                 entry["first_mismatch"] = _first_diff(name, read_tensor(spaces, meta, name), ref_tr[name])
+        if csim:
+            from m3vit.rtl_sim.tracediff import trace_of
+
+            ref_c = trace_of("csim", build, x_q, ti)
+            entry["csim_mismatches"] = sum(_count(got if name == out_name else read_tensor(spaces, meta, name),
+                                                  ref_c[name])
+                                           for name in [out_name, *[n for n in compare if n != out_name]]
+                                           if name in ref_c)
         if entry["output_mismatches"] and entry["first_mismatch"] is None:
             entry["first_mismatch"] = _first_diff(out_name, got, ref_out)
         if entry.get("arena_bytes_differing") and entry["first_mismatch"] is None:
@@ -396,7 +406,8 @@ def run_rtlsim(build_dir: str | Path, image=None, tasks=None, trace: bool = Fals
                               "class": cls_of.get(pc, "end"), "cycles": cyc, "stall_cycles": st,
                               "ddr_bytes": rd + wr, "estimate_cycles": est_cyc.get(pc, 0)}
                              for (pc, op, cyc, st, rd, wr) in rows if pc < len(instrs)]})
-        mism = entry["output_mismatches"] + entry["tensor_mismatches"] + entry.get("arena_bytes_differing", 0)
+        mism = entry["output_mismatches"] + entry["tensor_mismatches"] + entry.get("arena_bytes_differing", 0) + \
+            entry.get("csim_mismatches", 0)
         report["tasks"].append(entry)
         report["mismatches"] += mism
         if mism and report["first_mismatch"] is None:
@@ -463,6 +474,8 @@ def add_rtlsim_args(p) -> None:
                    help="random DDR stalls: N per mille of the cycles (0 = off)")
     p.add_argument("--seed", type=int, default=1, help="Verilator seed of the randomised power-up state")
     p.add_argument("--plot", metavar="PNG", help="latency-breakdown plot (default: BUILD/rtlsim_latency.png)")
+    p.add_argument("--csim", action="store_true", help="also compare with the HLS kernel's C-simulation (g++) on the "
+                                                        "same input (every traced tensor with --trace)")
     p.add_argument("--instrs", metavar="A:B", help="run only instructions A..B-1 (a layer, a block), starting from "
                                                    "the arena the Python executor leaves after A-1; their tensors "
                                                    "are compared with the golden model's")
@@ -502,12 +515,14 @@ def cli_rtlsim(args) -> int:
         if not (sep and a.strip().isdigit() and b.strip().isdigit()):
             raise UsageError(f"--instrs takes A:B (instruction indices, B exclusive), got '{args.instrs}'")
         span = (int(a), int(b))
+        if args.csim:
+            raise UsageError("--csim compares whole frames; leave out --instrs")
     image = load_input(args.input, qg.load(build / "qgraph")) if args.input else None
     tasks = [int(t) if t.isdigit() else t for t in args.task] if args.task else None
     rep = run_rtlsim(build, image, tasks, trace=args.trace, progress=not args.json,
                      stall_permille=args.stall_permille, seed=args.seed,
                      plot=args.plot or build / "rtlsim_latency.png", waves=args.waves, waves_instr=waves_instr,
-                     wave_cycles=args.wave_cycles, span=span)
+                     wave_cycles=args.wave_cycles, span=span, csim=args.csim)
     if args.json:
         print(json.dumps(rep, sort_keys=True))
         return 0 if rep["bit_exact"] else 1
@@ -518,6 +533,8 @@ def cli_rtlsim(args) -> int:
         mism = e["output_mismatches"] + e["tensor_mismatches"] + e.get("arena_bytes_differing", 0)
         state = "bit-exact" if not mism else f"{mism} mismatching elements"
         extra = f", {e['tensors_compared']} tensors compared" if rep["trace"] or span is not None else ""
+        if "csim_mismatches" in e:
+            extra += "; C-sim " + ("identical" if not e["csim_mismatches"] else f"{e['csim_mismatches']} elements differ")
         print(f"task {e['task']}: {state}{extra}; {e['total_cycles']:,} cycles = {e['latency_ms_300mhz']:.3f} ms "
               f"at 300 MHz (schedule estimate {e['schedule_estimate_cycles']:,}); utilisation "
               f"{100 * e['utilization']:.1f} %, stalls {e['stall_cycles']:,} cycles, DDR {e['ddr_bytes'] / 1e6:.2f} MB")

@@ -47,11 +47,11 @@ def tiny_build(tmp_path_factory):
 
 def test_tiny_every_task_traced_bit_exact(tiny_build, capsys):
     capsys.readouterr()
-    rc, r = _rtlsim(tiny_build, capsys, "--trace")
+    rc, r = _rtlsim(tiny_build, capsys, "--trace", "--csim")
     assert rc == 0 and r["bit_exact"] is True and r["mismatches"] == 0, r
     assert len(r["tasks"]) == 2
     for e in r["tasks"]:
-        assert e["tensors_compared"] > 20 and e["tensor_mismatches"] == 0
+        assert e["tensors_compared"] > 20 and e["tensor_mismatches"] == 0 and e["csim_mismatches"] == 0
         # every instruction retired and is accounted for, and the DDR model saw no protocol error
         assert len(e["instructions"]) == json.loads((tiny_build / "program.json").read_text())["header"]["n_instr"]
         assert e["ddr_errors"] == 0 and e["total_cycles"] > 0 and e["ddr_bytes"] > 0
