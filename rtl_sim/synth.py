@@ -50,6 +50,7 @@ from m3vit.rtl_sim.emit import emit_svh
 from m3vit.rtl_sim.hwconfig import BRAM36_BYTES, URAM_BYTES, ZCU104, HwConfig, load_hw_config
 
 DATAPATH = ["compute_unit"]          # the units that make up the whole datapath today
+TOP = "m3v_accel"                    # the whole accelerator: engines, controller and the units
 # "all": the MAC array with its GELU epilogue and the nonlinear units, those present in rtl/
 ALL_UNITS = ("compute_unit", "softmax_unit", "layernorm_unit", "topk_gate")
 FULL_DSP_LIMIT = 200                 # "auto" synthesises in full up to this many DSPs
@@ -92,13 +93,16 @@ def _lanes(unit: str, hw: HwConfig) -> int | None:
 
 # ---------------------------------------------------------------------------- one yosys run
 
-def _yosys_script(unit: str, hw: HwConfig, inc: Path, json_out: Path | None, stat_out: Path) -> str:
+def _yosys_script(unit: str, hw: HwConfig, inc: Path, json_out: Path | None, stat_out: Path,
+                  dsp_only: bool = False) -> str:
     files = " ".join(str(p) for p in runner.rtl_sources())
     chparams = " ".join(f"-chparam {k} {v}" for k, v in _unit_params(unit, hw).items())
+    # dsp_only stops after multiplier mapping: the DSP48E2 count is final there, and the rest
+    # (memories and LUT mapping of the whole top) would take yosys far longer
     lines = [
         f"read_verilog -sv -I{inc} {files}",
         f"hierarchy -check -top {unit} {chparams}",
-        f"synth_xilinx -family xcup -top {unit} -flatten -noiopad",
+        f"synth_xilinx -family xcup -top {unit} -flatten -noiopad" + (" -run begin:coarse" if dsp_only else ""),
         f"tee -q -o {stat_out} stat",
     ]
     if json_out is not None:
@@ -134,7 +138,7 @@ def _latches(cells: Counter, log: str) -> int:
     return n + len(re.findall(r"Latch inferred for signal", log))
 
 
-def run_yosys(unit: str, hw: HwConfig, workdir: Path, netlist: bool = False) -> dict[str, Any]:
+def run_yosys(unit: str, hw: HwConfig, workdir: Path, netlist: bool = False, dsp_only: bool = False) -> dict[str, Any]:
     """Synthesise one unit; returns cell counts, resources, latch count, seconds, and the netlist path."""
     exe = runner.yosys_path()
     if exe is None:
@@ -144,7 +148,7 @@ def run_yosys(unit: str, hw: HwConfig, workdir: Path, netlist: bool = False) -> 
     emit_svh(hw, inc)
     runner.emit_program_headers(hw, inc)   # the accelerator top includes the ISA and register map headers
     stat_out, json_out, log_out = workdir / "stat.txt", workdir / "netlist.json", workdir / "yosys.log"
-    script = _yosys_script(unit, hw, inc, json_out if netlist else None, stat_out)
+    script = _yosys_script(unit, hw, inc, json_out if netlist else None, stat_out, dsp_only)
     t0 = time.monotonic()
     proc = subprocess.run([exe, "-q", "-l", str(log_out), "-p", script], capture_output=True, text=True,
                           cwd=inc)   # where emit_svh put the .mem tables that $readmemh reads
@@ -256,8 +260,12 @@ def _scaled(ra: dict[str, float], rb: dict[str, float], a: int, b: int, p_out: i
 def synth_unit(unit: str, hw: HwConfig, method: str = "auto", workdir: Path | None = None) -> dict[str, Any]:
     """Synthesise one unit for hw; see the module docstring for the methods."""
     runner._check_unit(unit)
-    if method not in ("auto", "full", "scaled"):
-        raise UsageError(f"method must be auto, full or scaled, got {method!r}")
+    if method not in ("auto", "full", "scaled", "dsp"):
+        raise UsageError(f"method must be auto, full, scaled or dsp, got {method!r}")
+    if method == "dsp" or (method == "auto" and unit == TOP):
+        r = run_yosys(unit, hw, workdir / f"{unit}-dsp", dsp_only=True)
+        return {"method": "dsp (multiplier mapping only)", "seconds": r["seconds"],
+                **{k: 0 for k in RESOURCES}, "dsp": r["resources"]["dsp"]}
     workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="m3vit-synth-"))
     lanes = _lanes(unit, hw)
     scalable = lanes is not None
@@ -388,11 +396,18 @@ def format_report(rep: dict[str, Any]) -> str:
     lines = [f"synth: {rep['board']} ({rep['part']}), array {rep['parallel']}, {rep['clock_mhz']} MHz"]
     for unit, r in rep["units"].items():
         lines.append(f"  {unit}: {r['method']}, {r['seconds']} s")
+        if r["method"].startswith("dsp"):
+            lines.append(f"    dsp {r['dsp']:g} (LUT, FF and memories are not counted by this method)")
+            continue
         lines.append("    " + "  ".join(f"{k} {r[k]:g}" for k in RESOURCES))
         if "logic_levels" in r:
             lines.append(f"    logic levels {r['logic_levels']} (LUT levels {r['lut_levels']}); "
                          f"ff after DSP register packing {r['ff_after_dsp_packing']:g}")
     t, u, b = rep["total"], rep["utilisation_pct"], rep["budget"]
+    if all(r["method"].startswith("dsp") for r in rep["units"].values()):
+        lines.append(f"  total: DSP {t['dsp']:g}/{b['dsp']} ({u['dsp']}%)"
+                     + ("" if t["dsp"] <= b["dsp"] else "  -- DOES NOT FIT"))
+        return "\n".join(lines)
     lines.append(f"  total: DSP {t['dsp']:g}/{b['dsp']} ({u['dsp']}%)  "
                  f"LUT {rep['lut_including_lutram_srl']:g}/{b['lut']} ({u['lut']}%, incl. LUTRAM and SRL)  "
                  f"FF {t['ff']:g}/{b['ff']} ({u['ff']}%)  BRAM36 {t['bram36']:g}/{b['bram36']} ({u['bram36']}%)  "
@@ -410,9 +425,11 @@ def add_synth_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parallel", metavar="PINxPOUT", help="override the MAC array, e.g. 8x8")
     parser.add_argument("--unit", action="append", metavar="NAME",
                         help="RTL module to synthesise (repeatable; default: datapath = the MAC array; "
-                             "all = the MAC array and every nonlinear unit, with their total)")
-    parser.add_argument("--method", choices=("auto", "full", "scaled"), default="auto",
-                        help="full synthesis, or P_OUT=1,2,3 runs scaled to P_OUT (auto: full for small arrays)")
+                             "all = the MAC array and every nonlinear unit, with their total; m3v_accel = the "
+                             "whole accelerator, DSP48E2 only)")
+    parser.add_argument("--method", choices=("auto", "full", "scaled", "dsp"), default="auto",
+                        help="full synthesis, P_OUT=1,2,3 runs scaled to P_OUT, or dsp: multiplier mapping only "
+                             "(auto: full for small arrays, dsp for the whole accelerator)")
     parser.add_argument("--workdir", metavar="DIR", help="keep yosys logs and netlists here")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 

@@ -166,6 +166,22 @@ def test_synth_small_array():
     assert rep["fits"] and rep["macs_per_cycle"] == 4 and rep["peak_gmacs"] == 1.2
 
 
+@pytest.mark.slow
+def test_synth_whole_accelerator_dsp():
+    """The whole top (engines, controller, every unit) on a small array, multipliers mapped: at
+    least the datapath units' DSP48E2 (the engines add their address arithmetic), within budget."""
+    _need_yosys()
+    from m3vit.rtl_sim.synth import format_report, synth_report
+
+    hw = HwConfig().replace(p_in=2, p_out=2, softmax_lanes=2, token_block=2,
+                            limits=Limits(max_tokens=16, max_dim=32, max_hidden=64, max_experts=4, max_k=2))
+    rep = synth_report(hw, ["m3v_accel"])
+    top = rep["units"]["m3v_accel"]
+    assert top["method"].startswith("dsp") and top["lut"] == 0
+    assert hw.dsp_datapath <= top["dsp"] <= rep["budget"]["dsp"]
+    assert f"DSP {top['dsp']}/" in format_report(rep)
+
+
 def test_synth_cli_arguments():
     """The `m3vit synth` parser (wired into cli.py by add_synth_args) and its usage errors."""
     import argparse
