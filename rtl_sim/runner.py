@@ -32,7 +32,17 @@ RTL_DIR = Path(__file__).with_name("rtl")
 TB_DIR = Path(__file__).with_name("tb")   # simulation-only models (the DDR), never synthesised or linted as RTL
 DEFAULT_BUILD_ROOT = Path("build/rtl")
 X_FLAGS = ["--x-assign", "unique", "--x-initial", "unique"]
-BUILD_FLAGS = [*X_FLAGS]
+# cocotb's runner makes every signal of the design public and writable (--public-flat-rw). That
+# keeps each one a stored, externally writable variable: Verilator then cannot fold the
+# combinational logic, re-evaluates it on every clock edge, and checks every submodule's copy of
+# the clock for edges, which made the 32x48 accelerator simulate about ten times slower. The
+# harnesses only touch the top's signals (and PROBES), so the build turns the flag off again and
+# opens exactly those through a Verilator control file (public.vlt in the build directory).
+PUBLIC_FLAGS = ["--no-public-flat-rw"]
+BUILD_FLAGS = [*X_FLAGS, *PUBLIC_FLAGS]
+# Internal signals a harness reads, per top: (module, variable). tests/rtl/cocotb_accel.py reads
+# one adder operand of the elementwise engine at power-up to see that seeds randomise the state.
+PROBES: dict[str, list[tuple[str, str]]] = {"accel_tb": [("add_unit", "ta")]}
 # Optimisation of the generated C++ (make variables of Verilator's makefile): the evaluation code at
 # -O1; the one-time construction code at -O0, because cocotb's --public-flat-rw makes the symbol
 # table's constructor huge and g++ takes tens of minutes to optimise it for the accelerator top.
@@ -216,6 +226,13 @@ def _digest(parts: Sequence[bytes]) -> str:
     return h.hexdigest()
 
 
+def public_vlt(unit: str) -> str:
+    """The Verilator control file that makes the top's signals (and the unit's PROBES) visible to cocotb."""
+    lines = ["`verilator_config", f'public_flat_rw -module "{unit}" -var "*"']
+    lines += [f'public_flat_rd -module "{m}" -var "{v}"' for m, v in PROBES.get(unit, [])]
+    return "\n".join(lines) + "\n"
+
+
 def build(unit: str, hw: HwConfig, build_root: str | Path | None = None, force: bool = False,
           parameters: Mapping[str, int] | None = None) -> Path:
     """Verilate and compile unit for hw (cached) and return its build directory. ``parameters``
@@ -228,7 +245,10 @@ def build(unit: str, hw: HwConfig, build_root: str | Path | None = None, force: 
     inc = bdir / "include"
     svh = emit_svh(hw, inc)
     headers = emit_program_headers(hw, inc)
-    sources = _sources_for(unit)
+    vlt = bdir / "public.vlt"
+    if not vlt.is_file() or vlt.read_text() != public_vlt(unit):
+        vlt.write_text(public_vlt(unit))
+    sources = [vlt, *_sources_for(unit)]
     mems = [p.read_bytes() for p in sorted(inc.glob("*.mem"))]
     stamp_value = _digest([p.read_bytes() for p in sources] + mems + [p.read_bytes() for p in headers] +
                           [svh.read_bytes(), unit.encode(), json.dumps(sorted((parameters or {}).items())).encode(),
