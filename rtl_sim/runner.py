@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,17 +33,20 @@ RTL_DIR = Path(__file__).with_name("rtl")
 TB_DIR = Path(__file__).with_name("tb")   # simulation-only models (the DDR), never synthesised or linted as RTL
 DEFAULT_BUILD_ROOT = Path("build/rtl")
 X_FLAGS = ["--x-assign", "unique", "--x-initial", "unique"]
-# cocotb's runner makes every signal of the design public and writable (--public-flat-rw). That
-# keeps each one a stored, externally writable variable: Verilator then cannot fold the
-# combinational logic, re-evaluates it on every clock edge, and checks every submodule's copy of
-# the clock for edges, which made the 32x48 accelerator simulate about ten times slower. The
-# harnesses only touch the top's signals (and PROBES), so the build turns the flag off again and
-# opens exactly those through a Verilator control file (public.vlt in the build directory).
+# cocotb's runner makes every signal of the design public and writable (--public-flat-rw). A
+# signal that may be written from outside at any time keeps all the logic it feeds in the model's
+# input-change region, which is evaluated on both clock edges and on every write by the harness,
+# and every submodule's copy of the clock is checked for edges: the 32x48 accelerator simulated
+# several times slower for it. The harnesses only touch the top's ports (and PROBES), so the build
+# turns the flag off again and opens exactly those through a Verilator control file (public.vlt in
+# the build directory).
 PUBLIC_FLAGS = ["--no-public-flat-rw"]
 BUILD_FLAGS = [*X_FLAGS, *PUBLIC_FLAGS]
-# Internal signals a harness reads, per top: (module, variable). tests/rtl/cocotb_accel.py reads
-# one adder operand of the elementwise engine at power-up to see that seeds randomise the state.
-PROBES: dict[str, list[tuple[str, str]]] = {"accel_tb": [("add_unit", "ta")]}
+# Internal signals a harness reads, per top: (module, variable). The power-up checks of
+# tests/rtl/cocotb_accel.py and cocotb_compute_unit.py read one register that no reset clears, to
+# see that seeds randomise the state.
+PROBES: dict[str, list[tuple[str, str]]] = {"accel_tb": [("add_unit", "ta")],
+                                            "compute_unit": [("compute_unit", "sh_weights")]}
 # Optimisation of the generated C++ (make variables of Verilator's makefile): the evaluation code at
 # -O1; the one-time construction code at -O0, because cocotb's --public-flat-rw makes the symbol
 # table's constructor huge and g++ takes tens of minutes to optimise it for the accelerator top.
@@ -226,9 +230,35 @@ def _digest(parts: Sequence[bytes]) -> str:
     return h.hexdigest()
 
 
+def port_names(unit: str) -> list[str]:
+    """The ports of unit, read from the ANSI port list of its file (`module unit ... (` up to `);`)."""
+    path = next((p for p in _sources_for(unit) if p.stem == unit), None)
+    if path is None:
+        raise M3ViTError(f"no source file for unit '{unit}'")
+    names: list[str] = []
+    in_header = False
+    for line in path.read_text().splitlines():
+        code = line.split("//", 1)[0]
+        if not in_header:
+            in_header = re.match(rf"\s*module\s+{re.escape(unit)}\b", code) is not None
+            continue
+        if re.match(r"\s*\);", code):
+            break
+        m = re.match(r"\s*(input|output|inout)\b(.*)", code)
+        if m:
+            for piece in re.sub(r"\[[^\]]*\]", " ", m.group(2)).split(","):
+                words = re.findall(r"[A-Za-z_]\w*", piece)
+                if words:
+                    names.append(words[-1])
+    if not names:
+        raise M3ViTError(f"{path}: found no ports of module {unit}")
+    return names
+
+
 def public_vlt(unit: str) -> str:
-    """The Verilator control file that makes the top's signals (and the unit's PROBES) visible to cocotb."""
-    lines = ["`verilator_config", f'public_flat_rw -module "{unit}" -var "*"']
+    """The Verilator control file that makes the top's ports (and the unit's PROBES) visible to cocotb."""
+    lines = ["`verilator_config"]
+    lines += [f'public_flat_rw -module "{unit}" -var "{name}"' for name in port_names(unit)]
     lines += [f'public_flat_rd -module "{m}" -var "{v}"' for m, v in PROBES.get(unit, [])]
     return "\n".join(lines) + "\n"
 
