@@ -60,7 +60,10 @@ def main(argv=None) -> int:
         rep, t_sim = _m3vit("rtlsim", str(build), *(["--trace"] if args.trace else []))
         out = {"preset": cfg.name, "compile_seconds": round(t_comp, 1), "rtlsim_seconds": round(t_sim, 1),
                "bit_exact": rep["bit_exact"], "mismatches": rep["mismatches"], "parallel": comp.get("parallel"),
-               "simulated_cycles_per_second": rep["simulated_cycles_per_second"], "tasks": []}
+               "simulated_cycles_per_second": rep["simulated_cycles_per_second"],
+               "simulated_cycles_per_cpu_second": rep["simulated_cycles_per_cpu_second"],
+               "build_seconds": rep["build_seconds"], "simulation_seconds": rep["seconds"],
+               "run_seconds": rep["run_seconds"], "tasks": []}
         for e in rep["tasks"]:
             out["tasks"].append({k: e[k] for k in ("task", "total_cycles", "latency_ms_300mhz", "utilization",
                                                    "stall_cycles", "ddr_bytes", "schedule_estimate_cycles")})
@@ -73,8 +76,9 @@ def main(argv=None) -> int:
         print(json.dumps(out, sort_keys=True))
         return 0 if out["bit_exact"] else 1
     print(f"{out['preset']} on the RTL ({out['parallel']} MACs): {'bit-exact' if out['bit_exact'] else 'MISMATCH'}; "
-          f"compile {out['compile_seconds']} s, rtlsim {out['rtlsim_seconds']} s "
-          f"({out['simulated_cycles_per_second']:,.0f} simulated cycles/s)")
+          f"compile {out['compile_seconds']} s, rtlsim {out['rtlsim_seconds']} s (Verilator build "
+          f"{out['build_seconds']} s, simulation {out['simulation_seconds']} s, of which the runs {out['run_seconds']} s: "
+          f"{out['simulated_cycles_per_second']:,.0f} simulated cycles/s)")
     print("| task | cycles | ms at 300 MHz | utilisation | stall cycles | DDR MB | schedule estimate | RTL / estimate |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for t in out["tasks"]:
