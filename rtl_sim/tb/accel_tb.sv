@@ -57,8 +57,19 @@ module accel_tb #(
     logic [PORTS*DW-1:0]      rdata, wdata;
     logic [PORTS*DW/8-1:0]    wstrb;
 
+    // The accelerator takes its reset from a flop, as on the board, where the processor's reset
+    // reaches the fabric through a synchroniser. For the simulation it matters because several
+    // units use their reset in combinational logic (ready signals): driven straight from a
+    // top-level input, that reset would put the whole combinational network into the
+    // input-change region of the Verilator model, evaluated again on both clock edges and on
+    // every signal the harness writes. The harness holds rst_n low for several cycles and starts
+    // nothing in the cycle after it, so the one cycle more of reset changes no result. The DDR
+    // model keeps rst_n itself (its arbitration phase counts from its reset).
+    logic rst_q;
+    always_ff @(posedge clk) rst_q <= rst_n;
+
     m3v_accel #(.DW(DW), .PORTS(PORTS), .ADDR_W(ADDR_W), .ID_W(ID_W), .LAW(LAW)) u_accel (
-        .clk, .rst_n,
+        .clk, .rst_n(rst_q),
         .s_awvalid, .s_awready, .s_awaddr, .s_wvalid, .s_wready, .s_wdata, .s_wstrb, .s_bvalid, .s_bready,
         .s_bresp, .s_arvalid, .s_arready, .s_araddr, .s_rvalid, .s_rready, .s_rdata, .s_rresp, .irq,
         .m_arvalid(arvalid), .m_arready(arready), .m_araddr(araddr), .m_arlen(arlen), .m_arsize(arsize),
@@ -83,8 +94,8 @@ module accel_tb #(
     string  ilog_path;
     initial if ($value$plusargs("instr_log=%s", ilog_path)) ilog = $fopen(ilog_path, "w");
     always @(posedge clk) begin
-        if (rst_n && u_accel.start) runs = runs + 1;
-        if (ilog != 0 && rst_n && u_accel.state == 4'd9) begin
+        if (rst_q && u_accel.start) runs = runs + 1;
+        if (ilog != 0 && rst_q && u_accel.state == 4'd9) begin
             $fwrite(ilog, "%0d %0d %0d %0d %0d %0d %0d\n", runs, u_accel.pc, u_accel.op, u_accel.icyc + 64'd1,
                     u_accel.stall_cycles, u_accel.rd_bytes, u_accel.wr_bytes);
             $fflush(ilog);
@@ -124,7 +135,7 @@ module accel_tb #(
 
     logic counting;
     always_ff @(posedge clk) begin
-        if (!rst_n) begin
+        if (!rst_q) begin
             counting    <= 1'b0;
             tb_cycles   <= '0;
             tb_rd_bytes <= '0;

@@ -315,10 +315,17 @@ module axi_ddr_model #(
         end
     end
 
+    // The ready outputs follow a registered copy of the reset, not the reset input itself: a
+    // top-level input in the combinational path to the accelerator's ready logic would make the
+    // simulator re-evaluate all of that logic whenever the harness writes any input. The ports
+    // open one cycle after reset, before any master can have a request.
+    logic live;
+    always_ff @(posedge clk) live <= rst_n;
+
     always_comb begin
         for (int p = 0; p < PORTS; p++) begin
-            arready[p] = rst_n && rq_count[p] < QW'(MAX_OUT);
-            awready[p] = rst_n && wq_count[p] < QW'(MAX_OUT);
+            arready[p] = live && rq_count[p] < QW'(MAX_OUT);
+            awready[p] = live && wq_count[p] < QW'(MAX_OUT);
         end
     end
     assign rresp = '0;
