@@ -155,6 +155,7 @@ module eng_attn #(
     // one head's Q, K and V: K and V share buffers.activations (the compiler's check), Q as big
     localparam int BUF_A   = `M3V_BUF_ACTIVATIONS / 4;
     localparam int BUF_EL  = (MAXT * MAXD < BUF_A) ? MAXT * MAXD : BUF_A;
+    localparam int HALF_EL = BUF_EL / 2;
     // score buffer: 16-bit scores, two halves; half h holds the rows of a group, T keys each
     localparam int SC_EL   = `M3V_BUF_SCORES / 2;
     localparam int SC_HALF = SC_EL / 2;
@@ -228,7 +229,9 @@ module eng_attn #(
     state_t st;
     logic [3:0]  fin_status;
     logic [15:0] h, hc;
-    logic        head_go;        // one-cycle pulse: a head starts (loads and every stage)
+    logic        head_go;        // one-cycle pulse: the stages start on head h
+    logic        dbuf;           // a head fits half of each Q / K / V buffer: head h uses half h mod 2
+    logic        cu_half;        // the half head h reads
 
     // sequential divider (restoring, 16-bit): dv_k selects which quotient is being formed
     logic [15:0] dv_n, dv_d, dv_q, dv_r;
@@ -258,12 +261,19 @@ module eng_attn #(
     endfunction
 
     // ---------------------------------------------------------------- Q / K / V loads
+    // Loads run ahead of the stages: with dbuf, head h+1 loads into the other half while the
+    // stages work on head h; without, head h loads while its own stages start on the rows that
+    // have arrived.
     logic [ADDR_W-1:0] ld_base_q, ld_base_k, ld_base_v;
-    logic [31:0]       row_stride;
+    logic [31:0]       row_stride, ld_off, cu_off;
+    logic [15:0]       ld_next, ld_hc;
+    logic              ld_start, ld_guard, ld_half, ld_kick, running;
     assign row_stride = 32'(D) * 32'd6;
-    assign ld_base_q  = qkv_addr + ADDR_W'({hc, 1'b0});
-    assign ld_base_k  = qkv_addr + ADDR_W'({D, 1'b0}) + ADDR_W'({hc, 1'b0});
-    assign ld_base_v  = qkv_addr + ADDR_W'({D, 2'b00}) + ADDR_W'({hc, 1'b0});
+    assign ld_base_q  = qkv_addr + ADDR_W'({ld_hc, 1'b0});
+    assign ld_base_k  = qkv_addr + ADDR_W'({D, 1'b0}) + ADDR_W'({ld_hc, 1'b0});
+    assign ld_base_v  = qkv_addr + ADDR_W'({D, 2'b00}) + ADDR_W'({ld_hc, 1'b0});
+    assign ld_off     = ld_half ? 32'(HALF_EL) : '0;
+    assign cu_off     = cu_half ? 32'(HALF_EL) : '0;
 
     logic [2:0]        rd_valid;
     logic [3*DW-1:0]   rd_data;
@@ -277,7 +287,7 @@ module eng_attn #(
     logic [3*ID_W-1:0] r_arid, r_rid;
     logic [3*DW-1:0]   r_rdata;
     logic [2:0]        ld_busy;
-    logic [3*32-1:0]   ld_cnt;    // elements of each slice written so far (rows arrive in order)
+    logic [3*32-1:0]   ld_cnt [0:1];   // per half: elements of each slice written so far (rows arrive in order)
 
     genvar g;
     generate
@@ -287,7 +297,7 @@ module eng_attn #(
             attn_slice_reader #(
                 .DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(MAX_BURST)
             ) u_rd (
-                .clk(clk), .rst_n(rst_n), .start(head_go), .base(b), .stride(row_stride),
+                .clk(clk), .rst_n(rst_n), .start(ld_start), .base(b), .stride(row_stride),
                 .rows(32'(T)), .elems(32'(dh)), .busy(ld_busy[g]),
                 .o_valid(rd_valid[g]), .o_data(rd_data[g*DW +: DW]), .o_lo(rd_lo[g*LW +: LW]),
                 .o_hi(rd_hi[g*LW +: LW]), .o_flat(rd_flat[g*32 +: 32]),
@@ -297,18 +307,44 @@ module eng_attn #(
                 .rdata(r_rdata[g*DW +: DW]), .rid(r_rid[g*ID_W +: ID_W]), .rlast(r_rlast[g]),
                 .rresp(r_rresp[g*2 +: 2])
             );
-            always_ff @(posedge clk) begin
-                if (!rst_n || head_go) ld_cnt[g*32 +: 32] <= '0;
-                else if (rd_valid[g])
-                    ld_cnt[g*32 +: 32] <= rd_flat[g*32 +: 32] + 32'(rd_hi[g*LW +: LW]) - 32'(rd_lo[g*LW +: LW]);
-            end
         end
     endgenerate
+    always_ff @(posedge clk) begin
+        if (!rst_n) begin
+            ld_cnt[0] <= '0;
+            ld_cnt[1] <= '0;
+        end else if (ld_start) begin
+            ld_cnt[ld_half] <= '0;
+        end else begin
+            for (int s = 0; s < 3; s++)
+                if (rd_valid[s])
+                    ld_cnt[ld_half][s*32 +: 32] <= rd_flat[s*32 +: 32] + 32'(rd_hi[s*LW +: LW]) - 32'(rd_lo[s*LW +: LW]);
+        end
+    end
 
-    // rows 0 .. n−1 of a slice are in its buffer
+    // rows 0 .. n−1 of head h's slice are in its buffer
     function automatic logic rows_in(input int s, input logic [31:0] n);
-        rows_in = ld_cnt[s*32 +: 32] >= n * 32'(dh);
+        rows_in = ld_cnt[cu_half][s*32 +: 32] >= n * 32'(dh);
     endfunction
+
+    // the next load: head ld_next, once the previous load is finished and its half is free
+    assign ld_kick = running && !ld_start && !ld_guard && ld_busy == '0 && ld_next < H &&
+                     (ld_next == h || (dbuf && ld_next == h + 16'd1));
+    always_ff @(posedge clk) begin
+        if (!rst_n) begin
+            ld_start <= 1'b0;
+            ld_guard <= 1'b0;
+        end else begin
+            ld_start <= ld_kick;
+            ld_guard <= ld_start;   // busy rises the cycle after start
+            if (ld_kick) begin
+                ld_hc   <= 16'(32'(ld_next) * 32'(dh));
+                ld_half <= dbuf && ld_next[0];
+                ld_next <= ld_next + 16'd1;
+            end
+            if (st == S_CAP) ld_next <= '0;
+        end
+    end
 
     logic [31:0]        q_rflat, k_rflat, v_rflat;
     logic [PI*16-1:0]   q_rd;
@@ -316,15 +352,15 @@ module eng_attn #(
     logic [PO*16-1:0]   v_rd;
     attn_buf #(.NB(NBQ), .DEPTH(pow2_at_least((BUF_EL + NBQ - 1) / NBQ)), .E(E), .RL(PI)) u_qbuf (
         .clk(clk), .we(rd_valid[0]), .wdata(rd_data[0 +: DW]), .wlo(rd_lo[0 +: LW]),
-        .whi(rd_hi[0 +: LW]), .wflat(rd_flat[0 +: 32]), .rflat(q_rflat), .rdata(q_rd)
+        .whi(rd_hi[0 +: LW]), .wflat(rd_flat[0 +: 32] + ld_off), .rflat(q_rflat + cu_off), .rdata(q_rd)
     );
     attn_buf #(.NB(NBK), .DEPTH(pow2_at_least((BUF_EL + NBK - 1) / NBK)), .E(E), .RL(2 * PI)) u_kbuf (
         .clk(clk), .we(rd_valid[1]), .wdata(rd_data[DW +: DW]), .wlo(rd_lo[LW +: LW]),
-        .whi(rd_hi[LW +: LW]), .wflat(rd_flat[32 +: 32]), .rflat(k_rflat), .rdata(k_rd)
+        .whi(rd_hi[LW +: LW]), .wflat(rd_flat[32 +: 32] + ld_off), .rflat(k_rflat + cu_off), .rdata(k_rd)
     );
     attn_buf #(.NB(NBV), .DEPTH(pow2_at_least((BUF_EL + NBV - 1) / NBV)), .E(E), .RL(PO)) u_vbuf (
         .clk(clk), .we(rd_valid[2]), .wdata(rd_data[2*DW +: DW]), .wlo(rd_lo[2*LW +: LW]),
-        .whi(rd_hi[2*LW +: LW]), .wflat(rd_flat[64 +: 32]), .rflat(v_rflat), .rdata(v_rd)
+        .whi(rd_hi[2*LW +: LW]), .wflat(rd_flat[64 +: 32] + ld_off), .rflat(v_rflat + cu_off), .rdata(v_rd)
     );
 
     // ---------------------------------------------------------------- the compute unit's job order
@@ -993,7 +1029,8 @@ module eng_attn #(
         end
 
     // ---------------------------------------------------------------- the instruction
-    assign active = x_fire || ex_step;
+    assign active  = x_fire || ex_step;
+    assign running = st == S_HEAD || st == S_RUN || st == S_NEXT;
 
     always_ff @(posedge clk) begin
         if (!rst_n) begin
@@ -1096,15 +1133,18 @@ module eng_attn #(
                     if (T < g_sz) g_sz = T;
                     if (f_qtile != 0 && f_qtile < 32'(g_sz)) g_sz = f_qtile[15:0];
                     gs   <= g_sz;
+                    dbuf <= 32'(T) * 32'(dh) <= 32'(HALF_EL);
                     dv_n <= T + g_sz - 16'd1;
                     dv_d <= g_sz;
                     st   <= S_DIV;
                 end
-                S_HEAD: begin
+                S_HEAD: if (ld_next > h) begin
+                    // head h's load has started (its counts are reset): the stages may follow it
                     head_go <= 1'b1;
+                    cu_half <= dbuf && h[0];
                     st      <= S_RUN;
                 end
-                S_RUN: if (!head_go && fin_cnt == ng && ld_busy == '0) st <= S_NEXT;
+                S_RUN: if (!head_go && fin_cnt == ng) st <= S_NEXT;
                 S_NEXT: begin
                     if (h + 16'd1 < H) begin
                         h  <= h + 16'd1;
@@ -1114,7 +1154,7 @@ module eng_attn #(
                         st <= S_DRAIN;
                     end
                 end
-                S_DRAIN: if (!sq_valid && !yw_seg && seg_inflight == '0 && yw_out == '0) st <= S_FIN;
+                S_DRAIN: if (!sq_valid && !yw_seg && seg_inflight == '0 && yw_out == '0 && ld_busy == '0) st <= S_FIN;
                 S_FIN: begin
                     done   <= 1'b1;
                     status <= fin_status;
