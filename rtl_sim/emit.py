@@ -56,6 +56,14 @@ def contract_params() -> dict[str, int]:
     }
 
 
+def x_width(hw: HwConfig) -> int:
+    """Width of the compute unit's x operand: an activation, or an attention probability of the
+    contract (exp_int gives 0..2^exp_frac, exp_frac + 1 bits unsigned, so exp_frac + 2 signed)."""
+    from m3vit.compiler.numerics import CONTRACT
+
+    return max(hw.act_bits, CONTRACT.exp_frac + 2)
+
+
 def render_svh(hw: HwConfig) -> str:
     # the limits size the gate unit (experts, top-k, token counters and queue RAMs), the
     # LayerNorm row buffer (max_dim) and the GEMM engine's K extent (max_dim, max_hidden); the
@@ -64,7 +72,7 @@ def render_svh(hw: HwConfig) -> str:
               "MAX_TOKENS": hw.limits.max_tokens, "MAX_DIM": hw.limits.max_dim,
               "MAX_HIDDEN": hw.limits.max_hidden,
               "BUF_SCORES": hw.buffers.scores, "BUF_ACTIVATIONS": hw.buffers.activations}
-    params = sorted({**hw.rtl_params(), **limits}.items())
+    params = sorted({**hw.rtl_params(), **limits, "X_W": x_width(hw)}.items())
     contract = sorted(contract_params().items())
     return _env.get_template("hw_config.svh.j2").render(hw=hw, hash=hw.hash(), params=params,
                                                          contract=contract)

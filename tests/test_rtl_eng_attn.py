@@ -16,7 +16,7 @@ import pytest
 from m3vit.compiler import isa
 from m3vit.compiler.program_exec import ProgramError, execute
 from m3vit.rtl_sim import rtlsim
-from m3vit.rtl_sim.hwconfig import HwConfig, Limits
+from m3vit.rtl_sim.hwconfig import Buffers, HwConfig, Limits
 
 HW = HwConfig().replace(p_in=4, p_out=4, token_block=4, softmax_lanes=4,
                         limits=Limits(max_tokens=64)).validated()
@@ -29,7 +29,7 @@ def _fmt(rng, bits_hi: int = 16) -> int:
 
 
 def _case(rng, name: str, *, tokens: int | None = None, heads: int | None = None, dh: int | None = None,
-          refuse: str | None = None) -> tuple[rtlsim.Job, bytes, int, dict]:
+          refuse: str | None = None, hw: HwConfig = HW) -> tuple[rtlsim.Job, bytes, int, dict]:
     """One attention instruction (then END) with its operands; returns the job, the Program, and
     the instruction's fields."""
     t = tokens if tokens is not None else int(rng.integers(0, 20)) * 2 + 1          # odd, 1..39
@@ -57,16 +57,16 @@ def _case(rng, name: str, *, tokens: int | None = None, heads: int | None = None
         fields["qkv_ref"] = isa.ref(space_in, pad + 64)      # the last row runs past its space
     elif refuse == "store_in":
         fields["y_ref"] = isa.ref("in", 0)                   # a store into a read-only space
-    prog = rtlsim.program_bytes([isa.Instr("attention", fields), isa.Instr("end")], HW,
+    prog = rtlsim.program_bytes([isa.Instr("attention", fields), isa.Instr("end")], hw,
                                 weight_bytes=len(weights), arena_bytes=arena, input_bytes=len(image),
                                 output_bytes=out, n_tasks=1)
     return rtlsim.Job(name=name, program=prog, weights=weights, image=image, task=0), prog, fields
 
 
-def _check(results, jobs) -> None:
+def _check(results, jobs, hw: HwConfig = HW) -> None:
     for r, job in zip(results, jobs):
         try:
-            ref = execute(job.program, job.weights, job.image, job.task, hw_hash=HW.hash())
+            ref = execute(job.program, job.weights, job.image, job.task, hw_hash=hw.hash())
         except ProgramError as e:
             assert r.status == e.status, f"{job.name}: STATUS {r.status}, the executor refuses with {e.status}"
             assert r.output == bytes(len(r.output)) and r.arena == bytes(len(r.arena)), \
@@ -108,3 +108,17 @@ def test_attention_long_regression():
     jobs = [j for j, _, _ in jobs]
     results = rtlsim.simulate(jobs, HW, seed=3, stall_permille=100)
     _check(results, jobs)
+
+
+@pytest.mark.slow
+def test_attention_small_buffers():
+    """Buffers so small that a head fills more than half of the Q / K / V buffers (no loading the
+    next head during this one: loads and heads take turns) and a group holds fewer than SLOTS
+    queries (the score buffer's halves hold only a few rows of T keys)."""
+    hw = HW.replace(buffers=Buffers(weights=65536, activations=4096, scores=512)).validated()
+    rng = np.random.default_rng(5)
+    jobs = [_case(rng, f"small{i}", tokens=int(rng.integers(20, 40)), heads=int(rng.integers(1, 4)),
+                  dh=int(rng.integers(14, 26)), hw=hw)[0] for i in range(6)]
+    jobs += [_case(rng, "small_fits_half", tokens=17, heads=3, dh=9, hw=hw)[0]]
+    results = rtlsim.simulate(jobs, hw, seed=4, stall_permille=100)
+    _check(results, jobs, hw)

@@ -36,7 +36,7 @@ SLOW_SETS = {
     "8x6-a16w8": HwConfig().replace(p_in=8, p_out=6, token_block=16, limits=Limits(max_tokens=2048)),
 }
 SEEDS = (1, 2)
-COCOTB_TESTS = 6
+COCOTB_TESTS = 7
 
 
 def _need_yosys():

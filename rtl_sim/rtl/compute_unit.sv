@@ -20,13 +20,17 @@
 //     w_comb_shift  combine-term shift (unsigned)
 //     w_combine     0 = GEMM beats, 1 = combine beats
 //     w_gelu        epilogue select (0 = bypass, 1 = GELU)
+//     w_raw         raw rows: a row's result is its exact ACC_W-bit accumulator on the o_raw_*
+//                   stream (no requantisation, no epilogue; shift, out_bits and GELU unused)
 //     w_gelu_in_frac, w_gelu_out_frac, w_gelu_out_bits
 //                   GELU formats: input fraction (that of the requantised value, signed
 //                   FRAC_W bits), output fraction (signed) and width (0 means ACT_W)
 //
 //   x_*  beats: one row chunk of one token
 //     x_wnext   make the waiting shadow tile active before this beat (the beat waits for it)
-//     x_act     GEMM: P_IN signed ACT_W-bit activations x[t][k*P_IN + i], [i*ACT_W +: ACT_W]
+//     x_act     GEMM: P_IN signed X_W-bit operands x[t][k*P_IN + i], [i*X_W +: X_W]; an
+//               activation (ACT_W bits) sign-extended, or an attention probability (exp_frac + 1
+//               bits unsigned): X_W = max(ACT_W, exp_frac + 2) still fits the DSP48E2's 27-bit port
 //     x_eout    combine: P_OUT signed ACT_W-bit expert outputs y_e[t][o], [o*ACT_W +: ACT_W]
 //     x_score   combine: unsigned SCORE_W-bit gate score of (token, expert)
 //     x_slot    accumulator slot (0..SLOTS-1) holding this token's partial sums
@@ -37,17 +41,22 @@
 //   one weight tile is reused by up to SLOTS tokens (weight bandwidth / SLOTS). The active tile's
 //   bias is used by first beats, its shift/out_bits/gelu by last beats, comb_shift/combine by all.
 //
-//   o_*  results, in the order of the last beats
+//   o_*  results of the requantised rows, in the order of their last beats
 //     o_data    P_OUT signed ACT_W-bit values (out_bits wide, sign-extended), [o*ACT_W +: ACT_W]
 //     o_tag     the token index of the row
+//   o_raw_*  results of the raw rows (tiles with w_raw), in the order of their last beats
+//     o_raw_acc P_OUT signed ACC_W-bit accumulators, [o*ACC_W +: ACC_W]
+//     o_raw_tag the token index of the row
+//   The two streams are independent; each row goes to exactly one of them.
 //
-// PIPELINE (no stall anywhere: the output FIFO has room for every row in flight, so x_ready is
-// a credit check and backpressure never reaches the DSP pipeline)
+// PIPELINE (no stall anywhere: the output FIFOs have room for every row in flight, so x_ready is
+// a credit check on both and backpressure never reaches the DSP pipeline)
 //   S1  A/B registers: beat fields, active tile (the DSP48E2 A/B registers)
 //   S2  products (M register); GEMM: one adder tree level per cycle; combine: score x value,
 //       then rshift_round (requant.sv, unsaturated); both padded to the same stage
 //   SA  accumulate into the slot (the P register, bias-initialised), result registered on last
 //   +5  requant (round + saturate, per-channel runtime shift), +19 epilogue (GELU), then the FIFO
+//   A raw row skips requant and epilogue: its accumulator enters the raw FIFO right after SA.
 //
 // The parameter defaults come from m3v_hw_config.svh, generated from hw.json by rtl_sim/emit.py.
 `include "m3v_hw_config.svh"
@@ -56,6 +65,7 @@ module compute_unit #(
     parameter int P_IN    = `M3V_P_IN,
     parameter int P_OUT   = `M3V_P_OUT,
     parameter int ACT_W   = `M3V_ACT_W,
+    parameter int X_W     = `M3V_X_W,
     parameter int W_W     = `M3V_W_W,
     parameter int ACC_W   = `M3V_ACC_W,
     parameter int SCORE_W = `M3V_SCORE_W,
@@ -82,11 +92,12 @@ module compute_unit #(
     input  logic [FRAC_W-1:0]         w_gelu_in_frac,
     input  logic [FRAC_W-1:0]         w_gelu_out_frac,
     input  logic [OB_W-1:0]           w_gelu_out_bits,
+    input  logic                      w_raw,
 
     input  logic                      x_valid,
     output logic                      x_ready,
     input  logic                      x_wnext,
-    input  logic [P_IN*ACT_W-1:0]     x_act,
+    input  logic [P_IN*X_W-1:0]       x_act,
     input  logic [P_OUT*ACT_W-1:0]    x_eout,
     input  logic [SCORE_W-1:0]        x_score,
     input  logic [SLOT_W-1:0]         x_slot,
@@ -97,10 +108,15 @@ module compute_unit #(
     output logic                      o_valid,
     input  logic                      o_ready,
     output logic [P_OUT*ACT_W-1:0]    o_data,
-    output logic [TAG_W-1:0]          o_tag
+    output logic [TAG_W-1:0]          o_tag,
+
+    output logic                      o_raw_valid,
+    input  logic                      o_raw_ready,
+    output logic [P_OUT*ACC_W-1:0]    o_raw_acc,
+    output logic [TAG_W-1:0]          o_raw_tag
 );
     localparam int LEVELS   = (P_IN > 1) ? $clog2(P_IN) : 0;
-    localparam int SUM_W    = ACT_W + W_W + LEVELS;        // exact GEMM chunk sum
+    localparam int SUM_W    = X_W + W_W + LEVELS;          // exact GEMM chunk sum
     localparam int PW       = SCORE_W + 1 + ACT_W;         // exact score x value product
     localparam int RQ_LAT   = 5;                           // requant.sv pipeline depth
     localparam int EPI_LAT  = 19;                          // epilogue.sv (the GELU pipeline)
@@ -113,11 +129,12 @@ module compute_unit #(
     localparam int FAW      = $clog2(FIFO_DEPTH);
 
     // ---------------------------------------------------------------- handshakes and credits
-    logic x_fire, w_fire, swap, shadow_full, credit_ok, push;
-    logic [FAW:0] fifo_count, inflight;
+    logic x_fire, w_fire, swap, shadow_full, credit_ok, push, raw_push;
+    logic [FAW:0] fifo_count, raw_count, inflight;
     logic [FAW+1:0] used;
 
-    assign used      = {1'b0, fifo_count} + {1'b0, inflight};
+    // one credit pool for both FIFOs: every row in flight has room in whichever it enters
+    assign used      = {1'b0, fifo_count} + {1'b0, raw_count} + {1'b0, inflight};
     assign credit_ok = used < {2'b01, {FAW{1'b0}}};   // used < FIFO_DEPTH = 2^FAW
     assign x_ready   = rst_n && credit_ok && (!x_wnext || shadow_full);
     assign x_fire    = x_valid && x_ready;
@@ -131,7 +148,8 @@ module compute_unit #(
             inflight    <= '0;
         end else begin
             shadow_full <= w_fire || (shadow_full && !swap);
-            inflight    <= inflight + {{FAW{1'b0}}, x_fire && x_last} - {{FAW{1'b0}}, push};
+            inflight    <= inflight + {{FAW{1'b0}}, x_fire && x_last} - {{FAW{1'b0}}, push}
+                                      - {{FAW{1'b0}}, raw_push};
         end
     end
 
@@ -141,7 +159,7 @@ module compute_unit #(
     logic [P_OUT*SHIFT_W-1:0]  sh_shift, ac_shift;
     logic [OB_W-1:0]           sh_out_bits, ac_out_bits;
     logic [CSH_W-1:0]          sh_comb_shift, ac_comb_shift;
-    logic                      sh_combine, ac_combine, sh_gelu, ac_gelu;
+    logic                      sh_combine, ac_combine, sh_gelu, ac_gelu, sh_raw, ac_raw;
     logic [GF_W-1:0]           sh_gfmt, ac_gfmt;
 
     always_ff @(posedge clk) begin
@@ -153,6 +171,7 @@ module compute_unit #(
             sh_comb_shift <= w_comb_shift;
             sh_combine    <= w_combine;
             sh_gelu       <= w_gelu;
+            sh_raw        <= w_raw;
             sh_gfmt       <= {w_gelu_in_frac, w_gelu_out_frac, w_gelu_out_bits};
         end
         // The swap shares the edge that registers the beat, so at S1 the active tile is the beat's.
@@ -164,6 +183,7 @@ module compute_unit #(
             ac_comb_shift <= sh_comb_shift;
             ac_combine    <= sh_combine;
             ac_gelu       <= sh_gelu;
+            ac_raw        <= sh_raw;
             ac_gfmt       <= sh_gfmt;
         end
     end
@@ -172,7 +192,7 @@ module compute_unit #(
     logic                    v1, first1, last1;
     logic [SLOT_W-1:0]       slot1;
     logic [TAG_W-1:0]        tag1;
-    logic [P_IN*ACT_W-1:0]   act1;
+    logic [P_IN*X_W-1:0]     act1;
     logic [P_OUT*ACT_W-1:0]  eout1;
     logic [SCORE_W-1:0]      score1;
 
@@ -192,7 +212,7 @@ module compute_unit #(
     logic [P_OUT*SUM_W-1:0] tree_sum, tree_a;
 
     mac_array #(
-        .P_IN(P_IN), .P_OUT(P_OUT), .ACT_W(ACT_W), .W_W(W_W), .LEVELS(LEVELS), .SUM_W(SUM_W)
+        .P_IN(P_IN), .P_OUT(P_OUT), .ACT_W(X_W), .W_W(W_W), .LEVELS(LEVELS), .SUM_W(SUM_W)
     ) u_mac (
         .clk(clk), .a(act1), .w(ac_weights), .sum(tree_sum)
     );
@@ -229,9 +249,9 @@ module compute_unit #(
     );
 
     // ---------------------------------------------------------------- beat side-band to SA, SA+1
-    localparam int CTRL_W = 3 + SLOT_W;
+    localparam int CTRL_W = 4 + SLOT_W;
     localparam int ROW_W  = TAG_W + P_OUT*SHIFT_W + OB_W + 1 + GF_W;
-    logic                     v_a, first_a, last_a, combine_a;
+    logic                     v_a, first_a, last_a, combine_a, raw_a;
     logic [SLOT_W-1:0]        slot_a;
     logic [P_OUT*ACC_W-1:0]   bias_a;
     logic [TAG_W-1:0]         tag_r;
@@ -245,7 +265,7 @@ module compute_unit #(
     );
     pipe_delay #(.WIDTH(CTRL_W), .DEPTH(A_LAT)) u_ctrl_a (
         .clk(clk), .rst_n(rst_n),
-        .d({first1, last1, ac_combine, slot1}), .q({first_a, last_a, combine_a, slot_a})
+        .d({first1, last1, ac_combine, ac_raw, slot1}), .q({first_a, last_a, combine_a, raw_a, slot_a})
     );
     pipe_delay #(.WIDTH(P_OUT*ACC_W), .DEPTH(A_LAT)) u_bias_a (
         .clk(clk), .rst_n(rst_n), .d(ac_bias), .q(bias_a)
@@ -260,7 +280,7 @@ module compute_unit #(
     // the next, so consecutive beats on the same slot need no forwarding.
     logic [P_OUT*ACC_W-1:0] acc_mem [0:SLOTS-1];
     logic [P_OUT*ACC_W-1:0] acc_rd, acc_new, res_q;
-    logic                   res_v;
+    logic                   res_v, raw_v;
 
     assign acc_rd = acc_mem[slot_a];
 
@@ -283,8 +303,13 @@ module compute_unit #(
     end
 
     always_ff @(posedge clk) begin
-        if (!rst_n) res_v <= 1'b0;
-        else        res_v <= v_a && last_a;
+        if (!rst_n) begin
+            res_v <= 1'b0;
+            raw_v <= 1'b0;
+        end else begin
+            res_v <= v_a && last_a && !raw_a;
+            raw_v <= v_a && last_a && raw_a;
+        end
         res_q <= acc_new;
     end
 
@@ -333,5 +358,15 @@ module compute_unit #(
         .push(push), .push_data({tag_e, epi}),
         .out_valid(o_valid), .out_ready(o_ready), .out_data({o_tag, o_data}),
         .count(fifo_count)
+    );
+
+    // ---------------------------------------------------------------- raw output FIFO
+    assign raw_push = raw_v;
+
+    stream_fifo #(.WIDTH(TAG_W + P_OUT*ACC_W), .DEPTH(FIFO_DEPTH)) u_raw (
+        .clk(clk), .rst_n(rst_n),
+        .push(raw_push), .push_data({tag_r, res_q}),
+        .out_valid(o_raw_valid), .out_ready(o_raw_ready), .out_data({o_raw_tag, o_raw_acc}),
+        .count(raw_count)
     );
 endmodule

@@ -67,7 +67,7 @@ module eng_elem #(
     output logic                                     cu_x_valid,
     input  logic                                     cu_x_ready,
     output logic                                     cu_x_wnext,
-    output logic [`M3V_P_IN*`M3V_ACT_W-1:0]          cu_x_act,
+    output logic [`M3V_P_IN*`M3V_X_W-1:0]            cu_x_act,
     output logic [`M3V_P_OUT*`M3V_ACT_W-1:0]         cu_x_eout,
     output logic [`M3V_SCORE_W-1:0]                  cu_x_score,
     output logic [SLOT_W-1:0]                        cu_x_slot,
@@ -77,8 +77,18 @@ module eng_elem #(
     input  logic                                     cu_o_valid,
     output logic                                     cu_o_ready,
     input  logic [`M3V_P_OUT*`M3V_ACT_W-1:0]         cu_o_data,
-    input  logic [`M3V_TAG_W-1:0]                    cu_o_tag
+    input  logic [`M3V_TAG_W-1:0]                    cu_o_tag,
+    output logic                                     cu_w_raw,
+    input  logic                                     cu_o_raw_valid,
+    output logic                                     cu_o_raw_ready,
+    input  logic [`M3V_P_OUT*`M3V_ACC_W-1:0]         cu_o_raw_acc,
+    input  logic [`M3V_TAG_W-1:0]                    cu_o_raw_tag
 );
+    // raw compute-unit rows (w_raw) belong to the attention engine; this engine makes none
+    assign cu_w_raw       = 1'b0;
+    assign cu_o_raw_ready = 1'b0;
+    logic unused_raw;
+    assign unused_raw = &{1'b0, cu_o_raw_valid, cu_o_raw_acc, cu_o_raw_tag};
     // add: y = residual_add(a, b) over rows*cols elements; embed: the A stream is the CLS row
     // then the patch rows, B the position embedding (numerics.residual_add, prepend_cls).
     // Port 0 reads B, port 1 reads A, port 2 writes y; all three stream at one beat per cycle.

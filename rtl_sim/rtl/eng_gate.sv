@@ -100,7 +100,7 @@ module eng_gate #(
     output logic                                     cu_x_valid,
     input  logic                                     cu_x_ready,
     output logic                                     cu_x_wnext,
-    output logic [`M3V_P_IN*`M3V_ACT_W-1:0]          cu_x_act,
+    output logic [`M3V_P_IN*`M3V_X_W-1:0]            cu_x_act,
     output logic [`M3V_P_OUT*`M3V_ACT_W-1:0]         cu_x_eout,
     output logic [`M3V_SCORE_W-1:0]                  cu_x_score,
     output logic [SLOT_W-1:0]                        cu_x_slot,
@@ -110,8 +110,18 @@ module eng_gate #(
     input  logic                                     cu_o_valid,
     output logic                                     cu_o_ready,
     input  logic [`M3V_P_OUT*`M3V_ACT_W-1:0]         cu_o_data,
-    input  logic [`M3V_TAG_W-1:0]                    cu_o_tag
+    input  logic [`M3V_TAG_W-1:0]                    cu_o_tag,
+    output logic                                     cu_w_raw,
+    input  logic                                     cu_o_raw_valid,
+    output logic                                     cu_o_raw_ready,
+    input  logic [`M3V_P_OUT*`M3V_ACC_W-1:0]         cu_o_raw_acc,
+    input  logic [`M3V_TAG_W-1:0]                    cu_o_raw_tag
 );
+    // raw compute-unit rows (w_raw) belong to the attention engine; this engine makes none
+    assign cu_w_raw       = 1'b0;
+    assign cu_o_raw_ready = 1'b0;
+    logic unused_raw;
+    assign unused_raw = &{1'b0, cu_o_raw_valid, cu_o_raw_acc, cu_o_raw_tag};
     localparam int BB     = DW / 8;
     localparam int LN     = DW / 16;                      // uint16 lanes of a write beat
     localparam int PI     = `M3V_P_IN;
@@ -443,7 +453,9 @@ module eng_gate #(
     assign x_fire      = cu_x_valid && cu_x_ready;
     assign x_row_done  = x_fire && x_klast && x_olast;
     assign cu_x_wnext  = 1'b1;
-    assign cu_x_act    = xbuf[xa];
+    always_comb
+        for (int i = 0; i < PI; i++)
+            cu_x_act[i*`M3V_X_W +: `M3V_X_W] = `M3V_X_W'(signed'(xbuf[xa][i*AW +: AW]));
     assign cu_x_eout   = '0;
     assign cu_x_score  = '0;
     assign cu_x_slot   = '0;

@@ -96,7 +96,7 @@ module eng_gemm #(
     output logic                                     cu_x_valid,
     input  logic                                     cu_x_ready,
     output logic                                     cu_x_wnext,
-    output logic [`M3V_P_IN*`M3V_ACT_W-1:0]          cu_x_act,
+    output logic [`M3V_P_IN*`M3V_X_W-1:0]            cu_x_act,
     output logic [`M3V_P_OUT*`M3V_ACT_W-1:0]         cu_x_eout,
     output logic [`M3V_SCORE_W-1:0]                  cu_x_score,
     output logic [SLOT_W-1:0]                        cu_x_slot,
@@ -106,8 +106,18 @@ module eng_gemm #(
     input  logic                                     cu_o_valid,
     output logic                                     cu_o_ready,
     input  logic [`M3V_P_OUT*`M3V_ACT_W-1:0]         cu_o_data,
-    input  logic [`M3V_TAG_W-1:0]                    cu_o_tag
+    input  logic [`M3V_TAG_W-1:0]                    cu_o_tag,
+    output logic                                     cu_w_raw,
+    input  logic                                     cu_o_raw_valid,
+    output logic                                     cu_o_raw_ready,
+    input  logic [`M3V_P_OUT*`M3V_ACC_W-1:0]         cu_o_raw_acc,
+    input  logic [`M3V_TAG_W-1:0]                    cu_o_raw_tag
 );
+    // raw compute-unit rows (w_raw) belong to the attention engine; this engine makes none
+    assign cu_w_raw       = 1'b0;
+    assign cu_o_raw_ready = 1'b0;
+    logic unused_raw;
+    assign unused_raw = &{1'b0, cu_o_raw_valid, cu_o_raw_acc, cu_o_raw_tag};
     localparam int P_IN    = `M3V_P_IN;
     localparam int P_OUT   = `M3V_P_OUT;
     localparam int ACT_W   = `M3V_ACT_W;
@@ -976,7 +986,7 @@ module eng_gemm #(
         cu_x_valid = 1'b0;
         cu_x_wnext = bq_wnext;
         cu_x_act   = '0;
-        for (int i = 0; i < P_IN; i++) cu_x_act[i*ACT_W +: ACT_W] = ACT_W'(signed'(bq_act[i*16 +: 16]));
+        for (int i = 0; i < P_IN; i++) cu_x_act[i*`M3V_X_W +: `M3V_X_W] = `M3V_X_W'(signed'(bq_act[i*16 +: 16]));
         cu_x_eout  = '0;
         cu_x_score = '0;
         cu_x_slot  = bq_slot;

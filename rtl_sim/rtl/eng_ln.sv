@@ -88,7 +88,7 @@ module eng_ln #(
     output logic                                     cu_x_valid,
     input  logic                                     cu_x_ready,
     output logic                                     cu_x_wnext,
-    output logic [`M3V_P_IN*`M3V_ACT_W-1:0]          cu_x_act,
+    output logic [`M3V_P_IN*`M3V_X_W-1:0]            cu_x_act,
     output logic [`M3V_P_OUT*`M3V_ACT_W-1:0]         cu_x_eout,
     output logic [`M3V_SCORE_W-1:0]                  cu_x_score,
     output logic [SLOT_W-1:0]                        cu_x_slot,
@@ -98,8 +98,18 @@ module eng_ln #(
     input  logic                                     cu_o_valid,
     output logic                                     cu_o_ready,
     input  logic [`M3V_P_OUT*`M3V_ACT_W-1:0]         cu_o_data,
-    input  logic [`M3V_TAG_W-1:0]                    cu_o_tag
+    input  logic [`M3V_TAG_W-1:0]                    cu_o_tag,
+    output logic                                     cu_w_raw,
+    input  logic                                     cu_o_raw_valid,
+    output logic                                     cu_o_raw_ready,
+    input  logic [`M3V_P_OUT*`M3V_ACC_W-1:0]         cu_o_raw_acc,
+    input  logic [`M3V_TAG_W-1:0]                    cu_o_raw_tag
 );
+    // raw compute-unit rows (w_raw) belong to the attention engine; this engine makes none
+    assign cu_w_raw       = 1'b0;
+    assign cu_o_raw_ready = 1'b0;
+    logic unused_raw;
+    assign unused_raw = &{1'b0, cu_o_raw_valid, cu_o_raw_acc, cu_o_raw_tag};
     localparam int BB      = DW / 8;                 // bytes per AXI beat
     localparam int NB_W    = $clog2(BB) + 1;
     localparam int LP      = (`M3V_P_OUT < 8) ? `M3V_P_OUT : 8;   // the unit's lanes

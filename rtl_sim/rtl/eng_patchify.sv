@@ -89,7 +89,7 @@ module eng_patchify #(
     output logic                                     cu_x_valid,
     input  logic                                     cu_x_ready,
     output logic                                     cu_x_wnext,
-    output logic [`M3V_P_IN*`M3V_ACT_W-1:0]          cu_x_act,
+    output logic [`M3V_P_IN*`M3V_X_W-1:0]            cu_x_act,
     output logic [`M3V_P_OUT*`M3V_ACT_W-1:0]         cu_x_eout,
     output logic [`M3V_SCORE_W-1:0]                  cu_x_score,
     output logic [SLOT_W-1:0]                        cu_x_slot,
@@ -99,8 +99,18 @@ module eng_patchify #(
     input  logic                                     cu_o_valid,
     output logic                                     cu_o_ready,
     input  logic [`M3V_P_OUT*`M3V_ACT_W-1:0]         cu_o_data,
-    input  logic [`M3V_TAG_W-1:0]                    cu_o_tag
+    input  logic [`M3V_TAG_W-1:0]                    cu_o_tag,
+    output logic                                     cu_w_raw,
+    input  logic                                     cu_o_raw_valid,
+    output logic                                     cu_o_raw_ready,
+    input  logic [`M3V_P_OUT*`M3V_ACC_W-1:0]         cu_o_raw_acc,
+    input  logic [`M3V_TAG_W-1:0]                    cu_o_raw_tag
 );
+    // raw compute-unit rows (w_raw) belong to the attention engine; this engine makes none
+    assign cu_w_raw       = 1'b0;
+    assign cu_o_raw_ready = 1'b0;
+    logic unused_raw;
+    assign unused_raw = &{1'b0, cu_o_raw_valid, cu_o_raw_acc, cu_o_raw_tag};
     localparam int BB    = DW / 8;
     localparam int BB_L  = $clog2(BB);
     localparam int P     = DW / 16;                  // int16 elements per beat

@@ -99,7 +99,8 @@ module m3v_accel #(
     localparam int CUW_W  = `M3V_P_IN * `M3V_P_OUT * `M3V_W_W;
     localparam int CUB_W  = `M3V_P_OUT * `M3V_ACC_W;
     localparam int CUS_W  = `M3V_P_OUT * `M3V_SHIFT_W;
-    localparam int CUX_W  = `M3V_P_IN * `M3V_ACT_W;
+    localparam int CUX_W  = `M3V_P_IN * `M3V_X_W;
+    localparam int CUA_W  = `M3V_P_OUT * `M3V_ACC_W;
     localparam int CUO_W  = `M3V_P_OUT * `M3V_ACT_W;
     // engine numbers
     localparam logic [2:0] E_ELEM = 3'd0, E_GEMM = 3'd1, E_GATE = 3'd2, E_ATTN = 3'd3, E_LN = 3'd4,
@@ -171,7 +172,7 @@ module m3v_accel #(
     logic [N_ENG*(PORTS)-1:0] g_arready, g_rvalid, g_awready, g_wready, g_bvalid;
     logic [N_ENG-1:0]                  e_cu_w_valid, e_cu_w_combine, e_cu_w_gelu, e_cu_x_valid, e_cu_x_wnext,
                                        e_cu_x_first, e_cu_x_last, e_cu_o_ready, g_cu_w_ready, g_cu_x_ready,
-                                       g_cu_o_valid;
+                                       g_cu_o_valid, e_cu_w_raw, e_cu_o_raw_ready, g_cu_o_raw_valid;
     logic [N_ENG*(CUW_W)-1:0] e_cu_w_weights;
     logic [N_ENG*(CUB_W)-1:0] e_cu_w_bias;
     logic [N_ENG*(CUS_W)-1:0] e_cu_w_shift;
@@ -183,8 +184,10 @@ module m3v_accel #(
     logic [N_ENG*(`M3V_SCORE_W)-1:0] e_cu_x_score;
     logic [N_ENG*(SLOT_W)-1:0] e_cu_x_slot;
     logic [N_ENG*(`M3V_TAG_W)-1:0] e_cu_x_tag;
-    logic                              cu_w_ready, cu_x_ready, cu_o_valid;
+    logic                              cu_w_ready, cu_x_ready, cu_o_valid, cu_o_raw_valid;
     logic [CUO_W-1:0]                  cu_o_data;
+    logic [CUA_W-1:0]                  cu_o_raw_acc;
+    logic [`M3V_TAG_W-1:0]             cu_o_raw_tag;
     logic [`M3V_TAG_W-1:0]             cu_o_tag;
 
     // an engine sees its AXI and compute-unit handshakes only while it is selected
@@ -198,6 +201,7 @@ module m3v_accel #(
             g_cu_w_ready[e] = run && sel == 3'(e) && cu_w_ready;
             g_cu_x_ready[e] = run && sel == 3'(e) && cu_x_ready;
             g_cu_o_valid[e] = run && sel == 3'(e) && cu_o_valid;
+            g_cu_o_raw_valid[e] = run && sel == 3'(e) && cu_o_raw_valid;
         end
     end
 
@@ -220,7 +224,9 @@ module m3v_accel #(
         .cu_x_ready(g_cu_x_ready[E]), .cu_x_wnext(e_cu_x_wnext[E]), .cu_x_act(e_cu_x_act[32'(E)*(CUX_W) +: CUX_W]), \
         .cu_x_eout(e_cu_x_eout[32'(E)*(CUO_W) +: CUO_W]), .cu_x_score(e_cu_x_score[32'(E)*(`M3V_SCORE_W) +: `M3V_SCORE_W]), .cu_x_slot(e_cu_x_slot[32'(E)*(SLOT_W) +: SLOT_W]), \
         .cu_x_first(e_cu_x_first[E]), .cu_x_last(e_cu_x_last[E]), .cu_x_tag(e_cu_x_tag[32'(E)*(`M3V_TAG_W) +: `M3V_TAG_W]), \
-        .cu_o_valid(g_cu_o_valid[E]), .cu_o_ready(e_cu_o_ready[E]), .cu_o_data, .cu_o_tag);
+        .cu_o_valid(g_cu_o_valid[E]), .cu_o_ready(e_cu_o_ready[E]), .cu_o_data, .cu_o_tag, \
+        .cu_w_raw(e_cu_w_raw[E]), .cu_o_raw_valid(g_cu_o_raw_valid[E]), .cu_o_raw_ready(e_cu_o_raw_ready[E]), \
+        .cu_o_raw_acc, .cu_o_raw_tag);
 
     `M3V_ENGINE(eng_elem, u_elem, 0)
     `M3V_ENGINE(eng_gemm, u_gemm, 1)
@@ -252,7 +258,7 @@ module m3v_accel #(
 
     // ---- the shared compute unit, driven by the selected engine
     logic                     c_w_valid, c_w_combine, c_w_gelu, c_x_valid, c_x_wnext, c_x_first, c_x_last,
-                              c_o_ready;
+                              c_o_ready, c_w_raw, c_o_raw_ready;
     logic [CUW_W-1:0]         c_w_weights;
     logic [CUB_W-1:0]         c_w_bias;
     logic [CUS_W-1:0]         c_w_shift;
@@ -272,6 +278,8 @@ module m3v_accel #(
         c_w_valid = run && sel == s && e_cu_w_valid[s];
         c_x_valid = run && sel == s && e_cu_x_valid[s];
         c_o_ready = run && sel == s && e_cu_o_ready[s];
+        c_o_raw_ready = run && sel == s && e_cu_o_raw_ready[s];
+        c_w_raw = e_cu_w_raw[s];
         c_w_weights = e_cu_w_weights[32'(s)*(CUW_W) +: CUW_W]; c_w_bias = e_cu_w_bias[32'(s)*(CUB_W) +: CUB_W]; c_w_shift = e_cu_w_shift[32'(s)*(CUS_W) +: CUS_W];
         c_w_out_bits = e_cu_w_out_bits[32'(s)*(`M3V_OB_W) +: `M3V_OB_W]; c_w_comb_shift = e_cu_w_comb_shift[32'(s)*(`M3V_CSH_W) +: `M3V_CSH_W];
         c_w_combine = e_cu_w_combine[s]; c_w_gelu = e_cu_w_gelu[s]; c_w_gelu_in_frac = e_cu_w_gelu_in_frac[32'(s)*7 +: 7];
@@ -289,7 +297,9 @@ module m3v_accel #(
         .w_gelu_out_bits(c_w_gelu_out_bits),
         .x_valid(c_x_valid), .x_ready(cu_x_ready), .x_wnext(c_x_wnext), .x_act(c_x_act), .x_eout(c_x_eout),
         .x_score(c_x_score), .x_slot(c_x_slot), .x_first(c_x_first), .x_last(c_x_last), .x_tag(c_x_tag),
-        .o_valid(cu_o_valid), .o_ready(c_o_ready), .o_data(cu_o_data), .o_tag(cu_o_tag));
+        .o_valid(cu_o_valid), .o_ready(c_o_ready), .o_data(cu_o_data), .o_tag(cu_o_tag),
+        .w_raw(c_w_raw), .o_raw_valid(cu_o_raw_valid), .o_raw_ready(c_o_raw_ready),
+        .o_raw_acc(cu_o_raw_acc), .o_raw_tag(cu_o_raw_tag));
 
     // ---- controller
     logic [511:0]   rec;                 // the header or instruction being read

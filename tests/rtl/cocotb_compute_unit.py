@@ -24,6 +24,7 @@ from cocotb.clock import Clock
 from cocotb.triggers import ReadOnly, RisingEdge
 
 import refmodel
+from m3vit.rtl_sim.emit import x_width
 from m3vit.rtl_sim.hwconfig import HwConfig
 
 HW = HwConfig.from_dict(json.loads(os.environ["M3V_HW_CONFIG"]), "M3V_HW_CONFIG")
@@ -31,6 +32,7 @@ P = HW.rtl_params()
 P_IN, P_OUT, ACT_W, W_W, ACC_W = P["P_IN"], P["P_OUT"], P["ACT_W"], P["W_W"], P["ACC_W"]
 SHIFT_W, CSH_W, OB_W, SLOTS, TAG_W = P["SHIFT_W"], P["CSH_W"], P["OB_W"], P["SLOTS"], P["TAG_W"]
 SCORE_W = P["SCORE_W"]
+X_W = x_width(HW)   # the x operand: an activation or an attention probability (exp_frac + 1 bits)
 TEST_DIR = Path(os.environ.get("M3V_TEST_DIR", "."))
 # Test intensity: the pytest driver raises it for the slow regression.
 SCALE = float(os.environ.get("M3V_TB_SCALE", "1"))
@@ -67,7 +69,7 @@ class Bench:
     def __init__(self, dut, rng, x_gap=0.3, w_gap=0.3, ready=0.7, idle_noise=True):
         self.dut, self.rng = dut, rng
         self.x_gap, self.w_gap, self.ready, self.idle_noise = x_gap, w_gap, ready, idle_noise
-        self.tiles, self.beats, self.expected = deque(), deque(), deque()
+        self.tiles, self.beats, self.expected, self.expected_raw = deque(), deque(), deque(), deque()
         self.digest = hashlib.sha256()
         self.outputs = 0
         self.cycle = 0
@@ -75,7 +77,7 @@ class Bench:
 
     # -------------------------------------------------------------- stimulus
     def tile(self, weights=None, bias=None, shift=None, out_bits=ACT_W, comb_shift=0, combine=False,
-             gelu=0, gelu_fmt=None):
+             gelu=0, gelu_fmt=None, raw=False):
         """weights[i][o] (P_IN x P_OUT), bias[o], shift[o]: one parameter tile."""
         if weights is None:   # unused in combine mode: random, to show that they are ignored
             weights = [[rand_signed(self.rng, W_W) for _ in range(P_OUT)] for _ in range(P_IN)]
@@ -88,6 +90,7 @@ class Bench:
             "w_comb_shift": comb_shift,
             "w_combine": int(combine),
             "w_gelu": gelu,
+            "w_raw": int(raw),
         })
         # GELU formats (in_frac, out_frac, out_bits); random when GELU is off: they must not matter.
         if gelu_fmt is None:
@@ -98,7 +101,7 @@ class Bench:
     def beat(self, slot, first, last, tag, wnext, act=None, eout=None, score=0):
         self.beats.append({
             "x_wnext": int(wnext),
-            "x_act": pack(act if act is not None else [0] * P_IN, ACT_W),
+            "x_act": pack(act if act is not None else [0] * P_IN, X_W),
             "x_eout": pack(eout if eout is not None else [0] * P_OUT, ACT_W),
             "x_score": score,
             "x_slot": slot,
@@ -109,6 +112,9 @@ class Bench:
 
     def expect(self, tag, values):
         self.expected.append((tag, list(values)))
+
+    def expect_raw(self, tag, accs):
+        self.expected_raw.append((tag, list(accs)))
 
     # -------------------------------------------------------------- the cycle loop
     def _drive(self, fields):
@@ -122,18 +128,18 @@ class Bench:
         self.dut.x_last.value = self.rng.randint(0, 1)
         self.dut.x_slot.value = self.rng.randrange(SLOTS)
         self.dut.x_tag.value = self.rng.randrange(1 << TAG_W)
-        self.dut.x_act.value = self.rng.getrandbits(P_IN * ACT_W)
+        self.dut.x_act.value = self.rng.getrandbits(P_IN * X_W)
 
     async def run(self, max_cycles=None, drain=40):
         dut, rng = self.dut, self.rng
         if max_cycles is None:
-            max_cycles = 200 + 8 * (len(self.beats) + len(self.tiles) + len(self.expected))
+            max_cycles = 200 + 8 * (len(self.beats) + len(self.tiles) + len(self.expected) + len(self.expected_raw))
         cur_w = cur_x = None
-        while self.tiles or self.beats or cur_w or cur_x or self.expected:
+        while self.tiles or self.beats or cur_w or cur_x or self.expected or self.expected_raw:
             if self.cycle >= max_cycles:
                 raise AssertionError(
                     f"timeout after {self.cycle} cycles: {len(self.tiles)} tiles, {len(self.beats)} beats "
-                    f"not sent, {len(self.expected)} outputs missing")
+                    f"not sent, {len(self.expected)} outputs and {len(self.expected_raw)} raw outputs missing")
             if cur_w is None:
                 if self.tiles and rng.random() >= self.w_gap:
                     cur_w = self.tiles.popleft()
@@ -152,12 +158,16 @@ class Bench:
                         self._noise()
             o_ready = int(rng.random() < self.ready)
             dut.o_ready.value = o_ready
+            raw_ready = int(rng.random() < self.ready)
+            dut.o_raw_ready.value = raw_ready
 
             await ReadOnly()
             w_fire = cur_w is not None and int(dut.w_ready.value)
             x_fire = cur_x is not None and int(dut.x_ready.value)
             if o_ready and int(dut.o_valid.value):
                 self._check(dut.o_tag.value.to_unsigned(), dut.o_data.value.to_unsigned())
+            if raw_ready and int(dut.o_raw_valid.value):
+                self._check_raw(dut.o_raw_tag.value.to_unsigned(), dut.o_raw_acc.value.to_unsigned())
             await RisingEdge(dut.clk)
             self.cycle += 1
             if w_fire:
@@ -170,10 +180,13 @@ class Bench:
         dut.w_valid.value = 0
         dut.x_valid.value = 0
         dut.o_ready.value = 1
+        dut.o_raw_ready.value = 1
         for _ in range(drain):
             await ReadOnly()
             if int(dut.o_valid.value):
                 raise AssertionError(f"unexpected extra output, tag {dut.o_tag.value.to_unsigned()}")
+            if int(dut.o_raw_valid.value):
+                raise AssertionError(f"unexpected extra raw output, tag {dut.o_raw_tag.value.to_unsigned()}")
             await RisingEdge(dut.clk)
 
     def _check(self, tag, data):
@@ -189,6 +202,19 @@ class Bench:
         self.outputs += 1
         self.digest.update(f"{self.cycle}:{tag}:{values};".encode())
 
+    def _check_raw(self, tag, data):
+        accs = unpack(data, ACC_W, P_OUT)
+        if not self.expected_raw:
+            raise AssertionError(f"unexpected raw output at cycle {self.cycle}: tag {tag}")
+        exp_tag, exp_accs = self.expected_raw.popleft()
+        if (tag, accs) != (exp_tag, exp_accs):
+            diff = [(o, exp_accs[o], accs[o]) for o in range(P_OUT) if exp_accs[o] != accs[o]]
+            raise AssertionError(
+                f"raw output {self.outputs} (cycle {self.cycle}): expected tag {exp_tag}, got {tag}; "
+                f"lanes differing (lane, expected, got): {diff[:8]}")
+        self.outputs += 1
+        self.digest.update(f"{self.cycle}:raw:{tag}:{accs};".encode())
+
     def save_digest(self, name):
         TEST_DIR.mkdir(parents=True, exist_ok=True)
         (TEST_DIR / f"{name}.digest").write_text(f"{self.outputs} {self.digest.hexdigest()}\n")
@@ -200,6 +226,7 @@ async def reset(dut):
     dut.w_valid.value = 0
     dut.x_valid.value = 0
     dut.o_ready.value = 0
+    dut.o_raw_ready.value = 0
     for _ in range(4):
         await RisingEdge(dut.clk)
     # Evidence that power-up state is randomised (the driver compares it across seeds): the shadow
@@ -214,8 +241,10 @@ async def reset(dut):
 
 # ------------------------------------------------------------------ job schedules
 
-def gemm_job(bench, x, w, bias, shift, out_bits, tags, reuse_tiles=True, gelu=None, gelu_ref=None):
+def gemm_job(bench, x, w, bias, shift, out_bits, tags, reuse_tiles=True, gelu=None, gelu_ref=None, raw=False):
     """Schedule y = GEMM(x[T][K], w[K][N]) on the unit and queue the expected outputs.
+
+    raw: the tiles are raw, every row's result is its exact accumulator (o_raw_*).
 
     gelu = (in_frac, out_frac, out_bits) fuses the GELU epilogue (out_bits is then the GELU input
     width); gelu_ref(values, *gelu) gives the expected GELU of a requantised row.
@@ -246,7 +275,7 @@ def gemm_job(bench, x, w, bias, shift, out_bits, tags, reuse_tiles=True, gelu=No
             for k in range(kt):
                 reload = not (reuse_tiles and kt == 1 and tile_loaded and rng.random() < 0.5)
                 if reload:
-                    bench.tile(wt[k], b, s, out_bits, gelu=int(gelu is not None), gelu_fmt=gelu)
+                    bench.tile(wt[k], b, s, out_bits, gelu=int(gelu is not None), gelu_fmt=gelu, raw=raw)
                 tile_loaded = True
                 order = list(range(len(block)))
                 rng.shuffle(order)
@@ -256,6 +285,9 @@ def gemm_job(bench, x, w, bias, shift, out_bits, tags, reuse_tiles=True, gelu=No
                     bench.beat(slots[idx], k == 0, k == kt - 1, tags[t], reload and pos == 0, act=act)
                     if k == kt - 1:
                         xrow = [v for kk in range(kt) for v in pad(x[t][kk * P_IN:(kk + 1) * P_IN], P_IN)]
+                        if raw:
+                            bench.expect_raw(tags[t], refmodel.gemm_acc_row(xrow, wrows, b, ACC_W))
+                            continue
                         row = refmodel.gemm_row(xrow, wrows, b, s, ob_eff, ACC_W)
                         bench.expect(tags[t], row if gelu is None else gelu_ref(row, *gelu))
         tile_loaded = False
@@ -425,6 +457,34 @@ async def mixed_full_rate(dut):
     # Tile loads overlap with beats, so the only lost cycles are the shadow tile's first fill.
     assert span <= beats + 2, f"{beats} beats took {span} cycles at full rate"
     bench.save_digest("mixed_full_rate")
+
+
+@cocotb.test()
+async def raw_rows_mixed(dut):
+    """Raw tiles (exact accumulators out, X_W-bit operands: full-range activations and attention
+    probabilities 0..2^exp_frac) interleaved with requantised GEMM and combine tiles; both output
+    streams under independent random backpressure, each in the order of its rows' last beats."""
+    rng = random.Random(17)
+    await reset(dut)
+    bench = Bench(dut, rng)
+    xmax = 1 << (X_W - 2)   # p <= 2^exp_frac, X_W = exp_frac + 2 when the probabilities are the wider operand
+    for i in range(scaled(6)):
+        T = rng.randint(1, 2 * SLOTS + 3)
+        K = rng.randint(1, 3 * P_IN + 1)
+        N = rng.randint(1, 2 * P_OUT + 1)
+        if i % 2:
+            x = [[rng.choice([0, xmax, rng.randint(0, xmax)]) for _ in range(K)] for _ in range(T)]
+        else:
+            x = [[rand_signed(rng, X_W) for _ in range(K)] for _ in range(T)]
+        w = [[rand_signed(rng, W_W) for _ in range(N)] for _ in range(K)]
+        bias = [rng.choice([0, rand_signed(rng, ACC_W - 2)]) for _ in range(N)]
+        gemm_job(bench, x, w, bias, [0] * N, ACT_W, random_tags(rng, T), raw=True)
+        if rng.random() < 0.7:
+            random_gemm(bench, rng)
+        else:
+            random_combine(bench, rng)
+    await bench.run()
+    bench.save_digest("raw_rows_mixed")
 
 
 @cocotb.test()

@@ -50,6 +50,17 @@ def gemm_row(x: Sequence[int], w: Sequence[Sequence[int]], bias: Sequence[int], 
     return out
 
 
+def gemm_acc_row(x: Sequence[int], w: Sequence[Sequence[int]], bias: Sequence[int], acc_bits: int = 48) -> list[int]:
+    """One token's exact accumulators (a raw row): bias[o] + sum_i x[i] * w[i][o], acc_bits wrap."""
+    out = []
+    for o in range(len(bias)):
+        acc = bias[o]
+        for i, xi in enumerate(x):
+            acc = wrap(acc + xi * w[i][o], acc_bits)
+        out.append(acc)
+    return out
+
+
 def combine_row(ys: Sequence[Sequence[int]], scores: Sequence[int], comb_shift: int, bias: Sequence[int],
                 shift: Sequence[int], out_bits: int, acc_bits: int = 48) -> list[int]:
     """One token: ys[E][N] expert outputs, scores[E] (unsigned) -> y[N]."""
