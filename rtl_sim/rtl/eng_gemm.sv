@@ -130,17 +130,21 @@ module eng_gemm #(
     localparam int CW1     = $clog2(CH1 + 1);
     localparam int CW3     = $clog2(CH3 + 1);
     localparam int CWW     = $clog2(CH3 + 1);
-    localparam int XBD     = 2 * SLOTS * KS_MAX;                    // x banks: 2 blocks of SLOTS rows
+    localparam int XBB     = 2 * SLOTS * KS_MAX;                    // x banks: 2 blocks of SLOTS rows
+    // resident x rows: half of buffers.activations, in entries of P_IN activations
+    localparam int XRES    = `M3V_BUF_ACTIVATIONS / 2 / (2 * P_IN);
+    localparam int XBD     = XRES > XBB ? XRES : XBB;
     localparam int XAW     = $clog2(XBD);
     localparam int KAW     = $clog2(KS_MAX);
     localparam int WKW     = $clog2(2 * KS_MAX);
     localparam int TAW     = $clog2(MAX_T);
     localparam int SBD     = SLOTS * MAX_K;
     localparam int OT_MAX  = (`M3V_MAX_DIM + P_OUT - 1) / P_OUT;
-    localparam int YBD     = SBD * OT_MAX;                          // a combine block's expert outputs
-    localparam int YAW     = $clog2(YBD);
     localparam int SAW     = $clog2(SBD);
     localparam int EAW     = $clog2(MAX_E);
+    // x rows, weight rows and combine rows are long contiguous segments: bursts up to 64 beats
+    // (the 4 KB rule still cuts them) keep a port streaming with the DDR's outstanding-read limit
+    localparam int RD_BURST = MAX_BURST > 64 ? MAX_BURST : 64;
 
     // ================================================================ decode (rec is stable until done)
     function automatic logic [31:0] word(input int k);
@@ -521,40 +525,69 @@ module eng_gemm #(
     assign run_g = state == S_GRUN;
     assign run_c = state == S_CRUN;
 
-    // ================================================================ gemm: weight loader (port 1)
+    // ================================================================ gemm: weight loader (ports 1, 2)
+    // The weights go on chip a group of up to GT output tiles at a time (as many as the K extent
+    // lets into one half of the weight store), into one of two halves, so the next group loads
+    // while the tile pusher serves this one. A group's weight row k is one segment of the group's
+    // width (GT * P_OUT weights: long bursts), cut into one P_OUT-weight chunk per tile; rows of
+    // even k go to port 1, odd k to port 2, each port with its own receiver (they write disjoint
+    // banks: bank = k mod P_IN, P_IN even), so both ports stream at once. Port 1 then reads the
+    // group's biases and shifts. When N <= P_OUT (one tile spans the matrix) the whole matrix is
+    // one segment on port 1, one chunk per row.
+    localparam int  GT    = 8;                          // output tiles per weight group, at most
+    localparam int  GTW   = $clog2(GT + 1);
+    localparam int  BMW   = $clog2(2 * GT);
+    localparam bit  TWO_W = P_IN % 2 == 0;              // rows split over ports 1 and 2
     localparam logic [1:0] WL_W = 2'd0, WL_B = 2'd1, WL_S = 2'd2, WL_D = 2'd3;
-    // two weight tiles: the loader fills one while the pusher serves the other
-    logic                     wl_busy, wl_sel, pu_sel, ld_done;
-    logic [1:0]               wt_full;
-    logic [1:0]               wl_ph, wr_ph;
-    logic [31:0]              wl_o0, wl_k, wr_k, wr_o, wl_nc;
-    logic [63:0]              wl_addr;
-    logic [KAW-1:0]           wr_kc;
-    logic [$clog2(P_IN+1)-1:0] wr_ki;
-    logic [P_OUT*ACC_W-1:0]   bias_reg [0:1];
-    logic [P_OUT*SHIFT_W-1:0] shift_reg [0:1];
-    logic [P_OUT*W_W-1:0]     wrow;
-    logic                     wl_sv, wl_start, wl_whole;
 
-    assign wl_nc    = min32(32'(P_OUT), g_n - wl_o0);
-    assign wl_start = run_g && !wl_busy && !wt_full[wl_sel] && wl_o0 < g_n;
-    assign wl_sv    = run_g && wl_busy && wl_ph != 2'(WL_D);
-    assign ld_done  = run_g && wl_busy && r1_cfire && wr_ph == 2'(WL_S) && r1_cl;
-    // weight rows alternate between the readers of ports 1 (even k) and 2 (odd k): short
-    // segments are bounded by the bursts in flight per port, two ports double the rate
-    logic             wl_to2, wr_from2, w_cfire, w_cl;
-    logic [CH1*8-1:0] w_cd;
-    assign wl_to2   = wl_ph == WL_W && !wl_whole && wl_k[0];
-    assign wr_from2 = wr_ph == WL_W && !wl_whole && wr_k[0];
-    assign w_cd     = wr_from2 ? r2_cd : r1_cd;
-    assign w_cl     = wr_from2 ? r2_cl : r1_cl;
-    assign w_cfire  = run_g && wl_busy && (wr_from2 ? r2_cv && r2_cr : r1_cfire);
-    // a tile as wide as the matrix is one contiguous block: one segment, one chunk per row k
-    assign wl_whole = wl_nc == g_n;
+    logic [31:0]              ks, wstep;
+    logic [GTW-1:0]           gsz;                      // tiles per group of this instruction
+    logic                     wl_whole;
+    assign ks       = (g_k + 32'(P_IN - 1)) / 32'(P_IN);
+    assign wl_whole = g_n <= 32'(P_OUT);
+    assign wstep    = (TWO_W && !wl_whole) ? 32'd2 : 32'd1;
+
+    always_ff @(posedge clk)
+        if (state == S_G2) gsz <= GTW'(min32(32'(GT), 32'(KS_MAX) / (ks == 0 ? 32'd1 : ks)));
+
+    logic                     wl_busy, wl_half, pu_half, ld_done;
+    logic [1:0]               wt_full;
+    logic [31:0]              wl_g0, wl_gw;
+    logic [63:0]              wl_base;
+    assign wl_gw   = min32(32'(gsz) * 32'(P_OUT), g_n - wl_g0);
+    assign wl_base = addr_of(g_w) + 64'(wl_g0) * 64'(wbytes);
+
+    logic wl_start;
+    assign wl_start = run_g && !wl_busy && !wt_full[wl_half] && wl_g0 < g_n;
+
+    // ---- issuers: port 1 rows k = 0, 2, 4 ... (all rows when wstep = 1), biases, shifts; port 2 rows 1, 3 ...
+    logic [1:0]  i1_ph, i2_ph;
+    logic [31:0] i1_k, i2_k;
+    logic [63:0] i1_a, i2_a;
+    logic        i1_sv, i2_sv;
+    assign i1_sv = run_g && wl_busy && i1_ph != WL_D;
+    assign i2_sv = run_g && wl_busy && i2_ph != WL_D;
+
+    // ---- receivers
+    logic [1:0]           c1_ph, c2_ph;
+    logic [31:0]          c1_k, c2_k, c1_tb, c2_tb, c1_t, c2_t, c1_o;
+    logic [KAW-1:0]       c1_kc, c2_kc;
+    logic [$clog2(P_IN+1)-1:0] c1_ki, c2_ki;
+    logic                 c1_fire, c2_fire;
+    logic [P_OUT*W_W-1:0] c1_row, c2_row;
+    logic [P_OUT*ACC_W-1:0]   b_stage;
+    logic [P_OUT*SHIFT_W-1:0] s_stage;
+    logic [P_OUT*ACC_W-1:0]   bias_mem  [0:2*GT-1];
+    logic [P_OUT*SHIFT_W-1:0] shift_mem [0:2*GT-1];
+    assign c1_fire = run_g && wl_busy && c1_ph != WL_D && r1_cfire;
+    assign c2_fire = run_g && wl_busy && c2_ph != WL_D && r2_cv && r2_cr;
+    assign ld_done = run_g && wl_busy && c1_ph == WL_D && c2_ph == WL_D;
 
     always_comb
-        for (int o = 0; o < P_OUT; o++)
-            wrow[o*W_W +: W_W] = g_w16 ? W_W'(signed'(w_cd[o*16 +: 16])) : W_W'(signed'(w_cd[o*8 +: 8]));
+        for (int o = 0; o < P_OUT; o++) begin
+            c1_row[o*W_W +: W_W] = g_w16 ? W_W'(signed'(r1_cd[o*16 +: 16])) : W_W'(signed'(r1_cd[o*8 +: 8]));
+            c2_row[o*W_W +: W_W] = g_w16 ? W_W'(signed'(r2_cd[o*16 +: 16])) : W_W'(signed'(r2_cd[o*8 +: 8]));
+        end
 
     function automatic logic [SHIFT_W-1:0] sh_clamp(input logic [7:0] v);
         logic signed [8:0] s;
@@ -564,103 +597,194 @@ module eng_gemm #(
         else sh_clamp = SHIFT_W'(s);
     endfunction
 
+    // the phase after a port-1 row phase
+    logic [1:0] after_w;
+    assign after_w = g_bias ? WL_B : WL_S;
+
+    // bias / shift lane o of tile t: staged, a tile's entry written when its last lane (or the
+    // group's last value) arrives
+    logic        c1_tile_end;
+    logic [BMW-1:0] c1_bm;
+    assign c1_tile_end = 32'(c1_o) == 32'(P_OUT - 1) || r1_cl;
+    assign c1_bm       = BMW'(32'(wl_half) * 32'(GT) + c1_t);
+
+    logic [P_OUT*ACC_W-1:0]   b_next;
+    logic [P_OUT*SHIFT_W-1:0] s_next;
+    always_comb begin
+        b_next = b_stage;
+        b_next[c1_o*ACC_W +: ACC_W] = ACC_W'(r1_cd[63:0]);
+        s_next = s_stage;
+        s_next[c1_o*SHIFT_W +: SHIFT_W] = sh_clamp(r1_cd[7:0]);
+    end
+
+    always_ff @(posedge clk) begin
+        if (c1_fire && c1_ph == WL_B) begin
+            b_stage <= c1_tile_end ? '0 : b_next;
+            if (c1_tile_end) bias_mem[c1_bm] <= b_next;
+        end
+        if (c1_fire && c1_ph == WL_S) begin
+            s_stage <= c1_tile_end ? '0 : s_next;
+            if (c1_tile_end) shift_mem[c1_bm] <= s_next;
+        end
+        if (state == S_IDLE) begin
+            b_stage <= '0;
+            s_stage <= '0;
+        end
+    end
+
     always_ff @(posedge clk) begin
         if (!rst_n || state == S_IDLE) begin
             wl_busy <= 1'b0;
-            wl_ph   <= 2'(WL_W);
-            wr_ph   <= 2'(WL_W);
-            wl_o0   <= '0;
-            wl_k    <= '0;
-            wr_k    <= '0;
-            wr_o    <= '0;
-            wr_kc   <= '0;
-            wr_ki   <= '0;
-            wl_addr <= '0;
-            wl_sel  <= 1'b0;
+            wl_half <= 1'b0;
+            wl_g0   <= '0;
+            i1_ph   <= WL_D;
+            i2_ph   <= WL_D;
+            c1_ph   <= WL_D;
+            c2_ph   <= WL_D;
+            i1_k    <= '0;
+            i2_k    <= '0;
+            i1_a    <= '0;
+            i2_a    <= '0;
+            c1_k    <= '0;
+            c2_k    <= '0;
+            c1_kc   <= '0;
+            c2_kc   <= '0;
+            c1_ki   <= '0;
+            c2_ki   <= '0;
+            c1_t    <= '0;
+            c2_t    <= '0;
+            c1_tb   <= '0;
+            c2_tb   <= '0;
+            c1_o    <= '0;
         end else begin
             if (wl_start) begin
-                wl_busy   <= 1'b1;
-                wl_ph     <= 2'(WL_W);
-                wr_ph     <= 2'(WL_W);
-                wl_k      <= '0;
-                wr_k      <= '0;
-                wr_o      <= '0;
-                wr_kc     <= '0;
-                wr_ki     <= '0;
-                wl_addr   <= addr_of(g_w) + 64'(wl_o0) * 64'(wbytes);
-                bias_reg[wl_sel]  <= '0;
-                shift_reg[wl_sel] <= '0;
+                wl_busy <= 1'b1;
+                i1_ph   <= WL_W;
+                i1_k    <= '0;
+                i1_a    <= wl_base;
+                c1_ph   <= WL_W;
+                c1_k    <= '0;
+                c1_kc   <= '0;
+                c1_ki   <= '0;
+                c1_t    <= '0;
+                c1_tb   <= '0;
+                c1_o    <= '0;
+                // port 2 takes rows 1, 3, ... when the rows are split and there is a second row
+                i2_ph   <= (wstep == 32'd2 && g_k > 32'd1) ? WL_W : WL_D;
+                c2_ph   <= (wstep == 32'd2 && g_k > 32'd1) ? WL_W : WL_D;
+                i2_k    <= 32'd1;
+                i2_a    <= wl_base + 64'(g_n) * 64'(wbytes);
+                c2_k    <= 32'd1;
+                c2_kc   <= '0;
+                c2_ki   <= 1;
+                c2_t    <= '0;
+                c2_tb   <= '0;
             end
-            if (wl_sv && (wl_to2 ? r2_sr : r1_sr)) begin
-                case (wl_ph)
-                    2'(WL_W): begin
-                        wl_addr <= wl_addr + 64'(g_n) * 64'(wbytes);
-                        wl_k    <= wl_k + 32'd1;
-                        if (wl_whole || wl_k + 32'd1 == g_k) wl_ph <= g_bias ? 2'(WL_B) : 2'(WL_S);
+            if (i1_sv && r1_sr) begin
+                case (i1_ph)
+                    WL_W: begin
+                        i1_k <= i1_k + wstep;
+                        i1_a <= i1_a + 64'(wstep) * 64'(g_n) * 64'(wbytes);
+                        if (wl_whole || i1_k + wstep >= g_k) i1_ph <= after_w;
                     end
-                    2'(WL_B): wl_ph <= 2'(WL_S);
-                    default:  wl_ph <= 2'(WL_D);
+                    WL_B:    i1_ph <= WL_S;
+                    default: i1_ph <= WL_D;
                 endcase
             end
-            if (w_cfire) begin
-                case (wr_ph)
-                    2'(WL_W): begin
-                        wr_k <= wr_k + 32'd1;
-                        if (32'(wr_ki) == 32'(P_IN - 1)) begin
-                            wr_ki <= '0;
-                            wr_kc <= wr_kc + 1'b1;
-                        end else wr_ki <= wr_ki + 1'b1;
-                        if (wr_k + 32'd1 == g_k) wr_ph <= g_bias ? 2'(WL_B) : 2'(WL_S);
-                    end
-                    2'(WL_B): begin
-                        bias_reg[wl_sel][wr_o*ACC_W +: ACC_W] <= ACC_W'(r1_cd[63:0]);
-                        wr_o <= wr_o + 32'd1;
-                        if (r1_cl) begin
-                            wr_o  <= '0;
-                            wr_ph <= 2'(WL_S);
+            if (i2_sv && r2_sr) begin
+                i2_k <= i2_k + 32'd2;
+                i2_a <= i2_a + 64'd2 * 64'(g_n) * 64'(wbytes);
+                if (i2_k + 32'd2 >= g_k) i2_ph <= WL_D;
+            end
+            if (c1_fire) begin
+                case (c1_ph)
+                    WL_W: begin
+                        if (wl_whole || r1_cl) begin
+                            // the row is complete: next row of this port
+                            c1_t  <= '0;
+                            c1_tb <= '0;
+                            c1_k  <= c1_k + wstep;
+                            if (32'(c1_ki) + wstep >= 32'(P_IN)) begin
+                                c1_ki <= ($clog2(P_IN+1))'(32'(c1_ki) + wstep - 32'(P_IN));
+                                c1_kc <= c1_kc + 1'b1;
+                            end else c1_ki <= ($clog2(P_IN+1))'(32'(c1_ki) + wstep);
+                            if (c1_k + wstep >= g_k) c1_ph <= after_w;
+                        end else begin
+                            c1_t  <= c1_t + 32'd1;
+                            c1_tb <= c1_tb + ks;
                         end
                     end
-                    default: begin
-                        shift_reg[wl_sel][wr_o*SHIFT_W +: SHIFT_W] <= sh_clamp(r1_cd[7:0]);
-                        wr_o <= wr_o + 32'd1;
+                    default: begin      // biases, then shifts: P_OUT lanes per tile
+                        c1_o <= c1_o + 32'd1;
+                        if (c1_tile_end) begin
+                            c1_o <= '0;
+                            c1_t <= c1_t + 32'd1;
+                        end
                         if (r1_cl) begin
-                            wl_busy <= 1'b0;
-                            wl_sel  <= !wl_sel;
-                            wl_o0   <= wl_o0 + 32'(P_OUT);
+                            c1_o  <= '0;
+                            c1_t  <= '0;
+                            c1_ph <= c1_ph == WL_B ? WL_S : WL_D;
                         end
                     end
                 endcase
+            end
+            if (c2_fire) begin
+                if (r2_cl) begin
+                    c2_t  <= '0;
+                    c2_tb <= '0;
+                    c2_k  <= c2_k + 32'd2;
+                    if (32'(c2_ki) + 32'd2 >= 32'(P_IN)) begin
+                        c2_ki <= ($clog2(P_IN+1))'(32'(c2_ki) + 32'd2 - 32'(P_IN));
+                        c2_kc <= c2_kc + 1'b1;
+                    end else c2_ki <= ($clog2(P_IN+1))'(32'(c2_ki) + 32'd2);
+                    if (c2_k + 32'd2 >= g_k) c2_ph <= WL_D;
+                end else begin
+                    c2_t  <= c2_t + 32'd1;
+                    c2_tb <= c2_tb + ks;
+                end
+            end
+            if (ld_done) begin
+                wl_busy <= 1'b0;
+                wl_half <= !wl_half;
+                wl_g0   <= wl_g0 + 32'(gsz) * 32'(P_OUT);
             end
         end
     end
 
-    // weight banks: bank i holds rows k = kc * P_IN + i
+    // weight store: bank i holds rows k = kc * P_IN + i; half h, tile t of its group, chunk kc at
+    // h * KS_MAX + t * ks + kc
     logic [P_IN*P_OUT*W_W-1:0] tq_w;
     logic                      tq_load;
+    logic [31:0]               pu_tb;
     logic [KAW-1:0]            pu_kc;
+    logic [WKW-1:0]            c1_wa, c2_wa, pu_wa;
+    assign c1_wa = WKW'(32'(wl_half) * 32'(KS_MAX) + c1_tb + 32'(c1_kc));
+    assign c2_wa = WKW'(32'(wl_half) * 32'(KS_MAX) + c2_tb + 32'(c2_kc));
+    assign pu_wa = WKW'(32'(pu_half) * 32'(KS_MAX) + pu_tb + 32'(pu_kc));
     genvar gi;
     generate
         for (gi = 0; gi < P_IN; gi++) begin : g_wbank
             logic [P_OUT*W_W-1:0] mem [0:2*KS_MAX-1];
             always_ff @(posedge clk) begin
-                if (w_cfire && wr_ph == 2'(WL_W) && 32'(wr_ki) == gi)
-                    mem[WKW'(32'(wl_sel) * 32'(KS_MAX) + 32'(wr_kc))] <= wrow;
-                if (tq_load) tq_w[gi*P_OUT*W_W +: P_OUT*W_W] <= mem[WKW'(32'(pu_sel) * 32'(KS_MAX) + 32'(pu_kc))];
+                if (c1_fire && c1_ph == WL_W && 32'(c1_ki) == gi) mem[c1_wa] <= c1_row;
+                else if (c2_fire && 32'(c2_ki) == gi) mem[c2_wa] <= c2_row;
+                if (tq_load) tq_w[gi*P_OUT*W_W +: P_OUT*W_W] <= mem[pu_wa];
             end
         end
     endgenerate
 
     // ================================================================ gemm: tile pusher
+    // For each tile of a loaded group, each block of SLOTS rows and each K chunk: one tile.
     logic                     pu_act, tq_v;
-    logic [31:0]              pu_r0;
+    logic [31:0]              pu_r0, pu_t, pu_o0;
     logic [P_OUT*ACC_W-1:0]   tq_bias;
     logic [P_OUT*SHIFT_W-1:0] tq_shift;
     logic                     w_fire;
-    logic [31:0]              ks;
+    logic [BMW-1:0]           pu_bm;
 
-    assign ks      = (g_k + 32'(P_IN - 1)) / 32'(P_IN);
     assign w_fire  = cu_w_valid && cu_w_ready;
     assign tq_load = run_g && pu_act && (!tq_v || w_fire);
+    assign pu_bm   = BMW'(32'(pu_half) * 32'(GT) + pu_t);
 
     always_ff @(posedge clk) begin
         if (!rst_n || state == S_IDLE) begin
@@ -668,26 +792,39 @@ module eng_gemm #(
             tq_v    <= 1'b0;
             pu_kc   <= '0;
             pu_r0   <= '0;
-            pu_sel  <= 1'b0;
+            pu_t    <= '0;
+            pu_tb   <= '0;
+            pu_o0   <= '0;
+            pu_half <= 1'b0;
             wt_full <= '0;
         end else begin
-            if (ld_done) wt_full[wl_sel] <= 1'b1;
-            if (run_g && wt_full[pu_sel] && !pu_act) begin
+            if (ld_done) wt_full[wl_half] <= 1'b1;
+            if (run_g && wt_full[pu_half] && !pu_act) begin
                 pu_act <= 1'b1;
                 pu_kc  <= '0;
                 pu_r0  <= '0;
+                pu_t   <= '0;
+                pu_tb  <= '0;
             end
             if (tq_load) begin
                 tq_v     <= 1'b1;
-                tq_bias  <= bias_reg[pu_sel];
-                tq_shift <= shift_reg[pu_sel];
+                tq_bias  <= g_bias ? bias_mem[pu_bm] : '0;
+                tq_shift <= shift_mem[pu_bm];
                 if (32'(pu_kc) + 32'd1 == ks) begin
                     pu_kc <= '0;
                     pu_r0 <= pu_r0 + 32'(SLOTS);
                     if (pu_r0 + 32'(SLOTS) >= rows_e) begin
-                        pu_act  <= 1'b0;
-                        pu_sel  <= !pu_sel;
-                        wt_full[pu_sel] <= 1'b0;
+                        // the tile is done: the group's next tile, or release the half
+                        pu_r0 <= '0;
+                        pu_o0 <= pu_o0 + 32'(P_OUT);
+                        if (pu_t + 32'd1 == 32'(gsz) || pu_o0 + 32'(P_OUT) >= g_n) begin
+                            pu_act  <= 1'b0;
+                            pu_half <= !pu_half;
+                            wt_full[pu_half] <= 1'b0;
+                        end else begin
+                            pu_t  <= pu_t + 32'd1;
+                            pu_tb <= pu_tb + ks;
+                        end
                     end
                 end else pu_kc <= pu_kc + 1'b1;
             end else if (w_fire) tq_v <= 1'b0;
@@ -695,13 +832,21 @@ module eng_gemm #(
     end
 
     // ================================================================ gemm: x loader (port 0)
+    // Resident (the instruction's rows x K chunks fit XRES entries): every row is read once, row r
+    // at r * ks; the beats of a row may go as soon as the row is in. Otherwise the rows are read
+    // again for every output tile, a block of SLOTS rows at a time into one of two banks.
+    logic        x_res;
     logic [1:0]  xb_own, xb_rdy;
     logic        xi_bank, xr_bank, bi_bank;
-    logic [31:0] xi_o0, xi_r0, xi_r, xr_r, xr_r0, xi_src, xi_nb, xr_nb;
+    logic [31:0] xi_o0, xi_r0, xi_r, xr_r, xr_r0, xi_src, xi_nb, xr_nb, xr_rows, xr_base;
     logic [KAW-1:0] xr_kc;
     logic        xi_sv, xi_fire, xi_claim, xr_fire, xr_blk_done;
     logic        bi_release;
+    logic [XAW-1:0] xr_wa;
     logic [P_IN*16-1:0] xbuf [0:XBD-1];
+
+    always_ff @(posedge clk)
+        if (state == S_G2) x_res <= 64'(rows_e) * 64'(ks) <= 64'(XRES);
 
     assign xi_nb = min32(32'(SLOTS), rows_e - xi_r0);
     assign xr_nb = min32(32'(SLOTS), rows_e - xr_r0);
@@ -712,14 +857,16 @@ module eng_gemm #(
             default: xi_src = lo + xi_r0 + xi_r;
         endcase
     end
-    assign xi_sv   = run_g && xi_o0 < g_n && (xi_r != 0 || !xb_own[xi_bank]);
+    assign xi_sv   = run_g && xi_o0 < g_n && (x_res || xi_r != 0 || !xb_own[xi_bank]);
     assign xi_fire = xi_sv && r0_sr;
-    assign xi_claim = xi_fire && xi_r == 0;
+    assign xi_claim = xi_fire && xi_r == 0 && !x_res;
     assign xr_fire = run_g && r0_cfire;
-    assign xr_blk_done = xr_fire && r0_cl && xr_r + 32'd1 == xr_nb;
+    assign xr_blk_done = xr_fire && r0_cl && xr_r + 32'd1 == xr_nb && !x_res;
+    assign xr_wa = x_res ? XAW'(xr_base + 32'(xr_kc))
+                         : XAW'((32'(xr_bank) * 32'(SLOTS) + xr_r) * 32'(KS_MAX) + 32'(xr_kc));
 
     always_ff @(posedge clk) begin
-        if (xr_fire) xbuf[XAW'((32'(xr_bank) * 32'(SLOTS) + xr_r) * 32'(KS_MAX) + 32'(xr_kc))] <= r0_cd[P_IN*16-1:0];
+        if (xr_fire) xbuf[xr_wa] <= r0_cd[P_IN*16-1:0];
     end
 
     always_ff @(posedge clk) begin
@@ -734,6 +881,8 @@ module eng_gemm #(
             xr_r    <= '0;
             xr_r0   <= '0;
             xr_kc   <= '0;
+            xr_rows <= '0;
+            xr_base <= '0;
         end else begin
             if (xi_fire) begin
                 if (xi_r + 32'd1 == xi_nb) begin
@@ -741,13 +890,16 @@ module eng_gemm #(
                     xi_bank <= !xi_bank;
                     if (xi_r0 + 32'(SLOTS) >= rows_e) begin
                         xi_r0 <= '0;
-                        xi_o0 <= xi_o0 + 32'(P_OUT);
+                        // resident rows are read once
+                        xi_o0 <= x_res ? g_n : xi_o0 + 32'(P_OUT);
                     end else xi_r0 <= xi_r0 + 32'(SLOTS);
                 end else xi_r <= xi_r + 32'd1;
             end
             if (xr_fire) begin
                 if (r0_cl) begin
-                    xr_kc <= '0;
+                    xr_kc   <= '0;
+                    xr_rows <= xr_rows + 32'd1;
+                    xr_base <= xr_base + ks;
                     if (xr_r + 32'd1 == xr_nb) begin
                         xr_r    <= '0;
                         xr_bank <= !xr_bank;
@@ -769,17 +921,21 @@ module eng_gemm #(
     // ================================================================ gemm: beat issuer
     logic [31:0]        bi_o0, bi_r0, bi_r, bi_nb;
     logic [KAW-1:0]     bi_kc;
-    logic               bq_v, bq_first, bq_last, bq_wnext, bi_load, x_fire;
+    logic               bq_v, bq_first, bq_last, bq_wnext, bi_load, x_fire, bi_rdy;
     logic [SLOT_W-1:0]  bq_slot;
     logic [P_IN*16-1:0] bq_act;
+    logic [XAW-1:0]     bi_ra;
 
     assign bi_nb   = min32(32'(SLOTS), rows_e - bi_r0);
     assign x_fire  = cu_x_valid && cu_x_ready;
-    assign bi_load = run_g && bi_o0 < g_n && xb_rdy[bi_bank] && (!bq_v || x_fire);
-    assign bi_release = bi_load && bi_r + 32'd1 == bi_nb && 32'(bi_kc) + 32'd1 == ks;
+    assign bi_rdy  = x_res ? xr_rows > bi_r0 + bi_r : xb_rdy[bi_bank];
+    assign bi_load = run_g && bi_o0 < g_n && bi_rdy && (!bq_v || x_fire);
+    assign bi_release = bi_load && bi_r + 32'd1 == bi_nb && 32'(bi_kc) + 32'd1 == ks && !x_res;
+    assign bi_ra   = x_res ? XAW'((bi_r0 + bi_r) * ks + 32'(bi_kc))
+                           : XAW'((32'(bi_bank) * 32'(SLOTS) + bi_r) * 32'(KS_MAX) + 32'(bi_kc));
 
     always_ff @(posedge clk) begin
-        if (bi_load) bq_act <= xbuf[XAW'((32'(bi_bank) * 32'(SLOTS) + bi_r) * 32'(KS_MAX) + 32'(bi_kc))];
+        if (bi_load) bq_act <= xbuf[bi_ra];
     end
 
     always_ff @(posedge clk) begin
@@ -812,27 +968,103 @@ module eng_gemm #(
         end
     end
 
-    // ================================================================ combine: scores and indices
-    // One block at a time (port 1): the scores segment, then the indices segment, into sbuf / ibuf
-    // (entry tt·k + j); the block is released when its tiles and beats have all gone out.
-    logic              sb_full, sl_busy, sl_rph, c_blk_done, c_all_done, sl_sv;
-    logic [1:0]        sl_iss;
-    logic [31:0]       ct0, c_nb, sl_i;
+    // ================================================================ combine: block loads
+    // One block of up to SLOTS tokens at a time. Port 1 reads its scores, then its indices (into
+    // sbuf / ibuf, entry tt·k + j), then the block's odd expert-output rows; port 0 reads the even
+    // rows. The rows t·k + j of a block are one contiguous region: one segment per row (all D
+    // elements, long bursts), cut into P_OUT-element chunks, into ybuf0 / ybuf1 by row parity
+    // (row / 2 · OT_MAX + chunk), so both ports write at once. The block is released when its
+    // tiles and beats have all gone out.
+    localparam int YBH = ((SBD + 1) / 2) * OT_MAX;
+    localparam int YHW = $clog2(YBH);
+    logic              sb_full, sl_busy, c_blk_done, c_all_done, sl_sv, y0_sv, y_done;
+    logic [1:0]        sl_iss, sl_rph;
+    logic [31:0]       ct0, c_nb, c_nbk, sl_i, yl0_i, yl1_i, yr0_i, yr1_i, yr0_oc, yr1_oc;
     logic [15:0]       sbuf [0:SBD-1];
     logic [15:0]       ibuf [0:SBD-1];
+    logic [P_OUT*16-1:0] ybuf0 [0:YBH-1];
+    logic [P_OUT*16-1:0] ybuf1 [0:YBH-1];
+    logic              c_load;
 
-    assign c_nb  = min32(32'(SLOTS), c_t - ct0);
-    assign sl_sv = run_c && sl_busy && sl_iss < 2'd2;
+    assign c_nb   = min32(32'(SLOTS), c_t - ct0);
+    assign c_nbk  = c_nb * c_k;
+    assign c_load = run_c && !sb_full && !sl_busy && !c_all_done;
+    assign sl_sv  = run_c && sl_busy && (sl_iss < 2'd2 || (sl_iss == 2'd2 && yl1_i < c_nbk));
+    assign y0_sv  = run_c && sl_busy && yl0_i < c_nbk;
     assign c_all_done = ct0 >= c_t;
+    assign y_done = sl_rph == 2'd3 && yr0_i >= c_nbk;
 
     always_ff @(posedge clk) begin
         if (run_c && sl_busy && r1_cfire) begin
-            if (!sl_rph) sbuf[SAW'(sl_i)] <= pre1_v;
-            else ibuf[SAW'(sl_i)] <= pre1_v;
+            if (sl_rph == 2'd0) sbuf[SAW'(sl_i)] <= pre1_v;
+            if (sl_rph == 2'd1) ibuf[SAW'(sl_i)] <= pre1_v;
+            if (sl_rph == 2'd2) ybuf1[YHW'((yr1_i >> 1) * 32'(OT_MAX) + yr1_oc)] <= r1_cd[P_OUT*16-1:0];
+        end
+        if (run_c && sl_busy && r0_cfire) ybuf0[YHW'((yr0_i >> 1) * 32'(OT_MAX) + yr0_oc)] <= r0_cd[P_OUT*16-1:0];
+    end
+
+    always_ff @(posedge clk) begin
+        if (!rst_n || state == S_IDLE) begin
+            sl_busy <= 1'b0;
+            sl_iss  <= '0;
+            sl_rph  <= '0;
+            sl_i    <= '0;
+            yl0_i   <= '0;
+            yl1_i   <= '0;
+            yr0_i   <= '0;
+            yr1_i   <= '0;
+            yr0_oc  <= '0;
+            yr1_oc  <= '0;
+        end else begin
+            if (c_load) begin
+                sl_busy <= 1'b1;
+                sl_iss  <= '0;
+                sl_rph  <= '0;
+                sl_i    <= '0;
+                yl0_i   <= '0;
+                yl1_i   <= 32'd1;
+                yr0_i   <= '0;
+                yr1_i   <= 32'd1;
+                yr0_oc  <= '0;
+                yr1_oc  <= '0;
+            end
+            if (sl_sv && r1_sr) begin
+                if (sl_iss == 2'd2) begin
+                    yl1_i <= yl1_i + 32'd2;
+                    if (yl1_i + 32'd2 >= c_nbk) sl_iss <= 2'd3;
+                end else sl_iss <= (sl_iss == 2'd1 && c_nbk < 32'd2) ? 2'd3 : sl_iss + 2'd1;
+            end
+            if (y0_sv && r0_sr) yl0_i <= yl0_i + 32'd2;
+            if (run_c && sl_busy && r1_cfire) begin
+                if (sl_rph == 2'd2) begin
+                    if (r1_cl) begin
+                        yr1_oc <= '0;
+                        yr1_i  <= yr1_i + 32'd2;
+                        if (yr1_i + 32'd2 >= c_nbk) sl_rph <= 2'd3;
+                    end else yr1_oc <= yr1_oc + 32'd1;
+                end else begin
+                    sl_i <= sl_i + 32'd1;
+                    if (r1_cl) begin
+                        sl_i   <= '0;
+                        // after the indices: the odd rows, if the block has any
+                        sl_rph <= (sl_rph == 2'd1 && c_nbk < 32'd2) ? 2'd3 : sl_rph + 2'd1;
+                    end
+                end
+            end
+            if (run_c && sl_busy && r0_cfire) begin
+                if (r0_cl) begin
+                    yr0_oc <= '0;
+                    yr0_i  <= yr0_i + 32'd2;
+                end else yr0_oc <= yr0_oc + 32'd1;
+            end
+            if (run_c && sl_busy && y_done) sl_busy <= 1'b0;
         end
     end
 
     // ================================================================ combine: tile pusher, beat issuer
+    // Per block: for each token, each output tile, each top-k slot j: one parameter tile and one
+    // beat (slot = token in the block); a token's tiles come out one after the other, so its
+    // output row and its residual row stream in order.
     logic [31:0]  cp_o0, cp_j, cp_t, cb_o0, cb_j, cb_t, cb_oc;
     logic         cp_done, cb_done, cp_fire, cb_fire;
 
@@ -843,10 +1075,6 @@ module eng_gemm #(
     always_ff @(posedge clk) begin
         if (!rst_n || state == S_IDLE) begin
             sb_full <= 1'b0;
-            sl_busy <= 1'b0;
-            sl_iss  <= '0;
-            sl_rph  <= 1'b0;
-            sl_i    <= '0;
             ct0     <= '0;
             cp_o0   <= '0;
             cp_j    <= '0;
@@ -858,96 +1086,40 @@ module eng_gemm #(
             cp_done <= 1'b0;
             cb_done <= 1'b0;
         end else begin
-            if (run_c && !sb_full && !sl_busy && !c_all_done) begin
-                sl_busy <= 1'b1;
-                sl_iss  <= '0;
-                sl_rph  <= 1'b0;
-                sl_i    <= '0;
-            end
-            if (sl_sv && r1_sr) sl_iss <= sl_iss + 2'd1;
-            if (run_c && sl_busy && r1_cfire) begin
-                sl_i <= sl_i + 32'd1;
-                if (r1_cl) begin
-                    sl_i   <= '0;
-                    sl_rph <= 1'b1;
-                    if (sl_rph) sl_iss <= 2'd3;     // indices in: the scores and indices are loaded
-                end
-            end
-            if (run_c && sl_busy && sl_iss == 2'd3 && y_done) begin
-                sl_busy <= 1'b0;
-                sb_full <= 1'b1;
-            end
+            if (run_c && sl_busy && y_done) sb_full <= 1'b1;
             if (cp_fire) begin
-                if (cp_t + 32'd1 == c_nb) begin
-                    cp_t <= '0;
-                    if (cp_j + 32'd1 == c_k) begin
-                        cp_j <= '0;
-                        if (cp_o0 + 32'(P_OUT) >= c_d) begin
-                            cp_o0   <= '0;
+                if (cp_j + 32'd1 == c_k) begin
+                    cp_j <= '0;
+                    if (cp_o0 + 32'(P_OUT) >= c_d) begin
+                        cp_o0 <= '0;
+                        if (cp_t + 32'd1 == c_nb) begin
+                            cp_t    <= '0;
                             cp_done <= 1'b1;
-                        end else cp_o0 <= cp_o0 + 32'(P_OUT);
-                    end else cp_j <= cp_j + 32'd1;
-                end else cp_t <= cp_t + 32'd1;
+                        end else cp_t <= cp_t + 32'd1;
+                    end else cp_o0 <= cp_o0 + 32'(P_OUT);
+                end else cp_j <= cp_j + 32'd1;
             end
             if (cb_fire) begin
-                if (cb_t + 32'd1 == c_nb) begin
-                    cb_t <= '0;
-                    if (cb_j + 32'd1 == c_k) begin
-                        cb_j <= '0;
-                        if (cb_o0 + 32'(P_OUT) >= c_d) begin
-                            cb_o0   <= '0;
-                            cb_oc   <= '0;
+                if (cb_j + 32'd1 == c_k) begin
+                    cb_j <= '0;
+                    if (cb_o0 + 32'(P_OUT) >= c_d) begin
+                        cb_o0 <= '0;
+                        cb_oc <= '0;
+                        if (cb_t + 32'd1 == c_nb) begin
+                            cb_t    <= '0;
                             cb_done <= 1'b1;
-                        end else begin
-                            cb_o0 <= cb_o0 + 32'(P_OUT);
-                            cb_oc <= cb_oc + 32'd1;
-                        end
-                    end else cb_j <= cb_j + 32'd1;
-                end else cb_t <= cb_t + 32'd1;
+                        end else cb_t <= cb_t + 32'd1;
+                    end else begin
+                        cb_o0 <= cb_o0 + 32'(P_OUT);
+                        cb_oc <= cb_oc + 32'd1;
+                    end
+                end else cb_j <= cb_j + 32'd1;
             end
             if (run_c && c_blk_done) begin
                 cp_done <= 1'b0;
                 cb_done <= 1'b0;
                 sb_full <= 1'b0;
                 ct0     <= ct0 + 32'(SLOTS);
-            end
-        end
-    end
-
-    // ================================================================ combine: expert-output rows (port 0)
-    // The block's rows t·k + j are one contiguous region: one segment per row (all D elements,
-    // long bursts), cut into P_OUT-element chunks, into ybuf (row · OT_MAX + chunk).
-    logic [31:0]       yl_i, yr_i, yr_oc, c_nbk;
-    logic              yl_sv, y_done;
-    logic [P_OUT*16-1:0] ybuf [0:YBD-1];
-
-    assign c_nbk = c_nb * c_k;
-    assign yl_sv = run_c && sl_busy && yl_i < c_nbk;
-
-    always_ff @(posedge clk) begin
-        if (run_c && sl_busy && r0_cfire) ybuf[YAW'(yr_i * 32'(OT_MAX) + yr_oc)] <= r0_cd[P_OUT*16-1:0];
-    end
-
-    always_ff @(posedge clk) begin
-        if (!rst_n || state == S_IDLE) begin
-            yl_i   <= '0;
-            yr_i   <= '0;
-            yr_oc  <= '0;
-            y_done <= 1'b0;
-        end else begin
-            if (run_c && !sb_full && !sl_busy && !c_all_done) begin
-                yl_i   <= '0;
-                yr_i   <= '0;
-                yr_oc  <= '0;
-                y_done <= 1'b0;
-            end
-            if (yl_sv && r0_sr) yl_i <= yl_i + 32'd1;
-            if (run_c && sl_busy && r0_cfire) begin
-                if (r0_cl) begin
-                    yr_oc <= '0;
-                    yr_i  <= yr_i + 32'd1;
-                    if (yr_i + 32'd1 == c_nbk) y_done <= 1'b1;
-                end else yr_oc <= yr_oc + 32'd1;
             end
         end
     end
@@ -959,7 +1131,9 @@ module eng_gemm #(
     assign cb_i = SAW'(cb_t * c_k + cb_j);
     assign cp_e = ibuf[cp_i];
     logic [P_OUT*16-1:0] cb_y;
-    assign cb_y = ybuf[YAW'(32'(cb_i) * 32'(OT_MAX) + cb_oc)];
+    logic [YHW-1:0]      cb_ya;
+    assign cb_ya = YHW'(32'(cb_i >> 1) * 32'(OT_MAX) + cb_oc);
+    assign cb_y  = cb_i[0] ? ybuf1[cb_ya] : ybuf0[cb_ya];
 
     always_comb begin
         cu_w_valid         = 1'b0;
@@ -1067,7 +1241,14 @@ module eng_gemm #(
             rs_r  <= '0;
             rs_t0 <= '0;
         end else begin
-            if (os_fire) begin
+            if (os_fire && !is_gemm) begin
+                // combine: row by row, the tiles of a row in order
+                if (os_o0 + 32'(P_OUT) >= n_cols) begin
+                    os_o0 <= '0;
+                    os_t0 <= os_t0 + 32'd1;
+                end else os_o0 <= os_o0 + 32'(P_OUT);
+            end
+            if (os_fire && is_gemm) begin
                 if (os_r + 32'd1 == os_nb) begin
                     os_r <= '0;
                     if (os_o0 + 32'(P_OUT) >= n_cols) begin
@@ -1076,7 +1257,9 @@ module eng_gemm #(
                     end else os_o0 <= os_o0 + 32'(P_OUT);
                 end else os_r <= os_r + 32'd1;
             end
-            if (rs_sv && r3_sr) begin
+            // combine: one residual segment per row (its chunks are the row's tiles)
+            if (rs_sv && r3_sr && !is_gemm) rs_t0 <= rs_t0 + 32'd1;
+            if (rs_sv && r3_sr && is_gemm) begin
                 if (rs_r + 32'd1 == rs_nb) begin
                     rs_r <= '0;
                     if (rs_o0 + 32'(P_OUT) >= n_cols) begin
@@ -1103,6 +1286,16 @@ module eng_gemm #(
         .in_valid(add_in_v), .in_ready(add_in_r), .a_data(add_a), .b_data(add_b),
         .out_valid(add_out_v), .out_ready(wr_sr), .out_data(add_z));
 
+    // two write ports when every row starts on a beat boundary (no beat holds two rows)
+    localparam int BB_L = $clog2(DW / 8);
+    logic [BB_L-1:0] y_ld_lo, y_base_lo;
+    logic            wr_dual, os_port, wr0_sr, wr2_sr, wr0_idle, wr2_idle;
+    assign y_ld_lo   = BB_L'(is_gemm ? g_yld << 1 : c_d << 1);
+    assign y_base_lo = BB_L'(is_gemm ? addr_of(g_y) : addr_of(c_out));
+    assign wr_dual   = y_ld_lo == '0 && y_base_lo == '0;
+    assign os_port = wr_dual && (is_gemm ? os_dst[0] : os_row[0]);
+    assign wr_sr   = os_port ? wr0_sr : wr2_sr;
+    assign wr_idle = wr0_idle && wr2_idle;
     assign wr_sv   = add_out_v && !os_all;
     assign wr_sa   = ADDR_W'(os_addr);
     assign wr_sb   = CWW'(2 * os_nc);
@@ -1128,8 +1321,8 @@ module eng_gemm #(
             r0_cr = 1'b1;
         end
         if (run_c) begin
-            r0_sv = yl_sv;
-            r0_sa = ADDR_W'(addr_of(c_y) + ((64'(ct0) * 64'(c_k) + 64'(yl_i)) * 64'(c_d) << 1));
+            r0_sv = y0_sv;
+            r0_sa = ADDR_W'(addr_of(c_y) + ((64'(ct0) * 64'(c_k) + 64'(yl0_i)) * 64'(c_d) << 1));
             r0_sb = c_d << 1;
             r0_sc = CW0'(2 * P_OUT);
             r0_cr = sl_busy;
@@ -1142,25 +1335,28 @@ module eng_gemm #(
         r1_cr = state == S_CIDX || state == S_CSH;
         r2_sv = 1'b0;
         r2_cr = 1'b0;
+        r2_sa = ADDR_W'(i2_a);
+        r2_sb = wl_gw * wbytes;
+        r2_sc = CW1'(P_OUT * wbytes);
         if (run_g) begin
-            r1_sv = wl_sv && !wl_to2;
-            r2_sv = wl_sv && wl_to2;
-            r1_cr = wl_busy && !wr_from2;
-            r2_cr = wl_busy && wr_from2;
-            case (wl_ph)
-                2'(WL_W): begin
-                    r1_sa = ADDR_W'(wl_addr);
-                    r1_sb = wl_whole ? g_k * g_n * wbytes : wl_nc * wbytes;
-                    r1_sc = CW1'(wl_nc * wbytes);
+            r1_sv = i1_sv;
+            r2_sv = i2_sv;
+            r1_cr = wl_busy && c1_ph != WL_D;
+            r2_cr = wl_busy && c2_ph != WL_D;
+            case (i1_ph)
+                WL_W: begin
+                    r1_sa = ADDR_W'(i1_a);
+                    r1_sb = wl_whole ? g_k * g_n * wbytes : wl_gw * wbytes;
+                    r1_sc = CW1'((wl_whole ? g_n : 32'(P_OUT)) * wbytes);
                 end
-                2'(WL_B): begin
-                    r1_sa = ADDR_W'(addr_of(g_b) + 64'(wl_o0) * 64'd8);
-                    r1_sb = wl_nc << 3;
+                WL_B: begin
+                    r1_sa = ADDR_W'(addr_of(g_b) + 64'(wl_g0) * 64'd8);
+                    r1_sb = wl_gw << 3;
                     r1_sc = CW1'(8);
                 end
                 default: begin
-                    r1_sa = ADDR_W'(addr_of(g_s) + 64'(wl_o0));
-                    r1_sb = wl_nc;
+                    r1_sa = ADDR_W'(addr_of(g_s) + 64'(wl_g0));
+                    r1_sb = wl_gw;
                     r1_sc = CW1'(1);
                 end
             endcase
@@ -1168,26 +1364,28 @@ module eng_gemm #(
         if (run_c) begin
             r1_sv = sl_sv;
             r1_sa = ADDR_W'((sl_iss[0] ? addr_of(c_ix) : addr_of(c_sc)) + (64'(ct0) * 64'(c_k) << 1));
-            r1_sb = (c_nb * c_k) << 1;
+            r1_sb = c_nbk << 1;
             r1_sc = CW1'(2);
             r1_cr = sl_busy;
+            if (sl_iss == 2'd2) begin
+                r1_sa = ADDR_W'(addr_of(c_y) + ((64'(ct0) * 64'(c_k) + 64'(yl1_i)) * 64'(c_d) << 1));
+                r1_sb = c_d << 1;
+                r1_sc = CW1'(2 * P_OUT);
+            end
         end
-        r2_sa = r1_sa;
-        r2_sb = r1_sb;
-        r2_sc = r1_sc;
         // port 3: residual rows
         r3_sv = rs_sv;
         r3_sa = ADDR_W'(rs_addr);
-        r3_sb = rs_nc << 1;
-        r3_sc = CW3'(rs_nc << 1);
+        r3_sb = is_gemm ? rs_nc << 1 : c_d << 1;
+        r3_sc = is_gemm ? CW3'(rs_nc << 1) : CW3'(2 * P_OUT);
     end
 
     logic unused_sig;
-    assign unused_sig = &{1'b0, task_idx, cu_o_tag, r0_idle, r1_idle, r2_idle, r3_idle, r3_cl, w_cl, pre0_a[63:32],
+    assign unused_sig = &{1'b0, task_idx, cu_o_tag, r0_idle, r1_idle, r2_idle, r3_idle, r3_cl, r2_cl, pre0_a[63:32],
                           pre1_a[63:32], cp_e[15:EAW], os_addr[63:32], rs_addr[63:32],
                           z_fmt[31:17], z_fmt[15:6], g_fmt[31:17], g_fmt[7:6], g_gfmt[31:17], g_gfmt[7:6],
-                          c_fmt[31:17], c_fmt[15:6], m_awready[1:0], m_wready[1:0], m_bvalid[1:0],
-                          m_bid[2*ID_W-1:0], m_bid[PORTS*ID_W-1:3*ID_W], m_bresp[3:0], m_bresp[PORTS*2-1:6],
+                          c_fmt[31:17], c_fmt[15:6], m_awready[1], m_wready[1], m_bvalid[1],
+                          m_bid[ID_W +: ID_W], m_bid[PORTS*ID_W-1:3*ID_W], m_bresp[3:2], m_bresp[PORTS*2-1:6],
                           m_awready[PORTS-1:3], m_wready[PORTS-1:3], m_bvalid[PORTS-1:3]};
     if (PORTS > 4) begin : g_unused_hi
         logic unused_hi;
@@ -1196,7 +1394,7 @@ module eng_gemm #(
     end
 
     // ================================================================ DMA engines
-    seg_reader #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(MAX_BURST),
+    seg_reader #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(RD_BURST),
                  .CHB(CH0), .QD(16)) u_r0 (
         .clk, .rst_n, .seg_valid(r0_sv), .seg_ready(r0_sr), .seg_addr(r0_sa), .seg_bytes(r0_sb),
         .seg_ch(r0_sc), .ch_valid(r0_cv), .ch_ready(r0_cr), .ch_data(r0_cd), .ch_last(r0_cl), .idle(r0_idle),
@@ -1205,7 +1403,7 @@ module eng_gemm #(
         .rvalid(m_rvalid[0]), .rready(m_rready[0]), .rdata(m_rdata[0 +: DW]), .rid(m_rid[0 +: ID_W]),
         .rlast(m_rlast[0]), .rresp(m_rresp[0 +: 2]));
 
-    seg_reader #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(MAX_BURST),
+    seg_reader #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(RD_BURST),
                  .CHB(CH1), .QD(16)) u_r1 (
         .clk, .rst_n, .seg_valid(r1_sv), .seg_ready(r1_sr), .seg_addr(r1_sa), .seg_bytes(r1_sb),
         .seg_ch(r1_sc), .ch_valid(r1_cv), .ch_ready(r1_cr), .ch_data(r1_cd), .ch_last(r1_cl), .idle(r1_idle),
@@ -1223,20 +1421,32 @@ module eng_gemm #(
         .arid(m_arid[3*ID_W +: ID_W]), .rvalid(m_rvalid[3]), .rready(m_rready[3]), .rdata(m_rdata[3*DW +: DW]),
         .rid(m_rid[3*ID_W +: ID_W]), .rlast(m_rlast[3]), .rresp(m_rresp[6 +: 2]));
 
-    // One write port: segments of neighbouring rows may share a beat (disjoint strobes), and the
-    // DDR model merges same-cycle writes of two ports into one word with a race, so the output
-    // segments keep one port and its order.
+    // Output segments on ports 2 and 0 (write channels) by the parity of their memory row when no
+    // two rows can share a beat (rows start on beat boundaries); otherwise all on port 2, in
+    // order: neighbouring rows may share a beat (disjoint strobes), and the DDR model merges
+    // same-cycle writes of two ports into one word with a race. A row always goes to one port, so
+    // the writes of one row keep their order.
     seg_writer #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(MAX_BURST),
                  .CHB(CH3), .QD(4)) u_wr (
-        .clk, .rst_n, .seg_valid(wr_sv), .seg_ready(wr_sr), .seg_addr(wr_sa), .seg_bytes(wr_sb),
-        .seg_data(wr_sd), .idle(wr_idle),
+        .clk, .rst_n, .seg_valid(wr_sv && !os_port), .seg_ready(wr2_sr), .seg_addr(wr_sa), .seg_bytes(wr_sb),
+        .seg_data(wr_sd), .idle(wr2_idle),
         .awvalid(m_awvalid[2]), .awready(m_awready[2]), .awaddr(m_awaddr[2*ADDR_W +: ADDR_W]),
         .awlen(m_awlen[16 +: 8]), .awsize(m_awsize[6 +: 3]), .awburst(m_awburst[4 +: 2]),
         .awid(m_awid[2*ID_W +: ID_W]), .wvalid(m_wvalid[2]), .wready(m_wready[2]),
         .wdata(m_wdata[2*DW +: DW]), .wstrb(m_wstrb[2*DW/8 +: DW/8]), .wlast(m_wlast[2]),
         .bvalid(m_bvalid[2]), .bready(m_bready[2]), .bid(m_bid[2*ID_W +: ID_W]), .bresp(m_bresp[4 +: 2]));
 
-    seg_reader #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(MAX_BURST),
+    seg_writer #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(MAX_BURST),
+                 .CHB(CH3), .QD(4)) u_wr0 (
+        .clk, .rst_n, .seg_valid(wr_sv && os_port), .seg_ready(wr0_sr), .seg_addr(wr_sa), .seg_bytes(wr_sb),
+        .seg_data(wr_sd), .idle(wr0_idle),
+        .awvalid(m_awvalid[0]), .awready(m_awready[0]), .awaddr(m_awaddr[0 +: ADDR_W]),
+        .awlen(m_awlen[0 +: 8]), .awsize(m_awsize[0 +: 3]), .awburst(m_awburst[0 +: 2]),
+        .awid(m_awid[0 +: ID_W]), .wvalid(m_wvalid[0]), .wready(m_wready[0]),
+        .wdata(m_wdata[0 +: DW]), .wstrb(m_wstrb[0 +: DW/8]), .wlast(m_wlast[0]),
+        .bvalid(m_bvalid[0]), .bready(m_bready[0]), .bid(m_bid[0 +: ID_W]), .bresp(m_bresp[0 +: 2]));
+
+    seg_reader #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(RD_BURST),
                  .CHB(CH1), .QD(16)) u_r2 (
         .clk, .rst_n, .seg_valid(r2_sv), .seg_ready(r2_sr), .seg_addr(r2_sa), .seg_bytes(r2_sb),
         .seg_ch(r2_sc), .ch_valid(r2_cv), .ch_ready(r2_cr), .ch_data(r2_cd), .ch_last(r2_cl), .idle(r2_idle),
@@ -1249,7 +1459,7 @@ module eng_gemm #(
     genvar gp;
     generate
         for (gp = 0; gp < PORTS; gp++) begin : g_idle
-            if (gp != 2) begin : g_no_wr
+            if (gp != 0 && gp != 2) begin : g_no_wr
                 assign m_awvalid[gp] = 1'b0;
                 assign m_awaddr[gp*ADDR_W +: ADDR_W] = '0;
                 assign m_awlen[gp*8 +: 8] = '0;
