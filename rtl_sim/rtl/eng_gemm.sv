@@ -525,69 +525,89 @@ module eng_gemm #(
     assign run_g = state == S_GRUN;
     assign run_c = state == S_CRUN;
 
-    // ================================================================ gemm: weight loader (ports 1, 2)
+    // ================================================================ gemm: weight loader (ports 1, 2, 3)
     // The weights go on chip a group of up to GT output tiles at a time (as many as the K extent
     // lets into one half of the weight store), into one of two halves, so the next group loads
     // while the tile pusher serves this one. A group's weight row k is one segment of the group's
-    // width (GT * P_OUT weights: long bursts), cut into one P_OUT-weight chunk per tile; rows of
-    // even k go to port 1, odd k to port 2, each port with its own receiver (they write disjoint
-    // banks: bank = k mod P_IN, P_IN even), so both ports stream at once. Port 1 then reads the
-    // group's biases and shifts. When N <= P_OUT (one tile spans the matrix) the whole matrix is
-    // one segment on port 1, one chunk per row.
-    localparam int  GT    = 8;                          // output tiles per weight group, at most
+    // width (long bursts), cut into one P_OUT-weight chunk per tile. The rows are dealt to NW
+    // ports (k mod NW: ports 1, 2 and, without residual, 3), each with its own receiver; two
+    // receivers that would write the same bank in a cycle are served in port order (the other
+    // waits a cycle). Port 1 first reads the group's biases and shifts, so the tile pusher may
+    // start on a group while its rows still arrive: a K chunk goes out once its rows are in. When
+    // N <= P_OUT (one tile spans the matrix) the whole matrix is one segment on port 1, one chunk
+    // per row.
+    localparam int  GT    = 4;                          // output tiles per weight group, at most
     localparam int  GTW   = $clog2(GT + 1);
     localparam int  BMW   = $clog2(2 * GT);
-    localparam bit  TWO_W = P_IN % 2 == 0;              // rows split over ports 1 and 2
+    localparam int  NWP   = 3;                          // weight receivers: ports 1, 2, 3
     localparam logic [1:0] WL_W = 2'd0, WL_B = 2'd1, WL_S = 2'd2, WL_D = 2'd3;
 
-    logic [31:0]              ks, wstep;
+    logic [31:0]              ks, nw;
     logic [GTW-1:0]           gsz;                      // tiles per group of this instruction
     logic                     wl_whole;
     assign ks       = (g_k + 32'(P_IN - 1)) / 32'(P_IN);
     assign wl_whole = g_n <= 32'(P_OUT);
-    assign wstep    = (TWO_W && !wl_whole) ? 32'd2 : 32'd1;
+    assign nw       = wl_whole ? 32'd1 : (g_res ? 32'd2 : 32'd3);
 
     always_ff @(posedge clk)
         if (state == S_G2) gsz <= GTW'(min32(32'(GT), 32'(KS_MAX) / (ks == 0 ? 32'd1 : ks)));
 
     logic                     wl_busy, wl_half, pu_half, ld_done;
-    logic [1:0]               wt_full;
+    logic [1:0]               wt_full, wt_bs;
     logic [31:0]              wl_g0, wl_gw;
     logic [63:0]              wl_base;
     assign wl_gw   = min32(32'(gsz) * 32'(P_OUT), g_n - wl_g0);
     assign wl_base = addr_of(g_w) + 64'(wl_g0) * 64'(wbytes);
 
     logic wl_start;
-    assign wl_start = run_g && !wl_busy && !wt_full[wl_half] && wl_g0 < g_n;
+    assign wl_start = run_g && !wl_busy && !wt_full[wl_half] && !wt_bs[wl_half] && wl_g0 < g_n;
 
-    // ---- issuers: port 1 rows k = 0, 2, 4 ... (all rows when wstep = 1), biases, shifts; port 2 rows 1, 3 ...
-    logic [1:0]  i1_ph, i2_ph;
-    logic [31:0] i1_k, i2_k;
-    logic [63:0] i1_a, i2_a;
-    logic        i1_sv, i2_sv;
-    assign i1_sv = run_g && wl_busy && i1_ph != WL_D;
-    assign i2_sv = run_g && wl_busy && i2_ph != WL_D;
-
-    // ---- receivers
-    logic [1:0]           c1_ph, c2_ph;
-    logic [31:0]          c1_k, c2_k, c1_tb, c2_tb, c1_t, c2_t, c1_o;
-    logic [KAW-1:0]       c1_kc, c2_kc;
-    logic [$clog2(P_IN+1)-1:0] c1_ki, c2_ki;
-    logic                 c1_fire, c2_fire;
-    logic [P_OUT*W_W-1:0] c1_row, c2_row;
-    logic [P_OUT*ACC_W-1:0]   b_stage;
-    logic [P_OUT*SHIFT_W-1:0] s_stage;
+    // ---- per weight port p (port p + 1): issuer and receiver of rows k = p, p + nw, ...
+    logic [1:0]           i_ph [0:NWP-1];
+    logic [31:0]          i_k  [0:NWP-1];
+    logic [63:0]          i_a  [0:NWP-1];
+    logic [NWP-1:0]       i_sv, i_sr;
+    logic [1:0]           rc_ph [0:NWP-1];
+    logic [31:0]          rc_k  [0:NWP-1];
+    logic [31:0]          rc_t  [0:NWP-1];
+    logic [31:0]          rc_tb [0:NWP-1];
+    logic [31:0]          rc_o;
+    logic [NWP-1:0]       rc_cv, rc_cl, rc_cr, rc_fire, rc_want, rc_grant;
+    logic [CH1*8-1:0]     rc_cd [0:NWP-1];
+    logic [P_OUT*W_W-1:0] rc_row [0:NWP-1];
+    logic [$clog2(P_IN)-1+1:0] rc_bank [0:NWP-1];
+    logic [WKW-1:0]       rc_wa [0:NWP-1];
+    logic [P_OUT*ACC_W-1:0]   b_stage, b_next;
+    logic [P_OUT*SHIFT_W-1:0] s_stage, s_next;
     logic [P_OUT*ACC_W-1:0]   bias_mem  [0:2*GT-1];
     logic [P_OUT*SHIFT_W-1:0] shift_mem [0:2*GT-1];
-    assign c1_fire = run_g && wl_busy && c1_ph != WL_D && r1_cfire;
-    assign c2_fire = run_g && wl_busy && c2_ph != WL_D && r2_cv && r2_cr;
-    assign ld_done = run_g && wl_busy && c1_ph == WL_D && c2_ph == WL_D;
 
-    always_comb
-        for (int o = 0; o < P_OUT; o++) begin
-            c1_row[o*W_W +: W_W] = g_w16 ? W_W'(signed'(r1_cd[o*16 +: 16])) : W_W'(signed'(r1_cd[o*8 +: 8]));
-            c2_row[o*W_W +: W_W] = g_w16 ? W_W'(signed'(r2_cd[o*16 +: 16])) : W_W'(signed'(r2_cd[o*8 +: 8]));
+    assign rc_cv    = {r3_cv, r2_cv, r1_cv};
+    assign rc_cl    = {r3_cl, r2_cl, r1_cl};
+    assign rc_cd[0] = r1_cd;
+    assign rc_cd[1] = r2_cd;
+    assign rc_cd[2] = (CH1*8)'(r3_cd);
+    assign i_sr    = {r3_sr, r2_sr, r1_sr};
+
+    always_comb begin
+        for (int p = 0; p < NWP; p++) begin
+            i_sv[p]   = run_g && wl_busy && i_ph[p] != WL_D;
+            rc_want[p] = run_g && wl_busy && rc_ph[p] == WL_W && rc_cv[p];
+            rc_bank[p] = ($clog2(P_IN)+1)'(rc_k[p] % 32'(P_IN));
+            rc_wa[p]   = WKW'(32'(wl_half) * 32'(KS_MAX) + rc_tb[p] + rc_k[p] / 32'(P_IN));
+            for (int o = 0; o < P_OUT; o++)
+                rc_row[p][o*W_W +: W_W] = g_w16 ? W_W'(signed'(rc_cd[p][o*16 +: 16])) : W_W'(signed'(rc_cd[p][o*8 +: 8]));
         end
+        // one write per bank and cycle: a lower port first
+        for (int p = 0; p < NWP; p++) begin
+            rc_grant[p] = 1'b1;
+            for (int q = 0; q < p; q++)
+                if (rc_want[q] && rc_bank[q] == rc_bank[p]) rc_grant[p] = 1'b0;
+            rc_cr[p]   = run_g && wl_busy && rc_ph[p] != WL_D && (rc_ph[p] != WL_W || rc_grant[p]);
+            rc_fire[p] = rc_cv[p] && rc_cr[p];
+        end
+    end
+    assign ld_done = run_g && wl_busy && rc_ph[0] == WL_D && rc_ph[1] == WL_D && rc_ph[2] == WL_D;
 
     function automatic logic [SHIFT_W-1:0] sh_clamp(input logic [7:0] v);
         logic signed [8:0] s;
@@ -597,34 +617,28 @@ module eng_gemm #(
         else sh_clamp = SHIFT_W'(s);
     endfunction
 
-    // the phase after a port-1 row phase
-    logic [1:0] after_w;
-    assign after_w = g_bias ? WL_B : WL_S;
-
     // bias / shift lane o of tile t: staged, a tile's entry written when its last lane (or the
     // group's last value) arrives
-    logic        c1_tile_end;
-    logic [BMW-1:0] c1_bm;
-    assign c1_tile_end = 32'(c1_o) == 32'(P_OUT - 1) || r1_cl;
-    assign c1_bm       = BMW'(32'(wl_half) * 32'(GT) + c1_t);
+    logic           rc_tile_end;
+    logic [BMW-1:0] rc_bm;
+    assign rc_tile_end = rc_o == 32'(P_OUT - 1) || r1_cl;
+    assign rc_bm       = BMW'(32'(wl_half) * 32'(GT) + rc_t[0]);
 
-    logic [P_OUT*ACC_W-1:0]   b_next;
-    logic [P_OUT*SHIFT_W-1:0] s_next;
     always_comb begin
         b_next = b_stage;
-        b_next[c1_o*ACC_W +: ACC_W] = ACC_W'(r1_cd[63:0]);
+        b_next[rc_o*ACC_W +: ACC_W] = ACC_W'(r1_cd[63:0]);
         s_next = s_stage;
-        s_next[c1_o*SHIFT_W +: SHIFT_W] = sh_clamp(r1_cd[7:0]);
+        s_next[rc_o*SHIFT_W +: SHIFT_W] = sh_clamp(r1_cd[7:0]);
     end
 
     always_ff @(posedge clk) begin
-        if (c1_fire && c1_ph == WL_B) begin
-            b_stage <= c1_tile_end ? '0 : b_next;
-            if (c1_tile_end) bias_mem[c1_bm] <= b_next;
+        if (rc_fire[0] && rc_ph[0] == WL_B) begin
+            b_stage <= rc_tile_end ? '0 : b_next;
+            if (rc_tile_end) bias_mem[rc_bm] <= b_next;
         end
-        if (c1_fire && c1_ph == WL_S) begin
-            s_stage <= c1_tile_end ? '0 : s_next;
-            if (c1_tile_end) shift_mem[c1_bm] <= s_next;
+        if (rc_fire[0] && rc_ph[0] == WL_S) begin
+            s_stage <= rc_tile_end ? '0 : s_next;
+            if (rc_tile_end) shift_mem[rc_bm] <= s_next;
         end
         if (state == S_IDLE) begin
             b_stage <= '0;
@@ -632,115 +646,83 @@ module eng_gemm #(
         end
     end
 
+    logic bs_done;
+    assign bs_done = rc_fire[0] && rc_ph[0] == WL_S && r1_cl;
+
     always_ff @(posedge clk) begin
         if (!rst_n || state == S_IDLE) begin
             wl_busy <= 1'b0;
             wl_half <= 1'b0;
             wl_g0   <= '0;
-            i1_ph   <= WL_D;
-            i2_ph   <= WL_D;
-            c1_ph   <= WL_D;
-            c2_ph   <= WL_D;
-            i1_k    <= '0;
-            i2_k    <= '0;
-            i1_a    <= '0;
-            i2_a    <= '0;
-            c1_k    <= '0;
-            c2_k    <= '0;
-            c1_kc   <= '0;
-            c2_kc   <= '0;
-            c1_ki   <= '0;
-            c2_ki   <= '0;
-            c1_t    <= '0;
-            c2_t    <= '0;
-            c1_tb   <= '0;
-            c2_tb   <= '0;
-            c1_o    <= '0;
+            rc_o     <= '0;
+            for (int p = 0; p < NWP; p++) begin
+                i_ph[p] <= WL_D;
+                rc_ph[p] <= WL_D;
+                i_k[p]  <= '0;
+                i_a[p]  <= '0;
+                rc_k[p]  <= '0;
+                rc_t[p]  <= '0;
+                rc_tb[p] <= '0;
+            end
         end else begin
             if (wl_start) begin
                 wl_busy <= 1'b1;
-                i1_ph   <= WL_W;
-                i1_k    <= '0;
-                i1_a    <= wl_base;
-                c1_ph   <= WL_W;
-                c1_k    <= '0;
-                c1_kc   <= '0;
-                c1_ki   <= '0;
-                c1_t    <= '0;
-                c1_tb   <= '0;
-                c1_o    <= '0;
-                // port 2 takes rows 1, 3, ... when the rows are split and there is a second row
-                i2_ph   <= (wstep == 32'd2 && g_k > 32'd1) ? WL_W : WL_D;
-                c2_ph   <= (wstep == 32'd2 && g_k > 32'd1) ? WL_W : WL_D;
-                i2_k    <= 32'd1;
-                i2_a    <= wl_base + 64'(g_n) * 64'(wbytes);
-                c2_k    <= 32'd1;
-                c2_kc   <= '0;
-                c2_ki   <= 1;
-                c2_t    <= '0;
-                c2_tb   <= '0;
-            end
-            if (i1_sv && r1_sr) begin
-                case (i1_ph)
-                    WL_W: begin
-                        i1_k <= i1_k + wstep;
-                        i1_a <= i1_a + 64'(wstep) * 64'(g_n) * 64'(wbytes);
-                        if (wl_whole || i1_k + wstep >= g_k) i1_ph <= after_w;
+                rc_o     <= '0;
+                for (int p = 0; p < NWP; p++) begin
+                    i_k[p]  <= 32'(p);
+                    i_a[p]  <= wl_base + 64'(p) * 64'(g_n) * 64'(wbytes);
+                    rc_k[p]  <= 32'(p);
+                    rc_t[p]  <= '0;
+                    rc_tb[p] <= '0;
+                    // port 1 starts with the biases and shifts; a port without rows is done
+                    if (p == 0) begin
+                        i_ph[p] <= g_bias ? WL_B : WL_S;
+                        rc_ph[p] <= g_bias ? WL_B : WL_S;
+                    end else begin
+                        i_ph[p] <= (32'(p) < nw && 32'(p) < g_k) ? WL_W : WL_D;
+                        rc_ph[p] <= (32'(p) < nw && 32'(p) < g_k) ? WL_W : WL_D;
                     end
-                    WL_B:    i1_ph <= WL_S;
-                    default: i1_ph <= WL_D;
-                endcase
+                end
             end
-            if (i2_sv && r2_sr) begin
-                i2_k <= i2_k + 32'd2;
-                i2_a <= i2_a + 64'd2 * 64'(g_n) * 64'(wbytes);
-                if (i2_k + 32'd2 >= g_k) i2_ph <= WL_D;
-            end
-            if (c1_fire) begin
-                case (c1_ph)
-                    WL_W: begin
-                        if (wl_whole || r1_cl) begin
-                            // the row is complete: next row of this port
-                            c1_t  <= '0;
-                            c1_tb <= '0;
-                            c1_k  <= c1_k + wstep;
-                            if (32'(c1_ki) + wstep >= 32'(P_IN)) begin
-                                c1_ki <= ($clog2(P_IN+1))'(32'(c1_ki) + wstep - 32'(P_IN));
-                                c1_kc <= c1_kc + 1'b1;
-                            end else c1_ki <= ($clog2(P_IN+1))'(32'(c1_ki) + wstep);
-                            if (c1_k + wstep >= g_k) c1_ph <= after_w;
-                        end else begin
-                            c1_t  <= c1_t + 32'd1;
-                            c1_tb <= c1_tb + ks;
+            for (int p = 0; p < NWP; p++) begin
+                if (i_sv[p] && i_sr[p]) begin
+                    case (i_ph[p])
+                        WL_W: begin
+                            i_k[p] <= i_k[p] + nw;
+                            i_a[p] <= i_a[p] + 64'(nw) * 64'(g_n) * 64'(wbytes);
+                            if (wl_whole || i_k[p] + nw >= g_k) i_ph[p] <= WL_D;
                         end
-                    end
-                    default: begin      // biases, then shifts: P_OUT lanes per tile
-                        c1_o <= c1_o + 32'd1;
-                        if (c1_tile_end) begin
-                            c1_o <= '0;
-                            c1_t <= c1_t + 32'd1;
+                        WL_B:    i_ph[p] <= WL_S;
+                        default: i_ph[p] <= WL_W;
+                    endcase
+                end
+                if (rc_fire[p]) begin
+                    case (rc_ph[p])
+                        WL_W: begin
+                            if (wl_whole || rc_cl[p]) begin
+                                // the row is complete: this port's next row
+                                rc_t[p]  <= '0;
+                                rc_tb[p] <= '0;
+                                rc_k[p]  <= rc_k[p] + nw;
+                                if (rc_k[p] + nw >= g_k) rc_ph[p] <= WL_D;
+                            end else begin
+                                rc_t[p]  <= rc_t[p] + 32'd1;
+                                rc_tb[p] <= rc_tb[p] + ks;
+                            end
                         end
-                        if (r1_cl) begin
-                            c1_o  <= '0;
-                            c1_t  <= '0;
-                            c1_ph <= c1_ph == WL_B ? WL_S : WL_D;
+                        default: begin      // port 1: biases, then shifts, P_OUT lanes per tile
+                            rc_o <= rc_o + 32'd1;
+                            if (rc_tile_end) begin
+                                rc_o     <= '0;
+                                rc_t[p]  <= rc_t[p] + 32'd1;
+                            end
+                            if (rc_cl[p]) begin
+                                rc_o     <= '0;
+                                rc_t[p]  <= '0;
+                                rc_ph[p] <= rc_ph[p] == WL_B ? WL_S : WL_W;
+                            end
                         end
-                    end
-                endcase
-            end
-            if (c2_fire) begin
-                if (r2_cl) begin
-                    c2_t  <= '0;
-                    c2_tb <= '0;
-                    c2_k  <= c2_k + 32'd2;
-                    if (32'(c2_ki) + 32'd2 >= 32'(P_IN)) begin
-                        c2_ki <= ($clog2(P_IN+1))'(32'(c2_ki) + 32'd2 - 32'(P_IN));
-                        c2_kc <= c2_kc + 1'b1;
-                    end else c2_ki <= ($clog2(P_IN+1))'(32'(c2_ki) + 32'd2);
-                    if (c2_k + 32'd2 >= g_k) c2_ph <= WL_D;
-                end else begin
-                    c2_t  <= c2_t + 32'd1;
-                    c2_tb <= c2_tb + ks;
+                    endcase
                 end
             end
             if (ld_done) begin
@@ -757,34 +739,42 @@ module eng_gemm #(
     logic                      tq_load;
     logic [31:0]               pu_tb;
     logic [KAW-1:0]            pu_kc;
-    logic [WKW-1:0]            c1_wa, c2_wa, pu_wa;
-    assign c1_wa = WKW'(32'(wl_half) * 32'(KS_MAX) + c1_tb + 32'(c1_kc));
-    assign c2_wa = WKW'(32'(wl_half) * 32'(KS_MAX) + c2_tb + 32'(c2_kc));
+    logic [WKW-1:0]            pu_wa;
     assign pu_wa = WKW'(32'(pu_half) * 32'(KS_MAX) + pu_tb + 32'(pu_kc));
     genvar gi;
     generate
         for (gi = 0; gi < P_IN; gi++) begin : g_wbank
             logic [P_OUT*W_W-1:0] mem [0:2*KS_MAX-1];
             always_ff @(posedge clk) begin
-                if (c1_fire && c1_ph == WL_W && 32'(c1_ki) == gi) mem[c1_wa] <= c1_row;
-                else if (c2_fire && 32'(c2_ki) == gi) mem[c2_wa] <= c2_row;
+                for (int p = 0; p < NWP; p++)
+                    if (rc_fire[p] && rc_ph[p] == WL_W && 32'(rc_bank[p]) == gi) mem[rc_wa[p]] <= rc_row[p];
                 if (tq_load) tq_w[gi*P_OUT*W_W +: P_OUT*W_W] <= mem[pu_wa];
             end
         end
     endgenerate
 
     // ================================================================ gemm: tile pusher
-    // For each tile of a loaded group, each block of SLOTS rows and each K chunk: one tile.
-    logic                     pu_act, tq_v;
-    logic [31:0]              pu_r0, pu_t, pu_o0;
+    // For each tile of a group, each block of SLOTS rows and each K chunk: one tile, once the
+    // group's biases and shifts and the chunk's rows are in.
+    logic                     pu_act, tq_v, pu_rows;
+    logic [31:0]              pu_r0, pu_t, pu_o0, pu_end;
     logic [P_OUT*ACC_W-1:0]   tq_bias;
     logic [P_OUT*SHIFT_W-1:0] tq_shift;
     logic                     w_fire;
     logic [BMW-1:0]           pu_bm;
 
     assign w_fire  = cu_w_valid && cu_w_ready;
-    assign tq_load = run_g && pu_act && (!tq_v || w_fire);
     assign pu_bm   = BMW'(32'(pu_half) * 32'(GT) + pu_t);
+    assign pu_end  = min32(g_k, (32'(pu_kc) + 32'd1) * 32'(P_IN));
+    always_comb begin
+        pu_rows = wt_full[pu_half];
+        if (wl_busy && wl_half == pu_half) begin
+            pu_rows = 1'b1;
+            for (int p = 0; p < NWP; p++)
+                if (rc_ph[p] != WL_D && !(rc_ph[p] == WL_W && rc_k[p] >= pu_end)) pu_rows = 1'b0;
+        end
+    end
+    assign tq_load = run_g && pu_act && pu_rows && (!tq_v || w_fire);
 
     always_ff @(posedge clk) begin
         if (!rst_n || state == S_IDLE) begin
@@ -797,9 +787,11 @@ module eng_gemm #(
             pu_o0   <= '0;
             pu_half <= 1'b0;
             wt_full <= '0;
+            wt_bs   <= '0;
         end else begin
             if (ld_done) wt_full[wl_half] <= 1'b1;
-            if (run_g && wt_full[pu_half] && !pu_act) begin
+            if (bs_done) wt_bs[wl_half] <= 1'b1;
+            if (run_g && wt_bs[pu_half] && !pu_act) begin
                 pu_act <= 1'b1;
                 pu_kc  <= '0;
                 pu_r0  <= '0;
@@ -821,6 +813,7 @@ module eng_gemm #(
                             pu_act  <= 1'b0;
                             pu_half <= !pu_half;
                             wt_full[pu_half] <= 1'b0;
+                            wt_bs[pu_half]   <= 1'b0;
                         end else begin
                             pu_t  <= pu_t + 32'd1;
                             pu_tb <= pu_tb + ks;
@@ -1279,7 +1272,6 @@ module eng_gemm #(
     assign add_b      = res_on ? r3_cd[P_OUT*16-1:0] : '0;
     assign add_in_v   = (run_g || run_c) && cu_o_valid && (!res_on || r3_cv);
     assign cu_o_ready = (run_g || run_c) && add_in_r && (!res_on || r3_cv);
-    assign r3_cr      = res_on && add_in_r && cu_o_valid;
 
     add_unit #(.P(P_OUT), .EW(16)) u_res (
         .clk, .rst_n, .a_shift(a_sh), .b_shift(b_sh), .fmt_bits(z_fmt[5:0]), .fmt_signed(z_fmt[16]),
@@ -1335,17 +1327,17 @@ module eng_gemm #(
         r1_cr = state == S_CIDX || state == S_CSH;
         r2_sv = 1'b0;
         r2_cr = 1'b0;
-        r2_sa = ADDR_W'(i2_a);
+        r2_sa = ADDR_W'(i_a[1]);
         r2_sb = wl_gw * wbytes;
         r2_sc = CW1'(P_OUT * wbytes);
         if (run_g) begin
-            r1_sv = i1_sv;
-            r2_sv = i2_sv;
-            r1_cr = wl_busy && c1_ph != WL_D;
-            r2_cr = wl_busy && c2_ph != WL_D;
-            case (i1_ph)
+            r1_sv = i_sv[0];
+            r2_sv = i_sv[1];
+            r1_cr = rc_cr[0];
+            r2_cr = rc_cr[1];
+            case (i_ph[0])
                 WL_W: begin
-                    r1_sa = ADDR_W'(i1_a);
+                    r1_sa = ADDR_W'(i_a[0]);
                     r1_sb = wl_whole ? g_k * g_n * wbytes : wl_gw * wbytes;
                     r1_sc = CW1'((wl_whole ? g_n : 32'(P_OUT)) * wbytes);
                 end
@@ -1373,11 +1365,19 @@ module eng_gemm #(
                 r1_sc = CW1'(2 * P_OUT);
             end
         end
-        // port 3: residual rows
+        // port 3: residual rows; without residual, the gemm's third share of weight rows
         r3_sv = rs_sv;
         r3_sa = ADDR_W'(rs_addr);
         r3_sb = is_gemm ? rs_nc << 1 : c_d << 1;
         r3_sc = is_gemm ? CW3'(rs_nc << 1) : CW3'(2 * P_OUT);
+        r3_cr = res_on && add_in_r && cu_o_valid;
+        if (run_g && !g_res) begin
+            r3_sv = i_sv[2];
+            r3_sa = ADDR_W'(i_a[2]);
+            r3_sb = wl_gw * wbytes;
+            r3_sc = CW3'(P_OUT * wbytes);
+            r3_cr = rc_cr[2];
+        end
     end
 
     logic unused_sig;
