@@ -93,8 +93,8 @@ def _gemm(name: str, rows: int, k: int, n: int, *, w16=False, bias=False, gelu=F
     if xmode != "direct" or ymode != "direct":
         table, lengths, _ = _queue(rng, TOKENS, EXPERTS, TOP_K)
         q_ref = wgt.put(table)
-        # the busiest expert: a realistic queue, the one that bounds the layer
-        expert = int(np.argmax(lengths))
+        # a typical expert: the queue closest to the mean T·k / E
+        expert = int(np.argmin(np.abs(np.array(lengths) - TOKENS * TOP_K / EXPERTS)))
         fields.update(queue_ref=q_ref, expert=expert, queue_shape=EXPERTS | (TOKENS * TOP_K) << 16, rows=TOKENS)
         x_rows = {"direct": TOKENS, "gather": TOKENS, "queue": TOKENS * TOP_K}[xmode]
         y_rows = {"direct": TOKENS, "queue": TOKENS * TOP_K, "scatter": TOKENS * TOP_K}[ymode]
