@@ -140,7 +140,7 @@ module eng_gemm #(
     localparam int TAW     = $clog2(MAX_T);
     localparam int SBD     = SLOTS * MAX_K;
     localparam int OT_MAX  = (`M3V_MAX_DIM + P_OUT - 1) / P_OUT;
-    localparam int SAW     = $clog2(SBD);
+    localparam int SAW     = $clog2(2 * SBD);
     localparam int EAW     = $clog2(MAX_E);
     // x rows, weight rows and combine rows are long contiguous segments: bursts up to 64 beats
     // (the 4 KB rule still cuts them) keep a port streaming with the DDR's outstanding-read limit
@@ -962,26 +962,30 @@ module eng_gemm #(
     end
 
     // ================================================================ combine: block loads
-    // One block of up to SLOTS tokens at a time. Port 1 reads its scores, then its indices (into
+    // Blocks of up to SLOTS tokens, two buffers: the next block loads while this one computes.
+    // Port 1 reads a block's scores, then its indices (into
     // sbuf / ibuf, entry tt·k + j), then the block's odd expert-output rows; port 0 reads the even
     // rows. The rows t·k + j of a block are one contiguous region: one segment per row (all D
     // elements, long bursts), cut into P_OUT-element chunks, into ybuf0 / ybuf1 by row parity
-    // (row / 2 · OT_MAX + chunk), so both ports write at once. The block is released when its
-    // tiles and beats have all gone out.
+    // (row / 2 · OT_MAX + chunk), so both ports write at once. A buffer is released when its
+    // block's tiles and beats have all gone out.
     localparam int YBH = ((SBD + 1) / 2) * OT_MAX;
-    localparam int YHW = $clog2(YBH);
-    logic              sb_full, sl_busy, c_blk_done, c_all_done, sl_sv, y0_sv, y_done;
+    localparam int YHW = $clog2(2 * YBH);
+    logic [1:0]        sb_full;
+    logic              sl_busy, c_blk_done, c_all_done, sl_sv, y0_sv, y_done, lb, cbb;
     logic [1:0]        sl_iss, sl_rph;
-    logic [31:0]       ct0, c_nb, c_nbk, sl_i, yl0_i, yl1_i, yr0_i, yr1_i, yr0_oc, yr1_oc;
-    logic [15:0]       sbuf [0:SBD-1];
-    logic [15:0]       ibuf [0:SBD-1];
-    logic [P_OUT*16-1:0] ybuf0 [0:YBH-1];
-    logic [P_OUT*16-1:0] ybuf1 [0:YBH-1];
+    logic [31:0]       ct0, lt0, c_nb, l_nb, c_nbk, sl_i, yl0_i, yl1_i, yr0_i, yr1_i, yr0_oc, yr1_oc;
+    logic [15:0]       sbuf [0:2*SBD-1];
+    logic [15:0]       ibuf [0:2*SBD-1];
+    logic [P_OUT*16-1:0] ybuf0 [0:2*YBH-1];
+    logic [P_OUT*16-1:0] ybuf1 [0:2*YBH-1];
     logic              c_load;
 
+    // c_*: the block being computed (buffer cbb, tokens from ct0); l_*: the block loading (lb, lt0)
     assign c_nb   = min32(32'(SLOTS), c_t - ct0);
-    assign c_nbk  = c_nb * c_k;
-    assign c_load = run_c && !sb_full && !sl_busy && !c_all_done;
+    assign l_nb   = min32(32'(SLOTS), c_t - lt0);
+    assign c_nbk  = l_nb * c_k;
+    assign c_load = run_c && !sb_full[lb] && !sl_busy && lt0 < c_t;
     assign sl_sv  = run_c && sl_busy && (sl_iss < 2'd2 || (sl_iss == 2'd2 && yl1_i < c_nbk));
     assign y0_sv  = run_c && sl_busy && yl0_i < c_nbk;
     assign c_all_done = ct0 >= c_t;
@@ -989,16 +993,20 @@ module eng_gemm #(
 
     always_ff @(posedge clk) begin
         if (run_c && sl_busy && r1_cfire) begin
-            if (sl_rph == 2'd0) sbuf[SAW'(sl_i)] <= pre1_v;
-            if (sl_rph == 2'd1) ibuf[SAW'(sl_i)] <= pre1_v;
-            if (sl_rph == 2'd2) ybuf1[YHW'((yr1_i >> 1) * 32'(OT_MAX) + yr1_oc)] <= r1_cd[P_OUT*16-1:0];
+            if (sl_rph == 2'd0) sbuf[SAW'(32'(lb) * 32'(SBD) + sl_i)] <= pre1_v;
+            if (sl_rph == 2'd1) ibuf[SAW'(32'(lb) * 32'(SBD) + sl_i)] <= pre1_v;
+            if (sl_rph == 2'd2)
+                ybuf1[YHW'(32'(lb) * 32'(YBH) + (yr1_i >> 1) * 32'(OT_MAX) + yr1_oc)] <= r1_cd[P_OUT*16-1:0];
         end
-        if (run_c && sl_busy && r0_cfire) ybuf0[YHW'((yr0_i >> 1) * 32'(OT_MAX) + yr0_oc)] <= r0_cd[P_OUT*16-1:0];
+        if (run_c && sl_busy && r0_cfire)
+            ybuf0[YHW'(32'(lb) * 32'(YBH) + (yr0_i >> 1) * 32'(OT_MAX) + yr0_oc)] <= r0_cd[P_OUT*16-1:0];
     end
 
     always_ff @(posedge clk) begin
         if (!rst_n || state == S_IDLE) begin
             sl_busy <= 1'b0;
+            lb      <= 1'b0;
+            lt0     <= '0;
             sl_iss  <= '0;
             sl_rph  <= '0;
             sl_i    <= '0;
@@ -1050,7 +1058,11 @@ module eng_gemm #(
                     yr0_i  <= yr0_i + 32'd2;
                 end else yr0_oc <= yr0_oc + 32'd1;
             end
-            if (run_c && sl_busy && y_done) sl_busy <= 1'b0;
+            if (run_c && sl_busy && y_done) begin
+                sl_busy <= 1'b0;
+                lb      <= !lb;
+                lt0     <= lt0 + 32'(SLOTS);
+            end
         end
     end
 
@@ -1067,7 +1079,8 @@ module eng_gemm #(
 
     always_ff @(posedge clk) begin
         if (!rst_n || state == S_IDLE) begin
-            sb_full <= 1'b0;
+            sb_full <= '0;
+            cbb     <= 1'b0;
             ct0     <= '0;
             cp_o0   <= '0;
             cp_j    <= '0;
@@ -1079,7 +1092,7 @@ module eng_gemm #(
             cp_done <= 1'b0;
             cb_done <= 1'b0;
         end else begin
-            if (run_c && sl_busy && y_done) sb_full <= 1'b1;
+            if (run_c && sl_busy && y_done) sb_full[lb] <= 1'b1;
             if (cp_fire) begin
                 if (cp_j + 32'd1 == c_k) begin
                     cp_j <= '0;
@@ -1111,7 +1124,8 @@ module eng_gemm #(
             if (run_c && c_blk_done) begin
                 cp_done <= 1'b0;
                 cb_done <= 1'b0;
-                sb_full <= 1'b0;
+                sb_full[cbb] <= 1'b0;
+                cbb     <= !cbb;
                 ct0     <= ct0 + 32'(SLOTS);
             end
         end
@@ -1120,13 +1134,15 @@ module eng_gemm #(
     // ================================================================ compute-unit streams
     logic [SAW-1:0] cp_i, cb_i;
     logic [15:0]    cp_e;
-    assign cp_i = SAW'(cp_t * c_k + cp_j);
-    assign cb_i = SAW'(cb_t * c_k + cb_j);
+    assign cp_i = SAW'(32'(cbb) * 32'(SBD) + cp_t * c_k + cp_j);
+    assign cb_i = SAW'(32'(cbb) * 32'(SBD) + cb_t * c_k + cb_j);
     assign cp_e = ibuf[cp_i];
     logic [P_OUT*16-1:0] cb_y;
     logic [YHW-1:0]      cb_ya;
-    assign cb_ya = YHW'(32'(cb_i >> 1) * 32'(OT_MAX) + cb_oc);
-    assign cb_y  = cb_i[0] ? ybuf1[cb_ya] : ybuf0[cb_ya];
+    logic [31:0]         cb_r;       // the expert-output row in the block
+    assign cb_r  = cb_t * c_k + cb_j;
+    assign cb_ya = YHW'(32'(cbb) * 32'(YBH) + (cb_r >> 1) * 32'(OT_MAX) + cb_oc);
+    assign cb_y  = cb_r[0] ? ybuf1[cb_ya] : ybuf0[cb_ya];
 
     always_comb begin
         cu_w_valid         = 1'b0;
@@ -1155,14 +1171,14 @@ module eng_gemm #(
             cu_x_valid = bq_v;
         end
         if (run_c) begin
-            cu_w_valid      = sb_full && !cp_done;
+            cu_w_valid      = sb_full[cbb] && !cp_done;
             cu_w_bias       = '0;
             cu_w_shift      = '0;
             cu_w_out_bits   = OB_W'(c_fmt[5:0]);
             cu_w_comb_shift = CSH_W'(cshift[EAW'(cp_e)]);
             cu_w_combine    = 1'b1;
             cu_w_gelu       = 1'b0;
-            cu_x_valid = sb_full && !cb_done;
+            cu_x_valid = sb_full[cbb] && !cb_done;
             cu_x_wnext = 1'b1;
             for (int o = 0; o < P_OUT; o++) cu_x_eout[o*ACT_W +: ACT_W] = ACT_W'(signed'(cb_y[o*16 +: 16]));
             cu_x_score = SCORE_W'(sbuf[cb_i]);
@@ -1314,7 +1330,7 @@ module eng_gemm #(
         end
         if (run_c) begin
             r0_sv = y0_sv;
-            r0_sa = ADDR_W'(addr_of(c_y) + ((64'(ct0) * 64'(c_k) + 64'(yl0_i)) * 64'(c_d) << 1));
+            r0_sa = ADDR_W'(addr_of(c_y) + ((64'(lt0) * 64'(c_k) + 64'(yl0_i)) * 64'(c_d) << 1));
             r0_sb = c_d << 1;
             r0_sc = CW0'(2 * P_OUT);
             r0_cr = sl_busy;
@@ -1355,12 +1371,12 @@ module eng_gemm #(
         end
         if (run_c) begin
             r1_sv = sl_sv;
-            r1_sa = ADDR_W'((sl_iss[0] ? addr_of(c_ix) : addr_of(c_sc)) + (64'(ct0) * 64'(c_k) << 1));
+            r1_sa = ADDR_W'((sl_iss[0] ? addr_of(c_ix) : addr_of(c_sc)) + (64'(lt0) * 64'(c_k) << 1));
             r1_sb = c_nbk << 1;
             r1_sc = CW1'(2);
             r1_cr = sl_busy;
             if (sl_iss == 2'd2) begin
-                r1_sa = ADDR_W'(addr_of(c_y) + ((64'(ct0) * 64'(c_k) + 64'(yl1_i)) * 64'(c_d) << 1));
+                r1_sa = ADDR_W'(addr_of(c_y) + ((64'(lt0) * 64'(c_k) + 64'(yl1_i)) * 64'(c_d) << 1));
                 r1_sb = c_d << 1;
                 r1_sc = CW1'(2 * P_OUT);
             end
