@@ -245,7 +245,7 @@ module eng_gemm #(
 
     // ================================================================ control
     typedef enum logic [4:0] {
-        S_IDLE, S_G0, S_QOFF, S_G1, S_LSRC, S_LDST, S_G2, S_GRUN,
+        S_IDLE, S_G0, S_QOFF, S_G1, S_LSRC, S_LDST, S_G2, S_GRUN, S_GDRAIN,
         S_C0, S_CIDX, S_CSH0, S_CSH, S_C1, S_CRUN, S_DONE
     } state_t;
     state_t state;
@@ -446,10 +446,10 @@ module eng_gemm #(
                     if (hi <= lo) begin
                         st_code <= (xm == 2'd0 && !fits(g_x, prod2(g_rows, g_xld))) ? `M3V_ISA_STATUS_OVER_LIMIT
                                                                                    : `M3V_ISA_STATUS_OK;
-                        state <= S_DONE;
+                        state <= S_GDRAIN;
                     end else if (hi > entries || hi - lo > g_rows || hi - lo > 32'(MAX_T)) begin
                         st_code <= `M3V_ISA_STATUS_OVER_LIMIT;
-                        state   <= S_DONE;
+                        state   <= S_GDRAIN;
                     end else if (xm == 2'd1) state <= S_LSRC;
                     else if (ym == 2'd2) state <= S_LDST;
                     else state <= S_G2;
@@ -471,9 +471,11 @@ module eng_gemm #(
                 S_G2: begin
                     if (!g_hw_ok || !g_fits) begin
                         st_code <= `M3V_ISA_STATUS_OVER_LIMIT;
-                        state   <= S_DONE;
+                        state   <= S_GDRAIN;
                     end else state <= S_GRUN;
                 end
+                // a refused or empty gemm: the weights read ahead during the pre-pass come in first
+                S_GDRAIN: if (!wl_busy) state <= S_DONE;
                 S_GRUN: if (fin_g) begin
                     st_code <= `M3V_ISA_STATUS_OK;
                     state   <= S_DONE;
@@ -542,15 +544,27 @@ module eng_gemm #(
     localparam int  NWP   = 3;                          // weight receivers: ports 1, 2, 3
     localparam logic [1:0] WL_W = 2'd0, WL_B = 2'd1, WL_S = 2'd2, WL_D = 2'd3;
 
-    logic [31:0]              ks, nw;
+    logic [31:0]              ks, nw, gcols;
     logic [GTW-1:0]           gsz;                      // tiles per group of this instruction
     logic                     wl_whole;
     assign ks       = (g_k + 32'(P_IN - 1)) / 32'(P_IN);
     assign wl_whole = g_n <= 32'(P_OUT);
     assign nw       = wl_whole ? 32'd1 : (g_res ? 32'd2 : 32'd3);
+    assign gcols    = 32'(gsz) * 32'(P_OUT);
 
     always_ff @(posedge clk)
-        if (state == S_G2) gsz <= GTW'(min32(32'(GT), 32'(KS_MAX) / (ks == 0 ? 32'd1 : ks)));
+        if (state == S_G0) gsz <= GTW'(min32(32'(GT), 32'(KS_MAX) / (ks == 0 ? 32'd1 : ks)));
+
+    // The weights do not depend on the queue: when the instruction's weight operands pass their
+    // checks, the loader starts during the queue pre-pass (S_QOFF .. S_G2). A refusal found
+    // after that waits in S_GDRAIN for the loader's group to come in.
+    logic wl_early, wl_en;
+    always_ff @(posedge clk)
+        if (state == S_G0)
+            wl_early <= g_hw_ok && fits(g_w, {2'b00, 64'(g_k) * 64'(g_n) * 64'(wbytes)}) &&
+                        (!g_bias || fits(g_b, {34'd0, g_n} << 3)) && fits(g_s, {34'd0, g_n});
+    assign wl_en = run_g || (wl_early && (state == S_QOFF || state == S_G1 || state == S_LSRC ||
+                                          state == S_LDST || state == S_G2 || state == S_GDRAIN));
 
     logic                     wl_busy, wl_half, pu_half, ld_done;
     logic [1:0]               wt_full, wt_bs;
@@ -560,7 +574,7 @@ module eng_gemm #(
     assign wl_base = addr_of(g_w) + 64'(wl_g0) * 64'(wbytes);
 
     logic wl_start;
-    assign wl_start = run_g && !wl_busy && !wt_full[wl_half] && !wt_bs[wl_half] && wl_g0 < g_n;
+    assign wl_start = wl_en && state != S_GDRAIN && !wl_busy && !wt_full[wl_half] && !wt_bs[wl_half] && wl_g0 < g_n;
 
     // ---- per weight port p (port p + 1): issuer and receiver of rows k = p, p + nw, ...
     logic [1:0]           i_ph [0:NWP-1];
@@ -591,8 +605,8 @@ module eng_gemm #(
 
     always_comb begin
         for (int p = 0; p < NWP; p++) begin
-            i_sv[p]   = run_g && wl_busy && i_ph[p] != WL_D;
-            rc_want[p] = run_g && wl_busy && rc_ph[p] == WL_W && rc_cv[p];
+            i_sv[p]   = wl_en && wl_busy && i_ph[p] != WL_D;
+            rc_want[p] = wl_en && wl_busy && rc_ph[p] == WL_W && rc_cv[p];
             rc_bank[p] = ($clog2(P_IN)+1)'(rc_k[p] % 32'(P_IN));
             rc_wa[p]   = WKW'(32'(wl_half) * 32'(KS_MAX) + rc_tb[p] + rc_k[p] / 32'(P_IN));
             for (int o = 0; o < P_OUT; o++)
@@ -603,11 +617,11 @@ module eng_gemm #(
             rc_grant[p] = 1'b1;
             for (int q = 0; q < p; q++)
                 if (rc_want[q] && rc_bank[q] == rc_bank[p]) rc_grant[p] = 1'b0;
-            rc_cr[p]   = run_g && wl_busy && rc_ph[p] != WL_D && (rc_ph[p] != WL_W || rc_grant[p]);
+            rc_cr[p]   = wl_en && wl_busy && rc_ph[p] != WL_D && (rc_ph[p] != WL_W || rc_grant[p]);
             rc_fire[p] = rc_cv[p] && rc_cr[p];
         end
     end
-    assign ld_done = run_g && wl_busy && rc_ph[0] == WL_D && rc_ph[1] == WL_D && rc_ph[2] == WL_D;
+    assign ld_done = wl_en && wl_busy && rc_ph[0] == WL_D && rc_ph[1] == WL_D && rc_ph[2] == WL_D;
 
     function automatic logic [SHIFT_W-1:0] sh_clamp(input logic [7:0] v);
         logic signed [8:0] s;
@@ -728,7 +742,7 @@ module eng_gemm #(
             if (ld_done) begin
                 wl_busy <= 1'b0;
                 wl_half <= !wl_half;
-                wl_g0   <= wl_g0 + 32'(gsz) * 32'(P_OUT);
+                wl_g0   <= wl_g0 + gcols;
             end
         end
     end
@@ -757,7 +771,7 @@ module eng_gemm #(
     // For each tile of a group, each block of SLOTS rows and each K chunk: one tile, once the
     // group's biases and shifts and the chunk's rows are in.
     logic                     pu_act, tq_v, pu_rows;
-    logic [31:0]              pu_r0, pu_t, pu_o0, pu_end;
+    logic [31:0]              pu_r0, pu_t, pu_o0, pu_g0, pu_end;
     logic [P_OUT*ACC_W-1:0]   tq_bias;
     logic [P_OUT*SHIFT_W-1:0] tq_shift;
     logic                     w_fire;
@@ -785,6 +799,7 @@ module eng_gemm #(
             pu_t    <= '0;
             pu_tb   <= '0;
             pu_o0   <= '0;
+            pu_g0   <= '0;
             pu_half <= 1'b0;
             wt_full <= '0;
             wt_bs   <= '0;
@@ -804,20 +819,26 @@ module eng_gemm #(
                 tq_shift <= shift_mem[pu_bm];
                 if (32'(pu_kc) + 32'd1 == ks) begin
                     pu_kc <= '0;
-                    pu_r0 <= pu_r0 + 32'(SLOTS);
-                    if (pu_r0 + 32'(SLOTS) >= rows_e) begin
-                        // the tile is done: the group's next tile, or release the half
-                        pu_r0 <= '0;
-                        pu_o0 <= pu_o0 + 32'(P_OUT);
-                        if (pu_t + 32'd1 == 32'(gsz) || pu_o0 + 32'(P_OUT) >= g_n) begin
+                    if (pu_t + 32'd1 == 32'(gsz) || pu_o0 + 32'(P_OUT) >= g_n) begin
+                        // the block has had every tile of the group: the next block, or the
+                        // group is done and its half is released
+                        pu_t  <= '0;
+                        pu_tb <= '0;
+                        pu_o0 <= pu_g0;
+                        pu_r0 <= pu_r0 + 32'(SLOTS);
+                        if (pu_r0 + 32'(SLOTS) >= rows_e) begin
+                            pu_r0   <= '0;
+                            pu_g0   <= pu_g0 + gcols;
+                            pu_o0   <= pu_g0 + gcols;
                             pu_act  <= 1'b0;
                             pu_half <= !pu_half;
                             wt_full[pu_half] <= 1'b0;
                             wt_bs[pu_half]   <= 1'b0;
-                        end else begin
-                            pu_t  <= pu_t + 32'd1;
-                            pu_tb <= pu_tb + ks;
                         end
+                    end else begin
+                        pu_t  <= pu_t + 32'd1;
+                        pu_tb <= pu_tb + ks;
+                        pu_o0 <= pu_o0 + 32'(P_OUT);
                     end
                 end else pu_kc <= pu_kc + 1'b1;
             end else if (w_fire) tq_v <= 1'b0;
@@ -827,7 +848,7 @@ module eng_gemm #(
     // ================================================================ gemm: x loader (port 0)
     // Resident (the instruction's rows x K chunks fit XRES entries): every row is read once, row r
     // at r * ks; the beats of a row may go as soon as the row is in. Otherwise the rows are read
-    // again for every output tile, a block of SLOTS rows at a time into one of two banks.
+    // again for every weight group, a block of SLOTS rows at a time into one of two banks.
     logic        x_res;
     logic [1:0]  xb_own, xb_rdy;
     logic        xi_bank, xr_bank, bi_bank;
@@ -884,7 +905,7 @@ module eng_gemm #(
                     if (xi_r0 + 32'(SLOTS) >= rows_e) begin
                         xi_r0 <= '0;
                         // resident rows are read once
-                        xi_o0 <= x_res ? g_n : xi_o0 + 32'(P_OUT);
+                        xi_o0 <= x_res ? g_n : xi_o0 + gcols;
                     end else xi_r0 <= xi_r0 + 32'(SLOTS);
                 end else xi_r <= xi_r + 32'd1;
             end
@@ -912,20 +933,24 @@ module eng_gemm #(
     end
 
     // ================================================================ gemm: beat issuer
-    logic [31:0]        bi_o0, bi_r0, bi_r, bi_nb;
+    // Per weight group, per block of SLOTS rows, per tile of the group, per K chunk: one beat per
+    // row of the block (slot = row in the block). A block serves every tile of the group before
+    // the next block, so the first pass over x feeds the whole group.
+    logic [31:0]        bi_g0, bi_o0, bi_t, bi_r0, bi_r, bi_nb;
     logic [KAW-1:0]     bi_kc;
-    logic               bq_v, bq_first, bq_last, bq_wnext, bi_load, x_fire, bi_rdy;
+    logic               bq_v, bq_first, bq_last, bq_wnext, bi_load, x_fire, bi_rdy, bi_tlast;
     logic [SLOT_W-1:0]  bq_slot;
     logic [P_IN*16-1:0] bq_act;
     logic [XAW-1:0]     bi_ra;
 
-    assign bi_nb   = min32(32'(SLOTS), rows_e - bi_r0);
-    assign x_fire  = cu_x_valid && cu_x_ready;
-    assign bi_rdy  = x_res ? xr_rows > bi_r0 + bi_r : xb_rdy[bi_bank];
-    assign bi_load = run_g && bi_o0 < g_n && bi_rdy && (!bq_v || x_fire);
-    assign bi_release = bi_load && bi_r + 32'd1 == bi_nb && 32'(bi_kc) + 32'd1 == ks && !x_res;
-    assign bi_ra   = x_res ? XAW'((bi_r0 + bi_r) * ks + 32'(bi_kc))
-                           : XAW'((32'(bi_bank) * 32'(SLOTS) + bi_r) * 32'(KS_MAX) + 32'(bi_kc));
+    assign bi_nb    = min32(32'(SLOTS), rows_e - bi_r0);
+    assign x_fire   = cu_x_valid && cu_x_ready;
+    assign bi_tlast = bi_t + 32'd1 == 32'(gsz) || bi_o0 + 32'(P_OUT) >= g_n;
+    assign bi_rdy   = x_res ? xr_rows > bi_r0 + bi_r : xb_rdy[bi_bank];
+    assign bi_load  = run_g && bi_g0 < g_n && bi_rdy && (!bq_v || x_fire);
+    assign bi_release = bi_load && bi_r + 32'd1 == bi_nb && 32'(bi_kc) + 32'd1 == ks && bi_tlast && !x_res;
+    assign bi_ra    = x_res ? XAW'((bi_r0 + bi_r) * ks + 32'(bi_kc))
+                            : XAW'((32'(bi_bank) * 32'(SLOTS) + bi_r) * 32'(KS_MAX) + 32'(bi_kc));
 
     always_ff @(posedge clk) begin
         if (bi_load) bq_act <= xbuf[bi_ra];
@@ -935,7 +960,9 @@ module eng_gemm #(
         if (!rst_n || state == S_IDLE) begin
             bq_v    <= 1'b0;
             bi_bank <= 1'b0;
+            bi_g0   <= '0;
             bi_o0   <= '0;
+            bi_t    <= '0;
             bi_r0   <= '0;
             bi_r    <= '0;
             bi_kc   <= '0;
@@ -949,12 +976,20 @@ module eng_gemm #(
                 if (bi_r + 32'd1 == bi_nb) begin
                     bi_r <= '0;
                     if (32'(bi_kc) + 32'd1 == ks) begin
-                        bi_kc   <= '0;
-                        bi_bank <= !bi_bank;
-                        if (bi_r0 + 32'(SLOTS) >= rows_e) begin
-                            bi_r0 <= '0;
+                        bi_kc <= '0;
+                        if (bi_tlast) begin
+                            bi_t    <= '0;
+                            bi_o0   <= bi_g0;
+                            bi_bank <= !bi_bank;
+                            if (bi_r0 + 32'(SLOTS) >= rows_e) begin
+                                bi_r0 <= '0;
+                                bi_g0 <= bi_g0 + gcols;
+                                bi_o0 <= bi_g0 + gcols;
+                            end else bi_r0 <= bi_r0 + 32'(SLOTS);
+                        end else begin
+                            bi_t  <= bi_t + 32'd1;
                             bi_o0 <= bi_o0 + 32'(P_OUT);
-                        end else bi_r0 <= bi_r0 + 32'(SLOTS);
+                        end
                     end else bi_kc <= bi_kc + 1'b1;
                 end else bi_r <= bi_r + 32'd1;
             end else if (x_fire) bq_v <= 1'b0;
@@ -1190,27 +1225,30 @@ module eng_gemm #(
     assign active = cu_x_valid && cu_x_ready;
 
     // ================================================================ outputs: residual, writes
-    // Output order: gemm (o0, row), combine (token block, o0, token). The residual reader (port 3)
-    // runs ahead in the same order.
-    logic [31:0] os_o0, os_r, os_nb, os_nc, os_row, os_rows, os_t0;
-    logic [31:0] rs_o0, rs_r, rs_nb, rs_nc, rs_row, rs_t0;
-    logic        os_all, rs_all, rs_sv, os_fire;
+    // Output order: gemm (weight group, block of SLOTS rows, tile of the group, row of the block),
+    // combine (row, tile). gemm residual: port 3 reads, per row of a block, the group's columns
+    // (one segment, one chunk per tile) into one of two block buffers (rbuf: row, tile); the add
+    // takes them in output order once the block is in. combine residual: one segment per row, its
+    // chunks the row's tiles, straight to the add.
+    logic [31:0] os_g0, os_o0, os_t, os_r0, os_r, os_nb, os_nc, os_row, os_t0;
+    logic        os_all, os_tlast, os_fire;
+    logic [31:0] rs_g0, rs_r0, rs_r, rs_nb, rs_row, rs_t0, rs_nw;
+    logic        rs_all, rs_sv;
     logic [63:0] os_addr, rs_addr;
     logic        res_on;
     logic [31:0] a_sh, b_sh, z_fmt, n_cols;
 
-    assign res_on  = (run_g && g_res) || (run_c && c_res);
-    assign n_cols  = is_gemm ? g_n : c_d;
-    assign os_rows = is_gemm ? rows_e : c_t;
-    // a pass is one o0 over a block of rows: gemm, all rows_e rows; combine, SLOTS tokens
-    assign os_nb  = is_gemm ? rows_e : min32(32'(SLOTS), c_t - os_t0);
-    assign rs_nb  = is_gemm ? rows_e : min32(32'(SLOTS), c_t - rs_t0);
-    assign os_nc  = min32(32'(P_OUT), n_cols - os_o0);
-    assign rs_nc  = min32(32'(P_OUT), n_cols - rs_o0);
-    assign os_row = os_t0 + os_r;
-    assign rs_row = rs_t0 + rs_r;
-    assign os_all = os_t0 >= os_rows;
-    assign rs_all = rs_t0 >= os_rows;
+    assign res_on   = (run_g && g_res) || (run_c && c_res);
+    assign n_cols   = is_gemm ? g_n : c_d;
+    assign os_nb    = min32(32'(SLOTS), rows_e - os_r0);
+    assign os_nc    = min32(32'(P_OUT), n_cols - os_o0);
+    assign os_tlast = os_t + 32'd1 == 32'(gsz) || os_o0 + 32'(P_OUT) >= n_cols;
+    assign os_row   = is_gemm ? os_r0 + os_r : os_t0;
+    assign os_all   = is_gemm ? os_g0 >= g_n : os_t0 >= c_t;
+    assign rs_nb    = min32(32'(SLOTS), rows_e - rs_r0);
+    assign rs_nw    = min32(gcols, g_n - rs_g0);
+    assign rs_row   = is_gemm ? rs_r0 + rs_r : rs_t0;
+    assign rs_all   = is_gemm ? rs_g0 >= g_n : rs_t0 >= c_t;
 
     logic [31:0] os_dst;
     always_comb begin
@@ -1221,13 +1259,13 @@ module eng_gemm #(
         endcase
         if (!is_gemm) begin
             os_addr = addr_of(c_out) + ((64'(os_row) * 64'(c_d) + 64'(os_o0)) << 1);
-            rs_addr = addr_of(c_rref) + ((64'(rs_row) * 64'(c_d) + 64'(rs_o0)) << 1);
+            rs_addr = addr_of(c_rref) + ((64'(rs_row) * 64'(c_d)) << 1);
             a_sh    = {{16{c_rsh[15]}}, c_rsh[15:0]};
             b_sh    = {{16{c_rsh[31]}}, c_rsh[31:16]};
             z_fmt   = c_rfmt;
         end else begin
             os_addr = addr_of(g_y) + ((64'(os_dst) * 64'(g_yld) + 64'(os_o0)) << 1);
-            rs_addr = addr_of(g_rref) + ((64'(rs_row) * 64'(g_yld) + 64'(rs_o0)) << 1);
+            rs_addr = addr_of(g_rref) + ((64'(rs_row) * 64'(g_yld) + 64'(rs_g0)) << 1);
             a_sh    = {{16{g_rsh[15]}}, g_rsh[15:0]};
             b_sh    = {{16{g_rsh[31]}}, g_rsh[31:16]};
             z_fmt   = g_rfmt;
@@ -1240,18 +1278,20 @@ module eng_gemm #(
     end
     assign rs_sv = res_on && !rs_all;
 
-    // one pass = os_nb rows of one o0; passes go o0 first, then the next token block
     always_ff @(posedge clk) begin
         if (!rst_n || state == S_IDLE) begin
+            os_g0 <= '0;
             os_o0 <= '0;
+            os_t  <= '0;
+            os_r0 <= '0;
             os_r  <= '0;
             os_t0 <= '0;
-            rs_o0 <= '0;
+            rs_g0 <= '0;
+            rs_r0 <= '0;
             rs_r  <= '0;
             rs_t0 <= '0;
         end else begin
             if (os_fire && !is_gemm) begin
-                // combine: row by row, the tiles of a row in order
                 if (os_o0 + 32'(P_OUT) >= n_cols) begin
                     os_o0 <= '0;
                     os_t0 <= os_t0 + 32'd1;
@@ -1260,34 +1300,106 @@ module eng_gemm #(
             if (os_fire && is_gemm) begin
                 if (os_r + 32'd1 == os_nb) begin
                     os_r <= '0;
-                    if (os_o0 + 32'(P_OUT) >= n_cols) begin
-                        os_o0 <= '0;
-                        os_t0 <= os_t0 + os_nb;
-                    end else os_o0 <= os_o0 + 32'(P_OUT);
+                    if (os_tlast) begin
+                        os_t  <= '0;
+                        os_o0 <= os_g0;
+                        if (os_r0 + 32'(SLOTS) >= rows_e) begin
+                            os_r0 <= '0;
+                            os_g0 <= os_g0 + gcols;
+                            os_o0 <= os_g0 + gcols;
+                        end else os_r0 <= os_r0 + 32'(SLOTS);
+                    end else begin
+                        os_t  <= os_t + 32'd1;
+                        os_o0 <= os_o0 + 32'(P_OUT);
+                    end
                 end else os_r <= os_r + 32'd1;
             end
-            // combine: one residual segment per row (its chunks are the row's tiles)
             if (rs_sv && r3_sr && !is_gemm) rs_t0 <= rs_t0 + 32'd1;
             if (rs_sv && r3_sr && is_gemm) begin
                 if (rs_r + 32'd1 == rs_nb) begin
                     rs_r <= '0;
-                    if (rs_o0 + 32'(P_OUT) >= n_cols) begin
-                        rs_o0 <= '0;
-                        rs_t0 <= rs_t0 + rs_nb;
-                    end else rs_o0 <= rs_o0 + 32'(P_OUT);
+                    if (rs_r0 + 32'(SLOTS) >= rows_e) begin
+                        rs_r0 <= '0;
+                        rs_g0 <= rs_g0 + gcols;
+                    end else rs_r0 <= rs_r0 + 32'(SLOTS);
                 end else rs_r <= rs_r + 32'd1;
             end
         end
     end
 
-    logic              add_in_v, add_in_r, add_out_v;
+    // ---- gemm residual block buffers
+    localparam int RBD = 2 * SLOTS * GT;
+    localparam int RBW = $clog2(RBD);
+    logic [P_OUT*16-1:0] rbuf [0:RBD-1];
+    logic [1:0]          rfull;
+    logic                rr_b, ab_b, rr_fire, ac_fire, ac_tlast;
+    logic [31:0]         rr_r0, rr_r, rr_t, rr_nb, ac_g0, ac_o0, ac_t, ac_r0, ac_r, ac_nb;
+    assign rr_nb    = min32(32'(SLOTS), rows_e - rr_r0);
+    assign ac_nb    = min32(32'(SLOTS), rows_e - ac_r0);
+    assign ac_tlast = ac_t + 32'd1 == 32'(gsz) || ac_o0 + 32'(P_OUT) >= g_n;
+    assign rr_fire  = run_g && g_res && r3_cv && r3_cr;
+
+    always_ff @(posedge clk)
+        if (rr_fire) rbuf[RBW'((32'(rr_b) * 32'(SLOTS) + rr_r) * 32'(GT) + rr_t)] <= r3_cd[P_OUT*16-1:0];
+
+    always_ff @(posedge clk) begin
+        if (!rst_n || state == S_IDLE) begin
+            rfull <= '0;
+            rr_b  <= 1'b0;
+            ab_b  <= 1'b0;
+            rr_r0 <= '0;
+            rr_r  <= '0;
+            rr_t  <= '0;
+            ac_g0 <= '0;
+            ac_o0 <= '0;
+            ac_t  <= '0;
+            ac_r0 <= '0;
+            ac_r  <= '0;
+        end else begin
+            if (rr_fire) begin
+                if (r3_cl) begin
+                    rr_t <= '0;
+                    if (rr_r + 32'd1 == rr_nb) begin
+                        rr_r        <= '0;
+                        rfull[rr_b] <= 1'b1;
+                        rr_b        <= !rr_b;
+                        rr_r0       <= rr_r0 + 32'(SLOTS) >= rows_e ? 32'd0 : rr_r0 + 32'(SLOTS);
+                    end else rr_r <= rr_r + 32'd1;
+                end else rr_t <= rr_t + 32'd1;
+            end
+            if (ac_fire) begin
+                if (ac_r + 32'd1 == ac_nb) begin
+                    ac_r <= '0;
+                    if (ac_tlast) begin
+                        ac_t        <= '0;
+                        ac_o0       <= ac_g0;
+                        rfull[ab_b] <= 1'b0;
+                        ab_b        <= !ab_b;
+                        if (ac_r0 + 32'(SLOTS) >= rows_e) begin
+                            ac_r0 <= '0;
+                            ac_g0 <= ac_g0 + gcols;
+                            ac_o0 <= ac_g0 + gcols;
+                        end else ac_r0 <= ac_r0 + 32'(SLOTS);
+                    end else begin
+                        ac_t  <= ac_t + 32'd1;
+                        ac_o0 <= ac_o0 + 32'(P_OUT);
+                    end
+                end else ac_r <= ac_r + 32'd1;
+            end
+        end
+    end
+
+    logic              add_in_v, add_in_r, add_out_v, res_rdy;
     logic [P_OUT*16-1:0] add_a, add_b, add_z;
 
     always_comb
         for (int o = 0; o < P_OUT; o++) add_a[o*16 +: 16] = 16'(signed'(cu_o_data[o*ACT_W +: ACT_W]));
-    assign add_b      = res_on ? r3_cd[P_OUT*16-1:0] : '0;
-    assign add_in_v   = (run_g || run_c) && cu_o_valid && (!res_on || r3_cv);
-    assign cu_o_ready = (run_g || run_c) && add_in_r && (!res_on || r3_cv);
+    assign res_rdy    = is_gemm ? rfull[ab_b] : r3_cv;
+    assign add_b      = !res_on ? '0 : is_gemm ? rbuf[RBW'((32'(ab_b) * 32'(SLOTS) + ac_r) * 32'(GT) + ac_t)]
+                                              : r3_cd[P_OUT*16-1:0];
+    assign add_in_v   = (run_g || run_c) && cu_o_valid && (!res_on || res_rdy);
+    assign cu_o_ready = (run_g || run_c) && add_in_r && (!res_on || res_rdy);
+    assign ac_fire    = run_g && g_res && add_in_v && add_in_r;
 
     add_unit #(.P(P_OUT), .EW(16)) u_res (
         .clk, .rst_n, .a_shift(a_sh), .b_shift(b_sh), .fmt_bits(z_fmt[5:0]), .fmt_signed(z_fmt[16]),
@@ -1346,7 +1458,7 @@ module eng_gemm #(
         r2_sa = ADDR_W'(i_a[1]);
         r2_sb = wl_gw * wbytes;
         r2_sc = CW1'(P_OUT * wbytes);
-        if (run_g) begin
+        if (wl_en) begin
             r1_sv = i_sv[0];
             r2_sv = i_sv[1];
             r1_cr = rc_cr[0];
@@ -1384,10 +1496,10 @@ module eng_gemm #(
         // port 3: residual rows; without residual, the gemm's third share of weight rows
         r3_sv = rs_sv;
         r3_sa = ADDR_W'(rs_addr);
-        r3_sb = is_gemm ? rs_nc << 1 : c_d << 1;
-        r3_sc = is_gemm ? CW3'(rs_nc << 1) : CW3'(2 * P_OUT);
-        r3_cr = res_on && add_in_r && cu_o_valid;
-        if (run_g && !g_res) begin
+        r3_sb = is_gemm ? rs_nw << 1 : c_d << 1;
+        r3_sc = CW3'(2 * P_OUT);
+        r3_cr = is_gemm ? res_on && !rfull[rr_b] : res_on && add_in_r && cu_o_valid;
+        if (wl_en && !g_res) begin
             r3_sv = i_sv[2];
             r3_sa = ADDR_W'(i_a[2]);
             r3_sb = wl_gw * wbytes;
