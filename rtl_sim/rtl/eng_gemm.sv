@@ -2,25 +2,33 @@
 // residual) and `moe_combine` (with residual), on the shared compute unit, bit-exact with
 // compiler/program_exec.py (numerics.gemm, gemm_gelu, moe_combine, residual_add).
 //
-// GEMM dataflow (the loop order of compiler/schedule.py):
-//   for each output tile of P_OUT channels (o0):
-//     the weight loader reads the tile's whole K extent (one segment per weight row k: w[k][o0..]),
-//     its biases and shifts into the weight banks (P_IN banks of KS_MAX rows of P_OUT weights);
-//     for each block of up to SLOTS rows (two x banks: the next block's rows load while this one
-//     computes): the x loader reads each row (src(r), all K) into the block's x bank;
-//       for each K chunk kc: one parameter tile (weight bank row kc) goes to the compute unit,
-//         then one beat per row of the block (slot = row in the block), so a tile serves the block.
-//   The outputs come back in row order; each becomes one write segment of the tile's channels at
-//   row dst(r), after residual_add with the matching residual row (flag residual; add_unit with
-//   b = 0 and shifts 0 is the identity otherwise).
-// moe_combine: for each block of up to SLOTS tokens, its scores, expert indices and expert
-// outputs (rows t·k + j, contiguous: one full-row segment each) are read on chip, then for each
-// output tile and each top-k slot j one beat per token; each beat carries its own parameter
-// tile, whose combine shift is the expert's.
+// GEMM dataflow:
+//   x: when the instruction's rows fit the resident store (rows * ceil(K / P_IN) entries of P_IN
+//   activations, half of buffers.activations), every row src(r) is read once (port 0, one
+//   segment of K elements each) and stays on chip; otherwise each pass over the rows reloads
+//   them a block of SLOTS rows at a time into two banks.
+//   weights: groups of up to GT output tiles (as many as fit one half of the weight store, two
+//   halves: the next group loads while this one computes). Per group, port 1 reads the biases
+//   and shifts, then the weight rows k (one segment over the group's columns each, a chunk per
+//   tile) are dealt to ports 1, 2, 3 (3 only without residual) by k mod NW; a K chunk of a tile
+//   may go to the compute unit as soon as its rows are in.
+//   for each group: for each block of up to SLOTS rows: for each tile of the group: for each K
+//     chunk kc: one parameter tile, then one beat per row of the block (slot = row in the block).
+//   The outputs come back in that order; each becomes one write segment of the tile's channels
+//   at row dst(r), after residual_add with the matching residual row (flag residual: port 3
+//   reads a block's residual rows over the group's columns into one of two block buffers;
+//   add_unit with b = 0 and shifts 0 is the identity otherwise). Output rows go to the write
+//   channels of ports 2 and 0 by the parity of dst(r) when rows start on beat boundaries.
+// moe_combine: blocks of up to SLOTS tokens in two buffers (the next block loads while this one
+// computes): port 1 reads the block's scores and indices, ports 0 and 1 its expert outputs (rows
+// t·k + j, contiguous: one full-row segment each, even rows on port 0, odd on port 1); then per
+// token, output tile and top-k slot j one beat, each with its own parameter tile, whose combine
+// shift is the expert's. The residual (port 3) is one segment per row.
 //
-// Ports: 0 reads x rows / expert outputs and the queue table, 1 weight rows of even k, biases,
-// shifts, scores and indices, 2 weight rows of odd k and writes the outputs, 3 reads the residual
-// (PORTS >= 4).
+// Ports: 0 reads x rows / even expert-output rows and the queue table, writes outputs of odd
+// rows; 1 reads biases, shifts, weight rows, scores, indices and odd expert-output rows; 2 reads
+// weight rows and writes the outputs (all, or those of even rows); 3 reads the residual, or
+// without it weight rows (PORTS >= 4).
 // Operand checks follow program_exec.py (over_limit before any store; undefined row modes and
 // residual with a non-direct row mode: bad_opcode). Refused as over_limit where the datapath has
 // no room, as the HLS kernel does: a format that is not signed of 1..ACT_W bits (fmt, gelu_fmt,
