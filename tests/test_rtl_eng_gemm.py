@@ -184,8 +184,8 @@ def test_x_not_resident_bit_exact():
     rng = random.Random(16)
     cases = pinned_cases(rng, small)
     cases += [gemm_case(rng, small, f"g_big{i}", big=True) for i in range(4)]
-    run_and_compare(cases, seed=6, hw=small)
-    run_and_compare(cases[::4], seed=7, stall_permille=300, hw=small)
+    run_and_compare(cases, seed=4, hw=small)
+    run_and_compare(cases[::4], seed=5, stall_permille=300, hw=small)
 
 
 @pytest.mark.slow
