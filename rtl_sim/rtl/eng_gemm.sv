@@ -18,17 +18,16 @@
 //   at row dst(r), after residual_add with the matching residual row (flag residual: port 3
 //   reads a block's residual rows over the group's columns into one of two block buffers;
 //   add_unit with b = 0 and shifts 0 is the identity otherwise). Output rows go to the write
-//   channels of ports 2 and 0 by the parity of dst(r) when rows start on beat boundaries.
+//   channels of ports 2, 0, 3 by dst(r) mod 3 when rows start on beat boundaries.
 // moe_combine: blocks of up to SLOTS tokens in two buffers (the next block loads while this one
 // computes): port 1 reads the block's scores and indices, ports 0 and 1 its expert outputs (rows
 // t·k + j, contiguous: one full-row segment each, even rows on port 0, odd on port 1); then per
 // token, output tile and top-k slot j one beat, each with its own parameter tile, whose combine
 // shift is the expert's. The residual (port 3) is one segment per row.
 //
-// Ports: 0 reads x rows / even expert-output rows and the queue table, writes outputs of odd
-// rows; 1 reads biases, shifts, weight rows, scores, indices and odd expert-output rows; 2 reads
-// weight rows and writes the outputs (all, or those of even rows); 3 reads the residual, or
-// without it weight rows (PORTS >= 4).
+// Ports: 0 reads x rows / even expert-output rows and the queue table; 1 reads biases, shifts,
+// weight rows, scores, indices and odd expert-output rows; 2 reads weight rows; 3 reads the
+// residual, or without it weight rows. Outputs: port 2, or ports 2, 0, 3 by row mod 3 (PORTS >= 4).
 // Operand checks follow program_exec.py (over_limit before any store; undefined row modes and
 // residual with a non-direct row mode: bad_opcode). Refused as over_limit where the datapath has
 // no room, as the HLS kernel does: a format that is not signed of 1..ACT_W bits (fmt, gelu_fmt,
@@ -1414,16 +1413,18 @@ module eng_gemm #(
         .in_valid(add_in_v), .in_ready(add_in_r), .a_data(add_a), .b_data(add_b),
         .out_valid(add_out_v), .out_ready(wr_sr), .out_data(add_z));
 
-    // two write ports when every row starts on a beat boundary (no beat holds two rows)
+    // three write ports when every row starts on a beat boundary (no beat holds two rows): row
+    // mod 3 picks ports 2, 0, 3
     localparam int BB_L = $clog2(DW / 8);
     logic [BB_L-1:0] y_ld_lo, y_base_lo;
-    logic            wr_dual, os_port, wr0_sr, wr2_sr, wr0_idle, wr2_idle;
+    logic            wr_multi, wr0_sr, wr2_sr, wr3_sr, wr0_idle, wr2_idle, wr3_idle;
+    logic [1:0]      os_port;
     assign y_ld_lo   = BB_L'(is_gemm ? g_yld << 1 : c_d << 1);
     assign y_base_lo = BB_L'(is_gemm ? addr_of(g_y) : addr_of(c_out));
-    assign wr_dual   = y_ld_lo == '0 && y_base_lo == '0;
-    assign os_port = wr_dual && (is_gemm ? os_dst[0] : os_row[0]);
-    assign wr_sr   = os_port ? wr0_sr : wr2_sr;
-    assign wr_idle = wr0_idle && wr2_idle;
+    assign wr_multi  = y_ld_lo == '0 && y_base_lo == '0;
+    assign os_port   = wr_multi ? 2'((is_gemm ? os_dst : os_row) % 32'd3) : 2'd0;
+    assign wr_sr     = os_port == 2'd1 ? wr0_sr : os_port == 2'd2 ? wr3_sr : wr2_sr;
+    assign wr_idle   = wr0_idle && wr2_idle && wr3_idle;
     assign wr_sv   = add_out_v && !os_all;
     assign wr_sa   = ADDR_W'(os_addr);
     assign wr_sb   = CWW'(2 * os_nc);
@@ -1521,12 +1522,13 @@ module eng_gemm #(
                           pre1_a[63:32], cp_e[15:EAW], os_addr[63:32], rs_addr[63:32],
                           z_fmt[31:17], z_fmt[15:6], g_fmt[31:17], g_fmt[7:6], g_gfmt[31:17], g_gfmt[7:6],
                           c_fmt[31:17], c_fmt[15:6], m_awready[1], m_wready[1], m_bvalid[1],
-                          m_bid[ID_W +: ID_W], m_bid[PORTS*ID_W-1:3*ID_W], m_bresp[3:2], m_bresp[PORTS*2-1:6],
-                          m_awready[PORTS-1:3], m_wready[PORTS-1:3], m_bvalid[PORTS-1:3]};
+                          m_bid[ID_W +: ID_W], m_bresp[3:2]};
     if (PORTS > 4) begin : g_unused_hi
         logic unused_hi;
         assign unused_hi = &{1'b0, m_arready[PORTS-1:4], m_rvalid[PORTS-1:4], m_rdata[PORTS*DW-1:4*DW],
-                             m_rid[PORTS*ID_W-1:4*ID_W], m_rlast[PORTS-1:4], m_rresp[PORTS*2-1:8]};
+                             m_rid[PORTS*ID_W-1:4*ID_W], m_rlast[PORTS-1:4], m_rresp[PORTS*2-1:8],
+                             m_awready[PORTS-1:4], m_wready[PORTS-1:4], m_bvalid[PORTS-1:4],
+                             m_bid[PORTS*ID_W-1:4*ID_W], m_bresp[PORTS*2-1:8]};
     end
 
     // ================================================================ DMA engines
@@ -1557,14 +1559,14 @@ module eng_gemm #(
         .arid(m_arid[3*ID_W +: ID_W]), .rvalid(m_rvalid[3]), .rready(m_rready[3]), .rdata(m_rdata[3*DW +: DW]),
         .rid(m_rid[3*ID_W +: ID_W]), .rlast(m_rlast[3]), .rresp(m_rresp[6 +: 2]));
 
-    // Output segments on ports 2 and 0 (write channels) by the parity of their memory row when no
-    // two rows can share a beat (rows start on beat boundaries); otherwise all on port 2, in
-    // order: neighbouring rows may share a beat (disjoint strobes), and the DDR model merges
-    // same-cycle writes of two ports into one word with a race. A row always goes to one port, so
-    // the writes of one row keep their order.
+    // Output segments on the write channels of ports 2, 0 and 3 by their memory row mod 3 when no
+    // two rows can share a beat (rows start on beat boundaries): three times the writes in flight.
+    // Otherwise all on port 2, in order: neighbouring rows may share a beat (disjoint strobes),
+    // and the DDR model merges same-cycle writes of two ports into one word with a race. A row
+    // always goes to one port, so the writes of one row keep their order.
     seg_writer #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(MAX_BURST),
                  .CHB(CH3), .QD(4)) u_wr (
-        .clk, .rst_n, .seg_valid(wr_sv && !os_port), .seg_ready(wr2_sr), .seg_addr(wr_sa), .seg_bytes(wr_sb),
+        .clk, .rst_n, .seg_valid(wr_sv && os_port == 2'd0), .seg_ready(wr2_sr), .seg_addr(wr_sa), .seg_bytes(wr_sb),
         .seg_data(wr_sd), .idle(wr2_idle),
         .awvalid(m_awvalid[2]), .awready(m_awready[2]), .awaddr(m_awaddr[2*ADDR_W +: ADDR_W]),
         .awlen(m_awlen[16 +: 8]), .awsize(m_awsize[6 +: 3]), .awburst(m_awburst[4 +: 2]),
@@ -1574,13 +1576,23 @@ module eng_gemm #(
 
     seg_writer #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(MAX_BURST),
                  .CHB(CH3), .QD(4)) u_wr0 (
-        .clk, .rst_n, .seg_valid(wr_sv && os_port), .seg_ready(wr0_sr), .seg_addr(wr_sa), .seg_bytes(wr_sb),
+        .clk, .rst_n, .seg_valid(wr_sv && os_port == 2'd1), .seg_ready(wr0_sr), .seg_addr(wr_sa), .seg_bytes(wr_sb),
         .seg_data(wr_sd), .idle(wr0_idle),
         .awvalid(m_awvalid[0]), .awready(m_awready[0]), .awaddr(m_awaddr[0 +: ADDR_W]),
         .awlen(m_awlen[0 +: 8]), .awsize(m_awsize[0 +: 3]), .awburst(m_awburst[0 +: 2]),
         .awid(m_awid[0 +: ID_W]), .wvalid(m_wvalid[0]), .wready(m_wready[0]),
         .wdata(m_wdata[0 +: DW]), .wstrb(m_wstrb[0 +: DW/8]), .wlast(m_wlast[0]),
         .bvalid(m_bvalid[0]), .bready(m_bready[0]), .bid(m_bid[0 +: ID_W]), .bresp(m_bresp[0 +: 2]));
+
+    seg_writer #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(MAX_BURST),
+                 .CHB(CH3), .QD(4)) u_wr3 (
+        .clk, .rst_n, .seg_valid(wr_sv && os_port == 2'd2), .seg_ready(wr3_sr), .seg_addr(wr_sa), .seg_bytes(wr_sb),
+        .seg_data(wr_sd), .idle(wr3_idle),
+        .awvalid(m_awvalid[3]), .awready(m_awready[3]), .awaddr(m_awaddr[3*ADDR_W +: ADDR_W]),
+        .awlen(m_awlen[24 +: 8]), .awsize(m_awsize[9 +: 3]), .awburst(m_awburst[6 +: 2]),
+        .awid(m_awid[3*ID_W +: ID_W]), .wvalid(m_wvalid[3]), .wready(m_wready[3]),
+        .wdata(m_wdata[3*DW +: DW]), .wstrb(m_wstrb[3*DW/8 +: DW/8]), .wlast(m_wlast[3]),
+        .bvalid(m_bvalid[3]), .bready(m_bready[3]), .bid(m_bid[3*ID_W +: ID_W]), .bresp(m_bresp[6 +: 2]));
 
     seg_reader #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(RD_BURST),
                  .CHB(CH1), .QD(16)) u_r2 (
@@ -1595,7 +1607,7 @@ module eng_gemm #(
     genvar gp;
     generate
         for (gp = 0; gp < PORTS; gp++) begin : g_idle
-            if (gp != 0 && gp != 2) begin : g_no_wr
+            if (gp == 1 || gp > 3) begin : g_no_wr
                 assign m_awvalid[gp] = 1'b0;
                 assign m_awaddr[gp*ADDR_W +: ADDR_W] = '0;
                 assign m_awlen[gp*8 +: 8] = '0;
