@@ -1,104 +1,227 @@
 #!/usr/bin/env python3
-"""Engine benchmark: single instructions at a preset's shapes on the RTL accelerator (Verilator,
-DDR model, host Driver) at the shipped hw.json, checked byte for byte against the Python Program
-executor; RTL cycles and DDR bytes beside the schedule model's estimate for the same instruction.
+"""Engine benchmark: single instructions of a model's shapes on the RTL accelerator, each checked
+byte for byte against the Python executor, with the schedule model's estimate beside the RTL's
+cycles.
 
-    scripts/bench_engines.py --op attention [--hw rtl_sim/hw.json] [--json]
+    scripts/bench_engines.py [--op gemm|attention] [--hw rtl_sim/hw.json] [--case NAME ...] [--json]
 
-Each op is one registry entry (OPS): a function that returns (name, instructions, weights, image,
-arena bytes, output bytes) cases for a hardware configuration. The first run builds the Verilator
-model of the accelerator for that configuration (cached under build/rtl, about two minutes for
-the 32x48 array).
+Every case is one instruction (plus END) with random operands (seed 0); all cases run in one
+simulation of one Verilator build of the accelerator for the hardware configuration (hw.json by
+default). Per case: RTL cycles of the instruction (OP_CYCLES), schedule.estimate's cycles for the
+same instruction, their ratio, and the DDR bytes read and written. The cases are a registry of
+op -> builders (``CASES``); ``--op`` picks one op, the default runs all.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from m3vit.compiler import isa, schedule
+from m3vit.compiler.program_exec import execute
+from m3vit.rtl_sim import rtlsim
+from m3vit.rtl_sim.hwconfig import HwConfig, load_hw_config
+
+TOKENS = 197        # the shapes of a 224x224 image in 16x16 patches plus CLS
+DIM = 384
+MLP = 1536
+EXPERTS = 16
+TOP_K = 2
+EXPERT_HIDDEN = 384
 
 
-# ---------------------------------------------------------------------------- attention
-def _attention_cases(hw, rng):
-    """edge-moe's attention: 197 tokens (196 patches + class token), dim 384, 6 heads of 64;
-    q_tile as the compiler plans it (as many queries as half the score buffer holds)."""
-    from m3vit.compiler import isa
-
-    t, d, heads = 197, 384, 6
-    q_tile = min(t, hw.buffers.scores // (2 * t))
-    qkv = rng.integers(-3000, 3001, size=(t, 3 * d)).astype("<i2").tobytes()
-    fields = dict(qkv_ref=isa.ref("in", 0), y_ref=isa.ref("out", 0), tokens=t, dim=d, heads=heads,
-                  score_fmt=isa.pack_fmt(16, 4), score_shift=14, out_shift=2, fmt=isa.pack_fmt(16, 10),
-                  q_tile=q_tile)
-    y_bytes = 2 * t * d
-    return [("attention_edge_moe", [isa.Instr("attention", fields)], bytes(64), qkv,
-             isa.align(64), isa.align(y_bytes))]
+@dataclass
+class Bench:
+    name: str
+    op: str
+    instr: isa.Instr
+    weights: bytes
+    image: bytes
+    arena_bytes: int
+    output_bytes: int
+    context: list      # instructions the schedule model needs before this one (the MoE gate)
+    queue_lengths: list | None = None
 
 
-OPS = {"attention": _attention_cases}
+class Space:
+    """A growing byte space of 64-byte aligned tensors."""
+
+    def __init__(self, name: str):
+        self.name, self.data = name, bytearray()
+
+    def put(self, blob: bytes) -> int:
+        off = len(self.data)
+        self.data += blob
+        self.data += bytes(isa.align(len(self.data)) - len(self.data))
+        return isa.ref(self.name, off)
 
 
-# ---------------------------------------------------------------------------- the runner
-def run(op: str, hw, seed: int = 0) -> list[dict]:
-    from m3vit.compiler import isa, schedule
-    from m3vit.compiler.program_exec import execute
-    from m3vit.rtl_sim import rtlsim
+def _rand(rng: np.random.Generator, bits: int, n: int) -> np.ndarray:
+    return rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), size=n, dtype=np.int64)
 
+
+def _queue(rng: np.random.Generator, tokens: int, experts: int, k: int):
+    """A routing table (top-k distinct experts per token) as the queue table moe_gate writes."""
+    idx = np.array([rng.choice(experts, size=k, replace=False) for _ in range(tokens)], np.int64)
+    flat = idx.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    bounds = np.searchsorted(flat[order], np.arange(experts + 1))
+    tok, slot = np.divmod(order, k)
+    tok_off, dst_off, size = isa.queue_layout(experts, tokens, k)
+    blob = bytearray(size)
+    blob[0:2 * (experts + 1)] = bounds.astype("<u2").tobytes()
+    blob[tok_off:tok_off + 2 * tokens * k] = tok.astype("<u2").tobytes()
+    blob[dst_off:dst_off + 2 * tokens * k] = (tok * k + slot).astype("<u2").tobytes()
+    return bytes(blob), np.diff(bounds).tolist(), idx
+
+
+def _gemm(name: str, rows: int, k: int, n: int, *, w16=False, bias=False, gelu=False, residual=False,
+          xmode="direct", ymode="direct", seed=0) -> Bench:
     rng = np.random.default_rng(seed)
-    cases = OPS[op](hw, rng)
-    jobs, instr_lists = [], []
-    for name, instrs, weights, image, arena, out in cases:
-        prog = rtlsim.program_bytes([*instrs, isa.Instr("end")], hw, weight_bytes=len(weights),
-                                    arena_bytes=arena, input_bytes=len(image), output_bytes=out)
-        jobs.append(rtlsim.Job(name=name, program=prog, weights=weights, image=image, task=0))
-        instr_lists.append(instrs)
-    t0 = time.perf_counter()
-    results = rtlsim.simulate(jobs, hw, run_name=f"bench-{op}")
-    seconds = time.perf_counter() - t0
-    rows = []
-    for job, instrs, r in zip(jobs, instr_lists, results):
-        ref = execute(job.program, job.weights, job.image, job.task, hw_hash=hw.hash())
-        exact = (r.status == 0 and r.ddr_errors == 0 and r.output == bytes(ref.memories["out"])
-                 and r.arena == bytes(ref.memories["arena"]))
-        est = schedule.estimate(instrs, hw)
-        model = est["total"]
-        rows.append({"case": job.name, "bit_exact": exact, "status": r.status_name,
-                     "rtl_cycles": r.cycles, "model_cycles": model["cycles"],
-                     "ratio": round(r.cycles / model["cycles"], 3) if model["cycles"] else None,
-                     "rtl_ddr_bytes": r.rd_bytes + r.wr_bytes, "rtl_rd_bytes": r.rd_bytes, "rtl_wr_bytes": r.wr_bytes,
-                     "model_ddr_bytes": model["ddr_read"] + model["ddr_write"],
-                     "model_rd_bytes": model["ddr_read"], "model_wr_bytes": model["ddr_write"],
-                     "sim_seconds": round(seconds / len(jobs), 1)})
-    return rows
+    a_bits, w_bits, out_bits = 12, 16 if w16 else 8, 16
+    wgt, inp = Space("wgt"), Space("in")
+    fields = {"in_dim": k, "out_dim": n, "x_ld": k, "y_ld": n, "rows": rows}
+    x_rows = y_rows = rows
+    context, lengths = [], None
+    if xmode != "direct" or ymode != "direct":
+        table, lengths, _ = _queue(rng, TOKENS, EXPERTS, TOP_K)
+        q_ref = wgt.put(table)
+        # a typical expert: the queue closest to the mean T·k / E
+        expert = int(np.argmin(np.abs(np.array(lengths) - TOKENS * TOP_K / EXPERTS)))
+        fields.update(queue_ref=q_ref, expert=expert, queue_shape=EXPERTS | (TOKENS * TOP_K) << 16, rows=TOKENS)
+        x_rows = {"direct": TOKENS, "gather": TOKENS, "queue": TOKENS * TOP_K}[xmode]
+        y_rows = {"direct": TOKENS, "queue": TOKENS * TOP_K, "scatter": TOKENS * TOP_K}[ymode]
+        context = [isa.Instr("moe_gate", {"tokens": TOKENS, "dim": DIM, "experts_k": EXPERTS | TOP_K << 16,
+                                          "queue_ref": q_ref})]
+    fields["x_ref"] = inp.put(_rand(rng, a_bits, x_rows * k).astype("<i2").tobytes())
+    fields["w_ref"] = wgt.put(_rand(rng, w_bits, k * n).astype("<i2" if w16 else "i1").tobytes())
+    if bias:
+        fields["bias_ref"] = wgt.put(_rand(rng, a_bits + w_bits, n).astype("<i8").tobytes())
+    base = a_bits + w_bits + k.bit_length() // 2 - out_bits
+    fields["shift_ref"] = wgt.put(rng.integers(base - 1, base + 2, size=n).astype(np.int8).tobytes())
+    fields["fmt"] = isa.pack_fmt(out_bits, 8)
+    if gelu:
+        fields["gelu_fmt"] = isa.pack_fmt(16, 8)
+    flags = isa.make_flags(gelu=gelu, w16=w16, bias=bias, residual=residual, xmode=xmode, ymode=ymode)
+    if residual:
+        fields.update(res_ref=inp.put(_rand(rng, 14, y_rows * n).astype("<i2").tobytes()),
+                      res_shifts=isa.pack_res_shifts(0, 0), res_fmt=isa.pack_fmt(16, 8))
+    fields["y_ref"] = isa.ref("out", 0)
+    return Bench(name, "gemm", isa.Instr("gemm", fields, flags), bytes(wgt.data), bytes(inp.data), 64,
+                 isa.align(2 * y_rows * n), context, [lengths] if lengths else None)
+
+
+def _combine(name: str, tokens: int, k: int, dim: int, residual=True, seed=0) -> Bench:
+    rng = np.random.default_rng(seed)
+    wgt, inp = Space("wgt"), Space("in")
+    table, lengths, idx = _queue(rng, tokens, EXPERTS, k)
+    q_ref = wgt.put(table)
+    score = rng.integers(0, 1 << 15, size=tokens * k)
+    fields = {"score_ref": wgt.put(score.astype("<u2").tobytes()),
+              "idx_ref": wgt.put(idx.reshape(-1).astype("<u2").tobytes()),
+              "y_ref": inp.put(_rand(rng, 14, tokens * k * dim).astype("<i2").tobytes()),
+              "shift_ref": wgt.put(np.full(EXPERTS, 15, np.int8).tobytes()),
+              "tokens": tokens, "k": k, "dim": dim, "fmt": isa.pack_fmt(16, 8), "out_ref": isa.ref("out", 0)}
+    flags = 0
+    if residual:
+        flags |= 1 << isa.FLAGS["residual"]
+        fields.update(res_ref=inp.put(_rand(rng, 14, tokens * dim).astype("<i2").tobytes()),
+                      res_shifts=isa.pack_res_shifts(0, 0), res_fmt=isa.pack_fmt(16, 8))
+    context = [isa.Instr("moe_gate", {"tokens": tokens, "dim": dim, "experts_k": EXPERTS | k << 16,
+                                      "queue_ref": q_ref})]
+    return Bench(name, "moe_combine", isa.Instr("moe_combine", fields, flags), bytes(wgt.data), bytes(inp.data),
+                 64, isa.align(2 * tokens * dim), context, [lengths])
+
+
+def _attention(name: str, tokens: int, dim: int, heads: int, hw: HwConfig, seed: int = 0) -> Bench:
+    """Multi-head attention on a [T, 3D] qkv in the input space; q_tile as the compiler plans it
+    (as many queries as half the score buffer holds)."""
+    rng = np.random.default_rng(seed)
+    q_tile = min(tokens, hw.buffers.scores // (2 * tokens))
+    qkv = rng.integers(-3000, 3001, size=(tokens, 3 * dim)).astype("<i2").tobytes()
+    fields = dict(qkv_ref=isa.ref("in", 0), y_ref=isa.ref("out", 0), tokens=tokens, dim=dim, heads=heads,
+                  score_fmt=isa.pack_fmt(16, 4), score_shift=14, out_shift=2, fmt=isa.pack_fmt(16, 10), q_tile=q_tile)
+    return Bench(name, "attention", isa.Instr("attention", fields), bytes(64), qkv, 64,
+                 isa.align(2 * tokens * dim), [])
+
+
+# op -> case builders (hw -> Bench); each engine's author adds its own op here
+CASES = {
+    "gemm": [
+        lambda hw: _gemm("qkv", TOKENS, DIM, 3 * DIM, w16=True, bias=True),
+        lambda hw: _gemm("proj", TOKENS, DIM, DIM, bias=True, residual=True),
+        lambda hw: _gemm("mlp_fc1", TOKENS, DIM, MLP, bias=True, gelu=True),
+        lambda hw: _gemm("mlp_fc2", TOKENS, MLP, DIM, bias=True, residual=True),
+        lambda hw: _gemm("expert_fc1", TOKENS, DIM, EXPERT_HIDDEN, bias=True, gelu=True, xmode="gather",
+                      ymode="queue"),
+        lambda hw: _gemm("expert_fc2", TOKENS, EXPERT_HIDDEN, DIM, bias=True, xmode="queue", ymode="scatter"),
+        lambda hw: _combine("moe_combine", TOKENS, TOP_K, DIM),
+    ],
+    "attention": [
+        lambda hw: _attention("attention", TOKENS, DIM, DIM // 64, hw),
+    ],
+}
+
+
+def _program(b: Bench, hw: HwConfig) -> bytes:
+    return rtlsim.program_bytes([b.instr, isa.Instr("end")], hw, weight_bytes=len(b.weights),
+                                arena_bytes=b.arena_bytes, input_bytes=len(b.image), output_bytes=b.output_bytes)
+
+
+def _estimate(b: Bench, hw: HwConfig) -> dict:
+    est = schedule.estimate(b.context + [b.instr], hw, queue_lengths=b.queue_lengths)
+    return est["instructions"][len(b.context)] if "instructions" in est else est["rows"][len(b.context)]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--op", required=True, choices=sorted(OPS))
-    ap.add_argument("--hw", default=str(ROOT / "rtl_sim" / "hw.json"), help="hardware configuration")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--op", choices=sorted(CASES), help="only this op's cases")
+    ap.add_argument("--case", nargs="*", help="only these cases (by name)")
+    ap.add_argument("--hw", help="hw.json (default: rtl_sim/hw.json)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-
-    from m3vit.rtl_sim.hwconfig import load_hw_config
-
-    hw = load_hw_config(args.hw)
-    rows = run(args.op, hw, args.seed)
+    hw = load_hw_config(args.hw) if args.hw else HwConfig.default()
+    benches = [make(hw) for op in ([args.op] if args.op else sorted(CASES)) for make in CASES[op]]
+    if args.case:
+        benches = [b for b in benches if b.name in args.case]
+    progs = [_program(b, hw) for b in benches]
+    t0 = time.perf_counter()
+    results = rtlsim.simulate([rtlsim.Job(b.name, p, b.weights, b.image) for b, p in zip(benches, progs)], hw,
+                              run_name="bench-engines")
+    seconds = time.perf_counter() - t0
+    rows, bad = [], []
+    for b, p, r in zip(benches, progs, results):
+        ref = execute(p, b.weights, b.image, 0, hw_hash=hw.hash())
+        exact = r.status == 0 and r.output == bytes(ref.memories["out"]) and r.arena == bytes(ref.memories["arena"])
+        if not exact:
+            bad.append(b.name)
+        est = _estimate(b, hw)
+        cyc = r.counters.get(f"op_cycles_{b.op}", r.cycles)
+        rows.append({"name": b.name, "op": b.op, "rtl_cycles": cyc, "schedule_cycles": est["cycles"],
+                     "ratio": round(cyc / est["cycles"], 3) if est["cycles"] else None,
+                     "rd_bytes": r.rd_bytes, "wr_bytes": r.wr_bytes,
+                     "schedule_bytes": est["ddr_read"] + est["ddr_write"], "rows": est["rows"],
+                     "bit_exact": exact, "status": r.status_name})
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"hw": hw.to_dict(), "seconds": round(seconds, 1), "cases": rows}, indent=1))
     else:
-        for r in rows:
-            print(f"{r['case']}: {'bit-exact' if r['bit_exact'] else 'MISMATCH'} ({r['status']}); "
-                  f"RTL {r['rtl_cycles']:,} cycles, model {r['model_cycles']:,} ({r['ratio']}x); "
-                  f"DDR RTL {r['rtl_rd_bytes']:,} + {r['rtl_wr_bytes']:,} bytes, "
-                  f"model {r['model_rd_bytes']:,} + {r['model_wr_bytes']:,}; {r['sim_seconds']} s simulated")
-    return 0 if all(r["bit_exact"] for r in rows) else 1
+        print(f"{'case':<12} {'rows':>5} {'RTL cycles':>11} {'schedule':>9} {'ratio':>6} {'DDR rd':>10} "
+              f"{'DDR wr':>9} {'exact':>5}")
+        for x in rows:
+            print(f"{x['name']:<12} {x['rows']:>5} {x['rtl_cycles']:>11,} {x['schedule_cycles']:>9,} "
+                  f"{x['ratio']:>6} {x['rd_bytes']:>10,} {x['wr_bytes']:>9,} {'yes' if x['bit_exact'] else 'NO':>5}")
+        print(f"simulation {seconds:.0f} s")
+    if bad:
+        print(f"not bit-exact: {', '.join(bad)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -86,7 +86,9 @@ def rand_res_fmt(rng: random.Random) -> int:
 
 
 def gemm_case(rng: random.Random, hw, name: str, xmode: str | None = None, ymode: str | None = None,
-              residual: bool | None = None, big: bool = False) -> Case:
+              residual: bool | None = None, big: bool = False, shape: tuple[int, int, int, int] | None = None,
+              w16: bool | None = None) -> Case:
+    """``shape``: (rows or tokens, in_dim, out_dim, y_ld) instead of random ones (x_ld = in_dim)."""
     p_in, p_out, slots = hw.p_in, hw.p_out, hw.token_block
     xmode = xmode or rng.choice(X_MODES)
     ymode = ymode or rng.choice(Y_MODES)
@@ -94,11 +96,16 @@ def gemm_case(rng: random.Random, hw, name: str, xmode: str | None = None, ymode
     if residual is None:
         residual = not queued and rng.random() < 0.4
     scale = 4 if big else 1
-    k_in = rng.randint(1, scale * (3 * p_in + 3))
-    n_out = rng.randint(1, scale * (2 * p_out + 3))
-    x_ld = k_in + rng.choice([0, 0, rng.randint(1, 5)])
-    y_ld = n_out + rng.choice([0, 0, rng.randint(1, 5)])
-    w16 = rng.random() < 0.5
+    if shape is None:
+        k_in = rng.randint(1, scale * (3 * p_in + 3))
+        n_out = rng.randint(1, scale * (2 * p_out + 3))
+        x_ld = k_in + rng.choice([0, 0, rng.randint(1, 5)])
+        y_ld = n_out + rng.choice([0, 0, rng.randint(1, 5)])
+    else:
+        _, k_in, n_out, y_ld = shape
+        x_ld = k_in
+    w16_draw = rng.random() < 0.5
+    w16 = w16_draw if w16 is None else w16
     has_bias = rng.random() < 0.6
     gelu = rng.random() < 0.35
     a_bits = rng.randint(2, 16)
@@ -108,7 +115,7 @@ def gemm_case(rng: random.Random, hw, name: str, xmode: str | None = None, ymode
 
     fields = {"in_dim": k_in, "out_dim": n_out, "x_ld": x_ld, "y_ld": y_ld}
     if queued:
-        t = rng.randint(1, min(hw.limits.max_tokens, scale * (2 * slots + 3)))
+        t = rng.randint(1, min(hw.limits.max_tokens, scale * (2 * slots + 3))) if shape is None else shape[0]
         n_exp = rng.randint(1, 6)
         k = rng.randint(1, min(3, n_exp))
         idx = routing(rng, t, n_exp, k)
@@ -120,7 +127,7 @@ def gemm_case(rng: random.Random, hw, name: str, xmode: str | None = None, ymode
         x_rows = {"direct": t, "gather": t, "queue": t * k}[xmode]
         y_rows = {"direct": t, "queue": t * k, "scatter": t * k}[ymode]
     else:
-        rows = rng.randint(1, scale * (2 * slots + 3))
+        rows = rng.randint(1, scale * (2 * slots + 3)) if shape is None else shape[0]
         fields["rows"] = rows
         x_rows = y_rows = rows
     x = rand_bits(rng, a_bits, x_rows * x_ld)

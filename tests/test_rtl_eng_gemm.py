@@ -11,6 +11,7 @@ out and arena must equal program_exec.execute's bytes, the status its ProgramErr
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -24,22 +25,22 @@ from accel_hw import HW  # noqa: E402
 OK = isa.STATUS["ok"]
 
 
-def program(case: Case) -> bytes:
-    return rtlsim.program_bytes(case.instrs + [isa.Instr("end")], HW, weight_bytes=len(case.weights),
+def program(case: Case, hw=HW) -> bytes:
+    return rtlsim.program_bytes(case.instrs + [isa.Instr("end")], hw, weight_bytes=len(case.weights),
                                 arena_bytes=case.arena_bytes, input_bytes=len(case.image),
                                 output_bytes=case.output_bytes)
 
 
-def run_and_compare(cases: list[Case], seed: int = 1, stall_permille: int = 0) -> list[rtlsim.JobResult]:
+def run_and_compare(cases: list[Case], seed: int = 1, stall_permille: int = 0, hw=HW) -> list[rtlsim.JobResult]:
     """One simulation for all cases; each must match the executor to the byte (or its refusal)."""
-    progs = [program(c) for c in cases]
+    progs = [program(c, hw) for c in cases]
     jobs = [rtlsim.Job(c.name, p, c.weights, c.image) for c, p in zip(cases, progs)]
-    results = rtlsim.simulate(jobs, HW, seed=seed, stall_permille=stall_permille)
+    results = rtlsim.simulate(jobs, hw, seed=seed, stall_permille=stall_permille)
     bad = []
     for c, p, r in zip(cases, progs, results):
         desc = f"{c.name}: {c.instrs[0].op} flags {c.instrs[0].flags:#x} {c.instrs[0].fields}"
         try:
-            ref = execute(p, c.weights, c.image, 0, hw_hash=HW.hash())
+            ref = execute(p, c.weights, c.image, 0, hw_hash=hw.hash())
         except ProgramError as e:
             if r.status != e.status:
                 bad.append(f"{desc}: STATUS {r.status_name}, the executor refuses with {e.status_name}")
@@ -133,6 +134,58 @@ def test_random_ddr_stalls():
     cases = [gemm_case(rng, HW, f"g{i}", residual=None) for i in range(8)]
     cases += [combine_case(rng, HW, f"c{i}", residual=None) for i in range(3)]
     run_and_compare(cases, seed=3, stall_permille=300)
+
+
+def pinned_cases(rng: random.Random, hw=HW) -> list[Case]:
+    """Shapes against the engine's structure: several weight groups (GT = 4 tiles of P_OUT) with a
+    partial last one, row blocks, one weight tile spanning the matrix (out_dim <= P_OUT), in_dim 1
+    and 2 (ports without weight rows), output rows on beat boundaries (y_ld a multiple of the beat:
+    two write ports) and not, residual block buffers."""
+    p_in, p_out, slots = hw.p_in, hw.p_out, hw.token_block
+    beat = hw.axi_width_bits // 16
+    n3 = 2 * 4 * p_out + p_out // 2 + 1          # three groups, the last partial
+    shapes = [
+        ("groups_res_dual", "direct", "direct", True, (2 * slots + 3, 3 * p_in + 1, n3, beat * (-(-n3 // beat)))),
+        ("groups_res_single", "direct", "direct", True, (2 * slots + 1, 3 * p_in + 2, n3, n3)),
+        ("groups_plain_dual", "direct", "direct", False, (slots + 2, 2 * p_in + 3, n3, beat * (-(-n3 // beat)))),
+        ("group_exact", "direct", "direct", True, (slots, p_in + 1, 4 * p_out, 4 * p_out)),
+        ("k1", "direct", "direct", False, (slots + 1, 1, 5 * p_out, 5 * p_out)),
+        ("k2", "direct", "direct", True, (3, 2, 5 * p_out + 1, 6 * p_out)),
+        ("whole", "direct", "direct", False, (2 * slots + 1, 3 * p_in + 3, p_out - 1, p_out - 1)),
+        ("gather_scatter", "gather", "scatter", False, (2 * slots + 3, 3 * p_in + 1, n3, beat * (-(-n3 // beat)))),
+        ("queue_queue", "queue", "queue", False, (slots + 3, p_in + 1, 4 * p_out + 2, 5 * p_out)),
+        ("direct_queue", "direct", "queue", False, (slots + 3, 2 * p_in, n3, n3 + 1)),
+    ]
+    cases = []
+    for name, xm, ym, res, shape in shapes:
+        for w16 in (False, True):
+            cases.append(gemm_case(rng, hw, f"{name}_{'w16' if w16 else 'w8'}", xm, ym, residual=res, shape=shape,
+                                   w16=w16))
+    return cases
+
+
+def test_weight_groups_and_write_ports_bit_exact():
+    rng = random.Random(14)
+    cases = pinned_cases(rng)
+    # a refusal found after the weights started loading during the queue pre-pass
+    q = gemm_case(rng, HW, "q_late_refusal", "gather", "queue", residual=False, shape=(9, 13, 37, 40))
+    variant = dict(q.instrs[0].fields, rows=0)
+    cases.append(Case("q_late_refusal", [isa.Instr("gemm", variant, q.instrs[0].flags)], q.weights, q.image,
+                      q.arena_bytes, q.output_bytes))
+    run_and_compare(cases, seed=4)
+    run_and_compare(pinned_cases(random.Random(15))[::3], seed=5, stall_permille=300)
+
+
+@pytest.mark.slow
+def test_x_not_resident_bit_exact():
+    """A configuration whose activation buffer holds few rows: x is read again for every weight
+    group, a block of rows at a time (its own Verilator build)."""
+    small = HW.replace(buffers=dataclasses.replace(HW.buffers, activations=256))
+    rng = random.Random(16)
+    cases = pinned_cases(rng, small)
+    cases += [gemm_case(rng, small, f"g_big{i}", big=True) for i in range(4)]
+    run_and_compare(cases, seed=4, hw=small)
+    run_and_compare(cases[::4], seed=5, stall_permille=300, hw=small)
 
 
 @pytest.mark.slow

@@ -2,25 +2,32 @@
 // residual) and `moe_combine` (with residual), on the shared compute unit, bit-exact with
 // compiler/program_exec.py (numerics.gemm, gemm_gelu, moe_combine, residual_add).
 //
-// GEMM dataflow (the loop order of compiler/schedule.py):
-//   for each output tile of P_OUT channels (o0):
-//     the weight loader reads the tile's whole K extent (one segment per weight row k: w[k][o0..]),
-//     its biases and shifts into the weight banks (P_IN banks of KS_MAX rows of P_OUT weights);
-//     for each block of up to SLOTS rows (two x banks: the next block's rows load while this one
-//     computes): the x loader reads each row (src(r), all K) into the block's x bank;
-//       for each K chunk kc: one parameter tile (weight bank row kc) goes to the compute unit,
-//         then one beat per row of the block (slot = row in the block), so a tile serves the block.
-//   The outputs come back in row order; each becomes one write segment of the tile's channels at
-//   row dst(r), after residual_add with the matching residual row (flag residual; add_unit with
-//   b = 0 and shifts 0 is the identity otherwise).
-// moe_combine: for each block of up to SLOTS tokens, its scores, expert indices and expert
-// outputs (rows t·k + j, contiguous: one full-row segment each) are read on chip, then for each
-// output tile and each top-k slot j one beat per token; each beat carries its own parameter
-// tile, whose combine shift is the expert's.
+// GEMM dataflow:
+//   x: when the instruction's rows fit the resident store (rows * ceil(K / P_IN) entries of P_IN
+//   activations, half of buffers.activations), every row src(r) is read once (port 0, one
+//   segment of K elements each) and stays on chip; otherwise each pass over the rows reloads
+//   them a block of SLOTS rows at a time into two banks.
+//   weights: groups of up to GT output tiles (as many as fit one half of the weight store, two
+//   halves: the next group loads while this one computes). Per group, port 1 reads the biases
+//   and shifts, then the weight rows k (one segment over the group's columns each, a chunk per
+//   tile) are dealt to ports 1, 2, 3 (3 only without residual) by k mod NW; a K chunk of a tile
+//   may go to the compute unit as soon as its rows are in.
+//   for each group: for each block of up to SLOTS rows: for each tile of the group: for each K
+//     chunk kc: one parameter tile, then one beat per row of the block (slot = row in the block).
+//   The outputs come back in that order; each becomes one write segment of the tile's channels
+//   at row dst(r), after residual_add with the matching residual row (flag residual: port 3
+//   reads a block's residual rows over the group's columns into one of two block buffers;
+//   add_unit with b = 0 and shifts 0 is the identity otherwise). Output rows go to the write
+//   channels of ports 2, 0, 3 by dst(r) mod 3 when rows start on beat boundaries.
+// moe_combine: blocks of up to SLOTS tokens in two buffers (the next block loads while this one
+// computes): port 1 reads the block's scores and indices, ports 0 and 1 its expert outputs (rows
+// t·k + j, contiguous: one full-row segment each, even rows on port 0, odd on port 1); then per
+// token, output tile and top-k slot j one beat, each with its own parameter tile, whose combine
+// shift is the expert's. The residual (port 3) is one segment per row.
 //
-// Ports: 0 reads x rows / expert outputs and the queue table, 1 weight rows of even k, biases,
-// shifts, scores and indices, 2 weight rows of odd k and writes the outputs, 3 reads the residual
-// (PORTS >= 4).
+// Ports: 0 reads x rows / even expert-output rows and the queue table; 1 reads biases, shifts,
+// weight rows, scores, indices and odd expert-output rows; 2 reads weight rows; 3 reads the
+// residual, or without it weight rows. Outputs: port 2, or ports 2, 0, 3 by row mod 3 (PORTS >= 4).
 // Operand checks follow program_exec.py (over_limit before any store; undefined row modes and
 // residual with a non-direct row mode: bad_opcode). Refused as over_limit where the datapath has
 // no room, as the HLS kernel does: a format that is not signed of 1..ACT_W bits (fmt, gelu_fmt,
@@ -140,17 +147,21 @@ module eng_gemm #(
     localparam int CW1     = $clog2(CH1 + 1);
     localparam int CW3     = $clog2(CH3 + 1);
     localparam int CWW     = $clog2(CH3 + 1);
-    localparam int XBD     = 2 * SLOTS * KS_MAX;                    // x banks: 2 blocks of SLOTS rows
+    localparam int XBB     = 2 * SLOTS * KS_MAX;                    // x banks: 2 blocks of SLOTS rows
+    // resident x rows: half of buffers.activations, in entries of P_IN activations
+    localparam int XRES    = `M3V_BUF_ACTIVATIONS / 2 / (2 * P_IN);
+    localparam int XBD     = XRES > XBB ? XRES : XBB;
     localparam int XAW     = $clog2(XBD);
     localparam int KAW     = $clog2(KS_MAX);
     localparam int WKW     = $clog2(2 * KS_MAX);
     localparam int TAW     = $clog2(MAX_T);
     localparam int SBD     = SLOTS * MAX_K;
     localparam int OT_MAX  = (`M3V_MAX_DIM + P_OUT - 1) / P_OUT;
-    localparam int YBD     = SBD * OT_MAX;                          // a combine block's expert outputs
-    localparam int YAW     = $clog2(YBD);
-    localparam int SAW     = $clog2(SBD);
+    localparam int SAW     = $clog2(2 * SBD);
     localparam int EAW     = $clog2(MAX_E);
+    // x rows, weight rows and combine rows are long contiguous segments: bursts up to 64 beats
+    // (the 4 KB rule still cuts them) keep a port streaming with the DDR's outstanding-read limit
+    localparam int RD_BURST = MAX_BURST > 64 ? MAX_BURST : 64;
 
     // ================================================================ decode (rec is stable until done)
     function automatic logic [31:0] word(input int k);
@@ -251,7 +262,7 @@ module eng_gemm #(
 
     // ================================================================ control
     typedef enum logic [4:0] {
-        S_IDLE, S_G0, S_QOFF, S_G1, S_LSRC, S_LDST, S_G2, S_GRUN,
+        S_IDLE, S_G0, S_QOFF, S_G1, S_LSRC, S_LDST, S_G2, S_GRUN, S_GDRAIN,
         S_C0, S_CIDX, S_CSH0, S_CSH, S_C1, S_CRUN, S_DONE
     } state_t;
     state_t state;
@@ -452,10 +463,10 @@ module eng_gemm #(
                     if (hi <= lo) begin
                         st_code <= (xm == 2'd0 && !fits(g_x, prod2(g_rows, g_xld))) ? `M3V_ISA_STATUS_OVER_LIMIT
                                                                                    : `M3V_ISA_STATUS_OK;
-                        state <= S_DONE;
+                        state <= S_GDRAIN;
                     end else if (hi > entries || hi - lo > g_rows || hi - lo > 32'(MAX_T)) begin
                         st_code <= `M3V_ISA_STATUS_OVER_LIMIT;
-                        state   <= S_DONE;
+                        state   <= S_GDRAIN;
                     end else if (xm == 2'd1) state <= S_LSRC;
                     else if (ym == 2'd2) state <= S_LDST;
                     else state <= S_G2;
@@ -477,9 +488,11 @@ module eng_gemm #(
                 S_G2: begin
                     if (!g_hw_ok || !g_fits) begin
                         st_code <= `M3V_ISA_STATUS_OVER_LIMIT;
-                        state   <= S_DONE;
+                        state   <= S_GDRAIN;
                     end else state <= S_GRUN;
                 end
+                // a refused or empty gemm: the weights read ahead during the pre-pass come in first
+                S_GDRAIN: if (!wl_busy) state <= S_DONE;
                 S_GRUN: if (fin_g) begin
                     st_code <= `M3V_ISA_STATUS_OK;
                     state   <= S_DONE;
@@ -531,40 +544,101 @@ module eng_gemm #(
     assign run_g = state == S_GRUN;
     assign run_c = state == S_CRUN;
 
-    // ================================================================ gemm: weight loader (port 1)
+    // ================================================================ gemm: weight loader (ports 1, 2, 3)
+    // The weights go on chip a group of up to GT output tiles at a time (as many as the K extent
+    // lets into one half of the weight store), into one of two halves, so the next group loads
+    // while the tile pusher serves this one. A group's weight row k is one segment of the group's
+    // width (long bursts), cut into one P_OUT-weight chunk per tile. The rows are dealt to NW
+    // ports (k mod NW: ports 1, 2 and, without residual, 3), each with its own receiver; two
+    // receivers that would write the same bank in a cycle are served in port order (the other
+    // waits a cycle). Port 1 first reads the group's biases and shifts, so the tile pusher may
+    // start on a group while its rows still arrive: a K chunk goes out once its rows are in. When
+    // N <= P_OUT (one tile spans the matrix) the whole matrix is one segment on port 1, one chunk
+    // per row.
+    localparam int  GT    = 4;                          // output tiles per weight group, at most
+    localparam int  GTW   = $clog2(GT + 1);
+    localparam int  BMW   = $clog2(2 * GT);
+    localparam int  NWP   = 3;                          // weight receivers: ports 1, 2, 3
     localparam logic [1:0] WL_W = 2'd0, WL_B = 2'd1, WL_S = 2'd2, WL_D = 2'd3;
-    // two weight tiles: the loader fills one while the pusher serves the other
-    logic                     wl_busy, wl_sel, pu_sel, ld_done;
-    logic [1:0]               wt_full;
-    logic [1:0]               wl_ph, wr_ph;
-    logic [31:0]              wl_o0, wl_k, wr_k, wr_o, wl_nc;
-    logic [63:0]              wl_addr;
-    logic [KAW-1:0]           wr_kc;
-    logic [$clog2(P_IN+1)-1:0] wr_ki;
-    logic [P_OUT*ACC_W-1:0]   bias_reg [0:1];
-    logic [P_OUT*SHIFT_W-1:0] shift_reg [0:1];
-    logic [P_OUT*W_W-1:0]     wrow;
-    logic                     wl_sv, wl_start, wl_whole;
 
-    assign wl_nc    = min32(32'(P_OUT), g_n - wl_o0);
-    assign wl_start = run_g && !wl_busy && !wt_full[wl_sel] && wl_o0 < g_n;
-    assign wl_sv    = run_g && wl_busy && wl_ph != 2'(WL_D);
-    assign ld_done  = run_g && wl_busy && r1_cfire && wr_ph == 2'(WL_S) && r1_cl;
-    // weight rows alternate between the readers of ports 1 (even k) and 2 (odd k): short
-    // segments are bounded by the bursts in flight per port, two ports double the rate
-    logic             wl_to2, wr_from2, w_cfire, w_cl;
-    logic [CH1*8-1:0] w_cd;
-    assign wl_to2   = wl_ph == WL_W && !wl_whole && wl_k[0];
-    assign wr_from2 = wr_ph == WL_W && !wl_whole && wr_k[0];
-    assign w_cd     = wr_from2 ? r2_cd : r1_cd;
-    assign w_cl     = wr_from2 ? r2_cl : r1_cl;
-    assign w_cfire  = run_g && wl_busy && (wr_from2 ? r2_cv && r2_cr : r1_cfire);
-    // a tile as wide as the matrix is one contiguous block: one segment, one chunk per row k
-    assign wl_whole = wl_nc == g_n;
+    logic [31:0]              ks, nw, gcols;
+    logic [GTW-1:0]           gsz;                      // tiles per group of this instruction
+    logic                     wl_whole;
+    assign ks       = (g_k + 32'(P_IN - 1)) / 32'(P_IN);
+    assign wl_whole = g_n <= 32'(P_OUT);
+    assign nw       = wl_whole ? 32'd1 : (g_res ? 32'd2 : 32'd3);
+    assign gcols    = 32'(gsz) * 32'(P_OUT);
 
-    always_comb
-        for (int o = 0; o < P_OUT; o++)
-            wrow[o*W_W +: W_W] = g_w16 ? W_W'(signed'(w_cd[o*16 +: 16])) : W_W'(signed'(w_cd[o*8 +: 8]));
+    always_ff @(posedge clk)
+        if (state == S_G0) gsz <= GTW'(min32(32'(GT), 32'(KS_MAX) / (ks == 0 ? 32'd1 : ks)));
+
+    // The weights do not depend on the queue: when the instruction's weight operands pass their
+    // checks, the loader starts during the queue pre-pass (S_QOFF .. S_G2). A refusal found
+    // after that waits in S_GDRAIN for the loader's group to come in.
+    logic wl_early, wl_en;
+    always_ff @(posedge clk)
+        if (state == S_G0)
+            wl_early <= g_hw_ok && fits(g_w, {2'b00, 64'(g_k) * 64'(g_n) * 64'(wbytes)}) &&
+                        (!g_bias || fits(g_b, {34'd0, g_n} << 3)) && fits(g_s, {34'd0, g_n});
+    assign wl_en = run_g || (wl_early && (state == S_QOFF || state == S_G1 || state == S_LSRC ||
+                                          state == S_LDST || state == S_G2 || state == S_GDRAIN));
+
+    logic                     wl_busy, wl_half, pu_half, ld_done;
+    logic [1:0]               wt_full, wt_bs;
+    logic [31:0]              wl_g0, wl_gw;
+    logic [63:0]              wl_base;
+    assign wl_gw   = min32(32'(gsz) * 32'(P_OUT), g_n - wl_g0);
+    assign wl_base = addr_of(g_w) + 64'(wl_g0) * 64'(wbytes);
+
+    logic wl_start;
+    assign wl_start = wl_en && state != S_GDRAIN && !wl_busy && !wt_full[wl_half] && !wt_bs[wl_half] && wl_g0 < g_n;
+
+    // ---- per weight port p (port p + 1): issuer and receiver of rows k = p, p + nw, ...
+    logic [1:0]           i_ph [0:NWP-1];
+    logic [31:0]          i_k  [0:NWP-1];
+    logic [63:0]          i_a  [0:NWP-1];
+    logic [NWP-1:0]       i_sv, i_sr;
+    logic [1:0]           rc_ph [0:NWP-1];
+    logic [31:0]          rc_k  [0:NWP-1];
+    logic [31:0]          rc_t  [0:NWP-1];
+    logic [31:0]          rc_tb [0:NWP-1];
+    logic [31:0]          rc_o;
+    logic [NWP-1:0]       rc_cv, rc_cl, rc_cr, rc_fire, rc_want, rc_grant;
+    logic [CH1*8-1:0]     rc_cd [0:NWP-1];
+    logic [P_OUT*W_W-1:0] rc_row [0:NWP-1];
+    logic [$clog2(P_IN)-1+1:0] rc_bank [0:NWP-1];
+    logic [WKW-1:0]       rc_wa [0:NWP-1];
+    logic [P_OUT*ACC_W-1:0]   b_stage, b_next;
+    logic [P_OUT*SHIFT_W-1:0] s_stage, s_next;
+    logic [P_OUT*ACC_W-1:0]   bias_mem  [0:2*GT-1];
+    logic [P_OUT*SHIFT_W-1:0] shift_mem [0:2*GT-1];
+
+    assign rc_cv    = {r3_cv, r2_cv, r1_cv};
+    assign rc_cl    = {r3_cl, r2_cl, r1_cl};
+    assign rc_cd[0] = r1_cd;
+    assign rc_cd[1] = r2_cd;
+    assign rc_cd[2] = (CH1*8)'(r3_cd);
+    assign i_sr    = {r3_sr, r2_sr, r1_sr};
+
+    always_comb begin
+        for (int p = 0; p < NWP; p++) begin
+            i_sv[p]   = wl_en && wl_busy && i_ph[p] != WL_D;
+            rc_want[p] = wl_en && wl_busy && rc_ph[p] == WL_W && rc_cv[p];
+            rc_bank[p] = ($clog2(P_IN)+1)'(rc_k[p] % 32'(P_IN));
+            rc_wa[p]   = WKW'(32'(wl_half) * 32'(KS_MAX) + rc_tb[p] + rc_k[p] / 32'(P_IN));
+            for (int o = 0; o < P_OUT; o++)
+                rc_row[p][o*W_W +: W_W] = g_w16 ? W_W'(signed'(rc_cd[p][o*16 +: 16])) : W_W'(signed'(rc_cd[p][o*8 +: 8]));
+        end
+        // one write per bank and cycle: a lower port first
+        for (int p = 0; p < NWP; p++) begin
+            rc_grant[p] = 1'b1;
+            for (int q = 0; q < p; q++)
+                if (rc_want[q] && rc_bank[q] == rc_bank[p]) rc_grant[p] = 1'b0;
+            rc_cr[p]   = wl_en && wl_busy && rc_ph[p] != WL_D && (rc_ph[p] != WL_W || rc_grant[p]);
+            rc_fire[p] = rc_cv[p] && rc_cr[p];
+        end
+    end
+    assign ld_done = wl_en && wl_busy && rc_ph[0] == WL_D && rc_ph[1] == WL_D && rc_ph[2] == WL_D;
 
     function automatic logic [SHIFT_W-1:0] sh_clamp(input logic [7:0] v);
         logic signed [8:0] s;
@@ -574,103 +648,164 @@ module eng_gemm #(
         else sh_clamp = SHIFT_W'(s);
     endfunction
 
+    // bias / shift lane o of tile t: staged, a tile's entry written when its last lane (or the
+    // group's last value) arrives
+    logic           rc_tile_end;
+    logic [BMW-1:0] rc_bm;
+    assign rc_tile_end = rc_o == 32'(P_OUT - 1) || r1_cl;
+    assign rc_bm       = BMW'(32'(wl_half) * 32'(GT) + rc_t[0]);
+
+    always_comb begin
+        b_next = b_stage;
+        b_next[rc_o*ACC_W +: ACC_W] = ACC_W'(r1_cd[63:0]);
+        s_next = s_stage;
+        s_next[rc_o*SHIFT_W +: SHIFT_W] = sh_clamp(r1_cd[7:0]);
+    end
+
+    always_ff @(posedge clk) begin
+        if (rc_fire[0] && rc_ph[0] == WL_B) begin
+            b_stage <= rc_tile_end ? '0 : b_next;
+            if (rc_tile_end) bias_mem[rc_bm] <= b_next;
+        end
+        if (rc_fire[0] && rc_ph[0] == WL_S) begin
+            s_stage <= rc_tile_end ? '0 : s_next;
+            if (rc_tile_end) shift_mem[rc_bm] <= s_next;
+        end
+        if (state == S_IDLE) begin
+            b_stage <= '0;
+            s_stage <= '0;
+        end
+    end
+
+    logic bs_done;
+    assign bs_done = rc_fire[0] && rc_ph[0] == WL_S && r1_cl;
+
     always_ff @(posedge clk) begin
         if (!rst_n || state == S_IDLE) begin
             wl_busy <= 1'b0;
-            wl_ph   <= 2'(WL_W);
-            wr_ph   <= 2'(WL_W);
-            wl_o0   <= '0;
-            wl_k    <= '0;
-            wr_k    <= '0;
-            wr_o    <= '0;
-            wr_kc   <= '0;
-            wr_ki   <= '0;
-            wl_addr <= '0;
-            wl_sel  <= 1'b0;
+            wl_half <= 1'b0;
+            wl_g0   <= '0;
+            rc_o     <= '0;
+            for (int p = 0; p < NWP; p++) begin
+                i_ph[p] <= WL_D;
+                rc_ph[p] <= WL_D;
+                i_k[p]  <= '0;
+                i_a[p]  <= '0;
+                rc_k[p]  <= '0;
+                rc_t[p]  <= '0;
+                rc_tb[p] <= '0;
+            end
         end else begin
             if (wl_start) begin
-                wl_busy   <= 1'b1;
-                wl_ph     <= 2'(WL_W);
-                wr_ph     <= 2'(WL_W);
-                wl_k      <= '0;
-                wr_k      <= '0;
-                wr_o      <= '0;
-                wr_kc     <= '0;
-                wr_ki     <= '0;
-                wl_addr   <= addr_of(g_w) + 64'(wl_o0) * 64'(wbytes);
-                bias_reg[wl_sel]  <= '0;
-                shift_reg[wl_sel] <= '0;
+                wl_busy <= 1'b1;
+                rc_o     <= '0;
+                for (int p = 0; p < NWP; p++) begin
+                    i_k[p]  <= 32'(p);
+                    i_a[p]  <= wl_base + 64'(p) * 64'(g_n) * 64'(wbytes);
+                    rc_k[p]  <= 32'(p);
+                    rc_t[p]  <= '0;
+                    rc_tb[p] <= '0;
+                    // port 1 starts with the biases and shifts; a port without rows is done
+                    if (p == 0) begin
+                        i_ph[p] <= g_bias ? WL_B : WL_S;
+                        rc_ph[p] <= g_bias ? WL_B : WL_S;
+                    end else begin
+                        i_ph[p] <= (32'(p) < nw && 32'(p) < g_k) ? WL_W : WL_D;
+                        rc_ph[p] <= (32'(p) < nw && 32'(p) < g_k) ? WL_W : WL_D;
+                    end
+                end
             end
-            if (wl_sv && (wl_to2 ? r2_sr : r1_sr)) begin
-                case (wl_ph)
-                    2'(WL_W): begin
-                        wl_addr <= wl_addr + 64'(g_n) * 64'(wbytes);
-                        wl_k    <= wl_k + 32'd1;
-                        if (wl_whole || wl_k + 32'd1 == g_k) wl_ph <= g_bias ? 2'(WL_B) : 2'(WL_S);
-                    end
-                    2'(WL_B): wl_ph <= 2'(WL_S);
-                    default:  wl_ph <= 2'(WL_D);
-                endcase
+            for (int p = 0; p < NWP; p++) begin
+                if (i_sv[p] && i_sr[p]) begin
+                    case (i_ph[p])
+                        WL_W: begin
+                            i_k[p] <= i_k[p] + nw;
+                            i_a[p] <= i_a[p] + 64'(nw) * 64'(g_n) * 64'(wbytes);
+                            if (wl_whole || i_k[p] + nw >= g_k) i_ph[p] <= WL_D;
+                        end
+                        WL_B:    i_ph[p] <= WL_S;
+                        default: i_ph[p] <= WL_W;
+                    endcase
+                end
+                if (rc_fire[p]) begin
+                    case (rc_ph[p])
+                        WL_W: begin
+                            if (wl_whole || rc_cl[p]) begin
+                                // the row is complete: this port's next row
+                                rc_t[p]  <= '0;
+                                rc_tb[p] <= '0;
+                                rc_k[p]  <= rc_k[p] + nw;
+                                if (rc_k[p] + nw >= g_k) rc_ph[p] <= WL_D;
+                            end else begin
+                                rc_t[p]  <= rc_t[p] + 32'd1;
+                                rc_tb[p] <= rc_tb[p] + ks;
+                            end
+                        end
+                        default: begin      // port 1: biases, then shifts, P_OUT lanes per tile
+                            rc_o <= rc_o + 32'd1;
+                            if (rc_tile_end) begin
+                                rc_o     <= '0;
+                                rc_t[p]  <= rc_t[p] + 32'd1;
+                            end
+                            if (rc_cl[p]) begin
+                                rc_o     <= '0;
+                                rc_t[p]  <= '0;
+                                rc_ph[p] <= rc_ph[p] == WL_B ? WL_S : WL_W;
+                            end
+                        end
+                    endcase
+                end
             end
-            if (w_cfire) begin
-                case (wr_ph)
-                    2'(WL_W): begin
-                        wr_k <= wr_k + 32'd1;
-                        if (32'(wr_ki) == 32'(P_IN - 1)) begin
-                            wr_ki <= '0;
-                            wr_kc <= wr_kc + 1'b1;
-                        end else wr_ki <= wr_ki + 1'b1;
-                        if (wr_k + 32'd1 == g_k) wr_ph <= g_bias ? 2'(WL_B) : 2'(WL_S);
-                    end
-                    2'(WL_B): begin
-                        bias_reg[wl_sel][wr_o*ACC_W +: ACC_W] <= ACC_W'(r1_cd[63:0]);
-                        wr_o <= wr_o + 32'd1;
-                        if (r1_cl) begin
-                            wr_o  <= '0;
-                            wr_ph <= 2'(WL_S);
-                        end
-                    end
-                    default: begin
-                        shift_reg[wl_sel][wr_o*SHIFT_W +: SHIFT_W] <= sh_clamp(r1_cd[7:0]);
-                        wr_o <= wr_o + 32'd1;
-                        if (r1_cl) begin
-                            wl_busy <= 1'b0;
-                            wl_sel  <= !wl_sel;
-                            wl_o0   <= wl_o0 + 32'(P_OUT);
-                        end
-                    end
-                endcase
+            if (ld_done) begin
+                wl_busy <= 1'b0;
+                wl_half <= !wl_half;
+                wl_g0   <= wl_g0 + gcols;
             end
         end
     end
 
-    // weight banks: bank i holds rows k = kc * P_IN + i
+    // weight store: bank i holds rows k = kc * P_IN + i; half h, tile t of its group, chunk kc at
+    // h * KS_MAX + t * ks + kc
     logic [P_IN*P_OUT*W_W-1:0] tq_w;
     logic                      tq_load;
+    logic [31:0]               pu_tb;
     logic [KAW-1:0]            pu_kc;
+    logic [WKW-1:0]            pu_wa;
+    assign pu_wa = WKW'(32'(pu_half) * 32'(KS_MAX) + pu_tb + 32'(pu_kc));
     genvar gi;
     generate
         for (gi = 0; gi < P_IN; gi++) begin : g_wbank
             logic [P_OUT*W_W-1:0] mem [0:2*KS_MAX-1];
             always_ff @(posedge clk) begin
-                if (w_cfire && wr_ph == 2'(WL_W) && 32'(wr_ki) == gi)
-                    mem[WKW'(32'(wl_sel) * 32'(KS_MAX) + 32'(wr_kc))] <= wrow;
-                if (tq_load) tq_w[gi*P_OUT*W_W +: P_OUT*W_W] <= mem[WKW'(32'(pu_sel) * 32'(KS_MAX) + 32'(pu_kc))];
+                for (int p = 0; p < NWP; p++)
+                    if (rc_fire[p] && rc_ph[p] == WL_W && 32'(rc_bank[p]) == gi) mem[rc_wa[p]] <= rc_row[p];
+                if (tq_load) tq_w[gi*P_OUT*W_W +: P_OUT*W_W] <= mem[pu_wa];
             end
         end
     endgenerate
 
     // ================================================================ gemm: tile pusher
-    logic                     pu_act, tq_v;
-    logic [31:0]              pu_r0;
+    // For each tile of a group, each block of SLOTS rows and each K chunk: one tile, once the
+    // group's biases and shifts and the chunk's rows are in.
+    logic                     pu_act, tq_v, pu_rows;
+    logic [31:0]              pu_r0, pu_t, pu_o0, pu_g0, pu_end;
     logic [P_OUT*ACC_W-1:0]   tq_bias;
     logic [P_OUT*SHIFT_W-1:0] tq_shift;
     logic                     w_fire;
-    logic [31:0]              ks;
+    logic [BMW-1:0]           pu_bm;
 
-    assign ks      = (g_k + 32'(P_IN - 1)) / 32'(P_IN);
     assign w_fire  = cu_w_valid && cu_w_ready;
-    assign tq_load = run_g && pu_act && (!tq_v || w_fire);
+    assign pu_bm   = BMW'(32'(pu_half) * 32'(GT) + pu_t);
+    assign pu_end  = min32(g_k, (32'(pu_kc) + 32'd1) * 32'(P_IN));
+    always_comb begin
+        pu_rows = wt_full[pu_half];
+        if (wl_busy && wl_half == pu_half) begin
+            pu_rows = 1'b1;
+            for (int p = 0; p < NWP; p++)
+                if (rc_ph[p] != WL_D && !(rc_ph[p] == WL_W && rc_k[p] >= pu_end)) pu_rows = 1'b0;
+        end
+    end
+    assign tq_load = run_g && pu_act && pu_rows && (!tq_v || w_fire);
 
     always_ff @(posedge clk) begin
         if (!rst_n || state == S_IDLE) begin
@@ -678,26 +813,49 @@ module eng_gemm #(
             tq_v    <= 1'b0;
             pu_kc   <= '0;
             pu_r0   <= '0;
-            pu_sel  <= 1'b0;
+            pu_t    <= '0;
+            pu_tb   <= '0;
+            pu_o0   <= '0;
+            pu_g0   <= '0;
+            pu_half <= 1'b0;
             wt_full <= '0;
+            wt_bs   <= '0;
         end else begin
-            if (ld_done) wt_full[wl_sel] <= 1'b1;
-            if (run_g && wt_full[pu_sel] && !pu_act) begin
+            if (ld_done) wt_full[wl_half] <= 1'b1;
+            if (bs_done) wt_bs[wl_half] <= 1'b1;
+            if (run_g && wt_bs[pu_half] && !pu_act) begin
                 pu_act <= 1'b1;
                 pu_kc  <= '0;
                 pu_r0  <= '0;
+                pu_t   <= '0;
+                pu_tb  <= '0;
             end
             if (tq_load) begin
                 tq_v     <= 1'b1;
-                tq_bias  <= bias_reg[pu_sel];
-                tq_shift <= shift_reg[pu_sel];
+                tq_bias  <= g_bias ? bias_mem[pu_bm] : '0;
+                tq_shift <= shift_mem[pu_bm];
                 if (32'(pu_kc) + 32'd1 == ks) begin
                     pu_kc <= '0;
-                    pu_r0 <= pu_r0 + 32'(SLOTS);
-                    if (pu_r0 + 32'(SLOTS) >= rows_e) begin
-                        pu_act  <= 1'b0;
-                        pu_sel  <= !pu_sel;
-                        wt_full[pu_sel] <= 1'b0;
+                    if (pu_t + 32'd1 == 32'(gsz) || pu_o0 + 32'(P_OUT) >= g_n) begin
+                        // the block has had every tile of the group: the next block, or the
+                        // group is done and its half is released
+                        pu_t  <= '0;
+                        pu_tb <= '0;
+                        pu_o0 <= pu_g0;
+                        pu_r0 <= pu_r0 + 32'(SLOTS);
+                        if (pu_r0 + 32'(SLOTS) >= rows_e) begin
+                            pu_r0   <= '0;
+                            pu_g0   <= pu_g0 + gcols;
+                            pu_o0   <= pu_g0 + gcols;
+                            pu_act  <= 1'b0;
+                            pu_half <= !pu_half;
+                            wt_full[pu_half] <= 1'b0;
+                            wt_bs[pu_half]   <= 1'b0;
+                        end
+                    end else begin
+                        pu_t  <= pu_t + 32'd1;
+                        pu_tb <= pu_tb + ks;
+                        pu_o0 <= pu_o0 + 32'(P_OUT);
                     end
                 end else pu_kc <= pu_kc + 1'b1;
             end else if (w_fire) tq_v <= 1'b0;
@@ -705,13 +863,21 @@ module eng_gemm #(
     end
 
     // ================================================================ gemm: x loader (port 0)
+    // Resident (the instruction's rows x K chunks fit XRES entries): every row is read once, row r
+    // at r * ks; the beats of a row may go as soon as the row is in. Otherwise the rows are read
+    // again for every weight group, a block of SLOTS rows at a time into one of two banks.
+    logic        x_res;
     logic [1:0]  xb_own, xb_rdy;
     logic        xi_bank, xr_bank, bi_bank;
-    logic [31:0] xi_o0, xi_r0, xi_r, xr_r, xr_r0, xi_src, xi_nb, xr_nb;
+    logic [31:0] xi_o0, xi_r0, xi_r, xr_r, xr_r0, xi_src, xi_nb, xr_nb, xr_rows, xr_base;
     logic [KAW-1:0] xr_kc;
     logic        xi_sv, xi_fire, xi_claim, xr_fire, xr_blk_done;
     logic        bi_release;
+    logic [XAW-1:0] xr_wa;
     logic [P_IN*16-1:0] xbuf [0:XBD-1];
+
+    always_ff @(posedge clk)
+        if (state == S_G2) x_res <= 64'(rows_e) * 64'(ks) <= 64'(XRES);
 
     assign xi_nb = min32(32'(SLOTS), rows_e - xi_r0);
     assign xr_nb = min32(32'(SLOTS), rows_e - xr_r0);
@@ -722,14 +888,16 @@ module eng_gemm #(
             default: xi_src = lo + xi_r0 + xi_r;
         endcase
     end
-    assign xi_sv   = run_g && xi_o0 < g_n && (xi_r != 0 || !xb_own[xi_bank]);
+    assign xi_sv   = run_g && xi_o0 < g_n && (x_res || xi_r != 0 || !xb_own[xi_bank]);
     assign xi_fire = xi_sv && r0_sr;
-    assign xi_claim = xi_fire && xi_r == 0;
+    assign xi_claim = xi_fire && xi_r == 0 && !x_res;
     assign xr_fire = run_g && r0_cfire;
-    assign xr_blk_done = xr_fire && r0_cl && xr_r + 32'd1 == xr_nb;
+    assign xr_blk_done = xr_fire && r0_cl && xr_r + 32'd1 == xr_nb && !x_res;
+    assign xr_wa = x_res ? XAW'(xr_base + 32'(xr_kc))
+                         : XAW'((32'(xr_bank) * 32'(SLOTS) + xr_r) * 32'(KS_MAX) + 32'(xr_kc));
 
     always_ff @(posedge clk) begin
-        if (xr_fire) xbuf[XAW'((32'(xr_bank) * 32'(SLOTS) + xr_r) * 32'(KS_MAX) + 32'(xr_kc))] <= r0_cd[P_IN*16-1:0];
+        if (xr_fire) xbuf[xr_wa] <= r0_cd[P_IN*16-1:0];
     end
 
     always_ff @(posedge clk) begin
@@ -744,6 +912,8 @@ module eng_gemm #(
             xr_r    <= '0;
             xr_r0   <= '0;
             xr_kc   <= '0;
+            xr_rows <= '0;
+            xr_base <= '0;
         end else begin
             if (xi_fire) begin
                 if (xi_r + 32'd1 == xi_nb) begin
@@ -751,13 +921,16 @@ module eng_gemm #(
                     xi_bank <= !xi_bank;
                     if (xi_r0 + 32'(SLOTS) >= rows_e) begin
                         xi_r0 <= '0;
-                        xi_o0 <= xi_o0 + 32'(P_OUT);
+                        // resident rows are read once
+                        xi_o0 <= x_res ? g_n : xi_o0 + gcols;
                     end else xi_r0 <= xi_r0 + 32'(SLOTS);
                 end else xi_r <= xi_r + 32'd1;
             end
             if (xr_fire) begin
                 if (r0_cl) begin
-                    xr_kc <= '0;
+                    xr_kc   <= '0;
+                    xr_rows <= xr_rows + 32'd1;
+                    xr_base <= xr_base + ks;
                     if (xr_r + 32'd1 == xr_nb) begin
                         xr_r    <= '0;
                         xr_bank <= !xr_bank;
@@ -777,26 +950,36 @@ module eng_gemm #(
     end
 
     // ================================================================ gemm: beat issuer
-    logic [31:0]        bi_o0, bi_r0, bi_r, bi_nb;
+    // Per weight group, per block of SLOTS rows, per tile of the group, per K chunk: one beat per
+    // row of the block (slot = row in the block). A block serves every tile of the group before
+    // the next block, so the first pass over x feeds the whole group.
+    logic [31:0]        bi_g0, bi_o0, bi_t, bi_r0, bi_r, bi_nb;
     logic [KAW-1:0]     bi_kc;
-    logic               bq_v, bq_first, bq_last, bq_wnext, bi_load, x_fire;
+    logic               bq_v, bq_first, bq_last, bq_wnext, bi_load, x_fire, bi_rdy, bi_tlast;
     logic [SLOT_W-1:0]  bq_slot;
     logic [P_IN*16-1:0] bq_act;
+    logic [XAW-1:0]     bi_ra;
 
-    assign bi_nb   = min32(32'(SLOTS), rows_e - bi_r0);
-    assign x_fire  = cu_x_valid && cu_x_ready;
-    assign bi_load = run_g && bi_o0 < g_n && xb_rdy[bi_bank] && (!bq_v || x_fire);
-    assign bi_release = bi_load && bi_r + 32'd1 == bi_nb && 32'(bi_kc) + 32'd1 == ks;
+    assign bi_nb    = min32(32'(SLOTS), rows_e - bi_r0);
+    assign x_fire   = cu_x_valid && cu_x_ready;
+    assign bi_tlast = bi_t + 32'd1 == 32'(gsz) || bi_o0 + 32'(P_OUT) >= g_n;
+    assign bi_rdy   = x_res ? xr_rows > bi_r0 + bi_r : xb_rdy[bi_bank];
+    assign bi_load  = run_g && bi_g0 < g_n && bi_rdy && (!bq_v || x_fire);
+    assign bi_release = bi_load && bi_r + 32'd1 == bi_nb && 32'(bi_kc) + 32'd1 == ks && bi_tlast && !x_res;
+    assign bi_ra    = x_res ? XAW'((bi_r0 + bi_r) * ks + 32'(bi_kc))
+                            : XAW'((32'(bi_bank) * 32'(SLOTS) + bi_r) * 32'(KS_MAX) + 32'(bi_kc));
 
     always_ff @(posedge clk) begin
-        if (bi_load) bq_act <= xbuf[XAW'((32'(bi_bank) * 32'(SLOTS) + bi_r) * 32'(KS_MAX) + 32'(bi_kc))];
+        if (bi_load) bq_act <= xbuf[bi_ra];
     end
 
     always_ff @(posedge clk) begin
         if (!rst_n || state == S_IDLE) begin
             bq_v    <= 1'b0;
             bi_bank <= 1'b0;
+            bi_g0   <= '0;
             bi_o0   <= '0;
+            bi_t    <= '0;
             bi_r0   <= '0;
             bi_r    <= '0;
             bi_kc   <= '0;
@@ -810,39 +993,135 @@ module eng_gemm #(
                 if (bi_r + 32'd1 == bi_nb) begin
                     bi_r <= '0;
                     if (32'(bi_kc) + 32'd1 == ks) begin
-                        bi_kc   <= '0;
-                        bi_bank <= !bi_bank;
-                        if (bi_r0 + 32'(SLOTS) >= rows_e) begin
-                            bi_r0 <= '0;
+                        bi_kc <= '0;
+                        if (bi_tlast) begin
+                            bi_t    <= '0;
+                            bi_o0   <= bi_g0;
+                            bi_bank <= !bi_bank;
+                            if (bi_r0 + 32'(SLOTS) >= rows_e) begin
+                                bi_r0 <= '0;
+                                bi_g0 <= bi_g0 + gcols;
+                                bi_o0 <= bi_g0 + gcols;
+                            end else bi_r0 <= bi_r0 + 32'(SLOTS);
+                        end else begin
+                            bi_t  <= bi_t + 32'd1;
                             bi_o0 <= bi_o0 + 32'(P_OUT);
-                        end else bi_r0 <= bi_r0 + 32'(SLOTS);
+                        end
                     end else bi_kc <= bi_kc + 1'b1;
                 end else bi_r <= bi_r + 32'd1;
             end else if (x_fire) bq_v <= 1'b0;
         end
     end
 
-    // ================================================================ combine: scores and indices
-    // One block at a time (port 1): the scores segment, then the indices segment, into sbuf / ibuf
-    // (entry tt·k + j); the block is released when its tiles and beats have all gone out.
-    logic              sb_full, sl_busy, sl_rph, c_blk_done, c_all_done, sl_sv;
-    logic [1:0]        sl_iss;
-    logic [31:0]       ct0, c_nb, sl_i;
-    logic [15:0]       sbuf [0:SBD-1];
-    logic [15:0]       ibuf [0:SBD-1];
+    // ================================================================ combine: block loads
+    // Blocks of up to SLOTS tokens, two buffers: the next block loads while this one computes.
+    // Port 1 reads a block's scores, then its indices (into
+    // sbuf / ibuf, entry tt·k + j), then the block's odd expert-output rows; port 0 reads the even
+    // rows. The rows t·k + j of a block are one contiguous region: one segment per row (all D
+    // elements, long bursts), cut into P_OUT-element chunks, into ybuf0 / ybuf1 by row parity
+    // (row / 2 · OT_MAX + chunk), so both ports write at once. A buffer is released when its
+    // block's tiles and beats have all gone out.
+    localparam int YBH = ((SBD + 1) / 2) * OT_MAX;
+    localparam int YHW = $clog2(2 * YBH);
+    logic [1:0]        sb_full;
+    logic              sl_busy, c_blk_done, c_all_done, sl_sv, y0_sv, y_done, lb, cbb;
+    logic [1:0]        sl_iss, sl_rph;
+    logic [31:0]       ct0, lt0, c_nb, l_nb, c_nbk, sl_i, yl0_i, yl1_i, yr0_i, yr1_i, yr0_oc, yr1_oc;
+    logic [15:0]       sbuf [0:2*SBD-1];
+    logic [15:0]       ibuf [0:2*SBD-1];
+    logic [P_OUT*16-1:0] ybuf0 [0:2*YBH-1];
+    logic [P_OUT*16-1:0] ybuf1 [0:2*YBH-1];
+    logic              c_load;
 
-    assign c_nb  = min32(32'(SLOTS), c_t - ct0);
-    assign sl_sv = run_c && sl_busy && sl_iss < 2'd2;
+    // c_*: the block being computed (buffer cbb, tokens from ct0); l_*: the block loading (lb, lt0)
+    assign c_nb   = min32(32'(SLOTS), c_t - ct0);
+    assign l_nb   = min32(32'(SLOTS), c_t - lt0);
+    assign c_nbk  = l_nb * c_k;
+    assign c_load = run_c && !sb_full[lb] && !sl_busy && lt0 < c_t;
+    assign sl_sv  = run_c && sl_busy && (sl_iss < 2'd2 || (sl_iss == 2'd2 && yl1_i < c_nbk));
+    assign y0_sv  = run_c && sl_busy && yl0_i < c_nbk;
     assign c_all_done = ct0 >= c_t;
+    assign y_done = sl_rph == 2'd3 && yr0_i >= c_nbk;
 
     always_ff @(posedge clk) begin
         if (run_c && sl_busy && r1_cfire) begin
-            if (!sl_rph) sbuf[SAW'(sl_i)] <= pre1_v;
-            else ibuf[SAW'(sl_i)] <= pre1_v;
+            if (sl_rph == 2'd0) sbuf[SAW'(32'(lb) * 32'(SBD) + sl_i)] <= pre1_v;
+            if (sl_rph == 2'd1) ibuf[SAW'(32'(lb) * 32'(SBD) + sl_i)] <= pre1_v;
+            if (sl_rph == 2'd2)
+                ybuf1[YHW'(32'(lb) * 32'(YBH) + (yr1_i >> 1) * 32'(OT_MAX) + yr1_oc)] <= r1_cd[P_OUT*16-1:0];
+        end
+        if (run_c && sl_busy && r0_cfire)
+            ybuf0[YHW'(32'(lb) * 32'(YBH) + (yr0_i >> 1) * 32'(OT_MAX) + yr0_oc)] <= r0_cd[P_OUT*16-1:0];
+    end
+
+    always_ff @(posedge clk) begin
+        if (!rst_n || state == S_IDLE) begin
+            sl_busy <= 1'b0;
+            lb      <= 1'b0;
+            lt0     <= '0;
+            sl_iss  <= '0;
+            sl_rph  <= '0;
+            sl_i    <= '0;
+            yl0_i   <= '0;
+            yl1_i   <= '0;
+            yr0_i   <= '0;
+            yr1_i   <= '0;
+            yr0_oc  <= '0;
+            yr1_oc  <= '0;
+        end else begin
+            if (c_load) begin
+                sl_busy <= 1'b1;
+                sl_iss  <= '0;
+                sl_rph  <= '0;
+                sl_i    <= '0;
+                yl0_i   <= '0;
+                yl1_i   <= 32'd1;
+                yr0_i   <= '0;
+                yr1_i   <= 32'd1;
+                yr0_oc  <= '0;
+                yr1_oc  <= '0;
+            end
+            if (sl_sv && r1_sr) begin
+                if (sl_iss == 2'd2) begin
+                    yl1_i <= yl1_i + 32'd2;
+                    if (yl1_i + 32'd2 >= c_nbk) sl_iss <= 2'd3;
+                end else sl_iss <= (sl_iss == 2'd1 && c_nbk < 32'd2) ? 2'd3 : sl_iss + 2'd1;
+            end
+            if (y0_sv && r0_sr) yl0_i <= yl0_i + 32'd2;
+            if (run_c && sl_busy && r1_cfire) begin
+                if (sl_rph == 2'd2) begin
+                    if (r1_cl) begin
+                        yr1_oc <= '0;
+                        yr1_i  <= yr1_i + 32'd2;
+                        if (yr1_i + 32'd2 >= c_nbk) sl_rph <= 2'd3;
+                    end else yr1_oc <= yr1_oc + 32'd1;
+                end else begin
+                    sl_i <= sl_i + 32'd1;
+                    if (r1_cl) begin
+                        sl_i   <= '0;
+                        // after the indices: the odd rows, if the block has any
+                        sl_rph <= (sl_rph == 2'd1 && c_nbk < 32'd2) ? 2'd3 : sl_rph + 2'd1;
+                    end
+                end
+            end
+            if (run_c && sl_busy && r0_cfire) begin
+                if (r0_cl) begin
+                    yr0_oc <= '0;
+                    yr0_i  <= yr0_i + 32'd2;
+                end else yr0_oc <= yr0_oc + 32'd1;
+            end
+            if (run_c && sl_busy && y_done) begin
+                sl_busy <= 1'b0;
+                lb      <= !lb;
+                lt0     <= lt0 + 32'(SLOTS);
+            end
         end
     end
 
     // ================================================================ combine: tile pusher, beat issuer
+    // Per block: for each token, each output tile, each top-k slot j: one parameter tile and one
+    // beat (slot = token in the block); a token's tiles come out one after the other, so its
+    // output row and its residual row stream in order.
     logic [31:0]  cp_o0, cp_j, cp_t, cb_o0, cb_j, cb_t, cb_oc;
     logic         cp_done, cb_done, cp_fire, cb_fire;
 
@@ -852,11 +1131,8 @@ module eng_gemm #(
 
     always_ff @(posedge clk) begin
         if (!rst_n || state == S_IDLE) begin
-            sb_full <= 1'b0;
-            sl_busy <= 1'b0;
-            sl_iss  <= '0;
-            sl_rph  <= 1'b0;
-            sl_i    <= '0;
+            sb_full <= '0;
+            cbb     <= 1'b0;
             ct0     <= '0;
             cp_o0   <= '0;
             cp_j    <= '0;
@@ -868,96 +1144,41 @@ module eng_gemm #(
             cp_done <= 1'b0;
             cb_done <= 1'b0;
         end else begin
-            if (run_c && !sb_full && !sl_busy && !c_all_done) begin
-                sl_busy <= 1'b1;
-                sl_iss  <= '0;
-                sl_rph  <= 1'b0;
-                sl_i    <= '0;
-            end
-            if (sl_sv && r1_sr) sl_iss <= sl_iss + 2'd1;
-            if (run_c && sl_busy && r1_cfire) begin
-                sl_i <= sl_i + 32'd1;
-                if (r1_cl) begin
-                    sl_i   <= '0;
-                    sl_rph <= 1'b1;
-                    if (sl_rph) sl_iss <= 2'd3;     // indices in: the scores and indices are loaded
-                end
-            end
-            if (run_c && sl_busy && sl_iss == 2'd3 && y_done) begin
-                sl_busy <= 1'b0;
-                sb_full <= 1'b1;
-            end
+            if (run_c && sl_busy && y_done) sb_full[lb] <= 1'b1;
             if (cp_fire) begin
-                if (cp_t + 32'd1 == c_nb) begin
-                    cp_t <= '0;
-                    if (cp_j + 32'd1 == c_k) begin
-                        cp_j <= '0;
-                        if (cp_o0 + 32'(P_OUT) >= c_d) begin
-                            cp_o0   <= '0;
+                if (cp_j + 32'd1 == c_k) begin
+                    cp_j <= '0;
+                    if (cp_o0 + 32'(P_OUT) >= c_d) begin
+                        cp_o0 <= '0;
+                        if (cp_t + 32'd1 == c_nb) begin
+                            cp_t    <= '0;
                             cp_done <= 1'b1;
-                        end else cp_o0 <= cp_o0 + 32'(P_OUT);
-                    end else cp_j <= cp_j + 32'd1;
-                end else cp_t <= cp_t + 32'd1;
+                        end else cp_t <= cp_t + 32'd1;
+                    end else cp_o0 <= cp_o0 + 32'(P_OUT);
+                end else cp_j <= cp_j + 32'd1;
             end
             if (cb_fire) begin
-                if (cb_t + 32'd1 == c_nb) begin
-                    cb_t <= '0;
-                    if (cb_j + 32'd1 == c_k) begin
-                        cb_j <= '0;
-                        if (cb_o0 + 32'(P_OUT) >= c_d) begin
-                            cb_o0   <= '0;
-                            cb_oc   <= '0;
+                if (cb_j + 32'd1 == c_k) begin
+                    cb_j <= '0;
+                    if (cb_o0 + 32'(P_OUT) >= c_d) begin
+                        cb_o0 <= '0;
+                        cb_oc <= '0;
+                        if (cb_t + 32'd1 == c_nb) begin
+                            cb_t    <= '0;
                             cb_done <= 1'b1;
-                        end else begin
-                            cb_o0 <= cb_o0 + 32'(P_OUT);
-                            cb_oc <= cb_oc + 32'd1;
-                        end
-                    end else cb_j <= cb_j + 32'd1;
-                end else cb_t <= cb_t + 32'd1;
+                        end else cb_t <= cb_t + 32'd1;
+                    end else begin
+                        cb_o0 <= cb_o0 + 32'(P_OUT);
+                        cb_oc <= cb_oc + 32'd1;
+                    end
+                end else cb_j <= cb_j + 32'd1;
             end
             if (run_c && c_blk_done) begin
                 cp_done <= 1'b0;
                 cb_done <= 1'b0;
-                sb_full <= 1'b0;
+                sb_full[cbb] <= 1'b0;
+                cbb     <= !cbb;
                 ct0     <= ct0 + 32'(SLOTS);
-            end
-        end
-    end
-
-    // ================================================================ combine: expert-output rows (port 0)
-    // The block's rows t·k + j are one contiguous region: one segment per row (all D elements,
-    // long bursts), cut into P_OUT-element chunks, into ybuf (row · OT_MAX + chunk).
-    logic [31:0]       yl_i, yr_i, yr_oc, c_nbk;
-    logic              yl_sv, y_done;
-    logic [P_OUT*16-1:0] ybuf [0:YBD-1];
-
-    assign c_nbk = c_nb * c_k;
-    assign yl_sv = run_c && sl_busy && yl_i < c_nbk;
-
-    always_ff @(posedge clk) begin
-        if (run_c && sl_busy && r0_cfire) ybuf[YAW'(yr_i * 32'(OT_MAX) + yr_oc)] <= r0_cd[P_OUT*16-1:0];
-    end
-
-    always_ff @(posedge clk) begin
-        if (!rst_n || state == S_IDLE) begin
-            yl_i   <= '0;
-            yr_i   <= '0;
-            yr_oc  <= '0;
-            y_done <= 1'b0;
-        end else begin
-            if (run_c && !sb_full && !sl_busy && !c_all_done) begin
-                yl_i   <= '0;
-                yr_i   <= '0;
-                yr_oc  <= '0;
-                y_done <= 1'b0;
-            end
-            if (yl_sv && r0_sr) yl_i <= yl_i + 32'd1;
-            if (run_c && sl_busy && r0_cfire) begin
-                if (r0_cl) begin
-                    yr_oc <= '0;
-                    yr_i  <= yr_i + 32'd1;
-                    if (yr_i + 32'd1 == c_nbk) y_done <= 1'b1;
-                end else yr_oc <= yr_oc + 32'd1;
             end
         end
     end
@@ -965,11 +1186,15 @@ module eng_gemm #(
     // ================================================================ compute-unit streams
     logic [SAW-1:0] cp_i, cb_i;
     logic [15:0]    cp_e;
-    assign cp_i = SAW'(cp_t * c_k + cp_j);
-    assign cb_i = SAW'(cb_t * c_k + cb_j);
+    assign cp_i = SAW'(32'(cbb) * 32'(SBD) + cp_t * c_k + cp_j);
+    assign cb_i = SAW'(32'(cbb) * 32'(SBD) + cb_t * c_k + cb_j);
     assign cp_e = ibuf[cp_i];
     logic [P_OUT*16-1:0] cb_y;
-    assign cb_y = ybuf[YAW'(32'(cb_i) * 32'(OT_MAX) + cb_oc)];
+    logic [YHW-1:0]      cb_ya;
+    logic [31:0]         cb_r;       // the expert-output row in the block
+    assign cb_r  = cb_t * c_k + cb_j;
+    assign cb_ya = YHW'(32'(cbb) * 32'(YBH) + (cb_r >> 1) * 32'(OT_MAX) + cb_oc);
+    assign cb_y  = cb_r[0] ? ybuf1[cb_ya] : ybuf0[cb_ya];
 
     always_comb begin
         cu_w_valid         = 1'b0;
@@ -998,14 +1223,14 @@ module eng_gemm #(
             cu_x_valid = bq_v;
         end
         if (run_c) begin
-            cu_w_valid      = sb_full && !cp_done;
+            cu_w_valid      = sb_full[cbb] && !cp_done;
             cu_w_bias       = '0;
             cu_w_shift      = '0;
             cu_w_out_bits   = OB_W'(c_fmt[5:0]);
             cu_w_comb_shift = CSH_W'(cshift[EAW'(cp_e)]);
             cu_w_combine    = 1'b1;
             cu_w_gelu       = 1'b0;
-            cu_x_valid = sb_full && !cb_done;
+            cu_x_valid = sb_full[cbb] && !cb_done;
             cu_x_wnext = 1'b1;
             for (int o = 0; o < P_OUT; o++) cu_x_eout[o*ACT_W +: ACT_W] = ACT_W'(signed'(cb_y[o*16 +: 16]));
             cu_x_score = SCORE_W'(sbuf[cb_i]);
@@ -1017,27 +1242,30 @@ module eng_gemm #(
     assign active = cu_x_valid && cu_x_ready;
 
     // ================================================================ outputs: residual, writes
-    // Output order: gemm (o0, row), combine (token block, o0, token). The residual reader (port 3)
-    // runs ahead in the same order.
-    logic [31:0] os_o0, os_r, os_nb, os_nc, os_row, os_rows, os_t0;
-    logic [31:0] rs_o0, rs_r, rs_nb, rs_nc, rs_row, rs_t0;
-    logic        os_all, rs_all, rs_sv, os_fire;
+    // Output order: gemm (weight group, block of SLOTS rows, tile of the group, row of the block),
+    // combine (row, tile). gemm residual: port 3 reads, per row of a block, the group's columns
+    // (one segment, one chunk per tile) into one of two block buffers (rbuf: row, tile); the add
+    // takes them in output order once the block is in. combine residual: one segment per row, its
+    // chunks the row's tiles, straight to the add.
+    logic [31:0] os_g0, os_o0, os_t, os_r0, os_r, os_nb, os_nc, os_row, os_t0;
+    logic        os_all, os_tlast, os_fire;
+    logic [31:0] rs_g0, rs_r0, rs_r, rs_nb, rs_row, rs_t0, rs_nw;
+    logic        rs_all, rs_sv;
     logic [63:0] os_addr, rs_addr;
     logic        res_on;
     logic [31:0] a_sh, b_sh, z_fmt, n_cols;
 
-    assign res_on  = (run_g && g_res) || (run_c && c_res);
-    assign n_cols  = is_gemm ? g_n : c_d;
-    assign os_rows = is_gemm ? rows_e : c_t;
-    // a pass is one o0 over a block of rows: gemm, all rows_e rows; combine, SLOTS tokens
-    assign os_nb  = is_gemm ? rows_e : min32(32'(SLOTS), c_t - os_t0);
-    assign rs_nb  = is_gemm ? rows_e : min32(32'(SLOTS), c_t - rs_t0);
-    assign os_nc  = min32(32'(P_OUT), n_cols - os_o0);
-    assign rs_nc  = min32(32'(P_OUT), n_cols - rs_o0);
-    assign os_row = os_t0 + os_r;
-    assign rs_row = rs_t0 + rs_r;
-    assign os_all = os_t0 >= os_rows;
-    assign rs_all = rs_t0 >= os_rows;
+    assign res_on   = (run_g && g_res) || (run_c && c_res);
+    assign n_cols   = is_gemm ? g_n : c_d;
+    assign os_nb    = min32(32'(SLOTS), rows_e - os_r0);
+    assign os_nc    = min32(32'(P_OUT), n_cols - os_o0);
+    assign os_tlast = os_t + 32'd1 == 32'(gsz) || os_o0 + 32'(P_OUT) >= n_cols;
+    assign os_row   = is_gemm ? os_r0 + os_r : os_t0;
+    assign os_all   = is_gemm ? os_g0 >= g_n : os_t0 >= c_t;
+    assign rs_nb    = min32(32'(SLOTS), rows_e - rs_r0);
+    assign rs_nw    = min32(gcols, g_n - rs_g0);
+    assign rs_row   = is_gemm ? rs_r0 + rs_r : rs_t0;
+    assign rs_all   = is_gemm ? rs_g0 >= g_n : rs_t0 >= c_t;
 
     logic [31:0] os_dst;
     always_comb begin
@@ -1048,13 +1276,13 @@ module eng_gemm #(
         endcase
         if (!is_gemm) begin
             os_addr = addr_of(c_out) + ((64'(os_row) * 64'(c_d) + 64'(os_o0)) << 1);
-            rs_addr = addr_of(c_rref) + ((64'(rs_row) * 64'(c_d) + 64'(rs_o0)) << 1);
+            rs_addr = addr_of(c_rref) + ((64'(rs_row) * 64'(c_d)) << 1);
             a_sh    = {{16{c_rsh[15]}}, c_rsh[15:0]};
             b_sh    = {{16{c_rsh[31]}}, c_rsh[31:16]};
             z_fmt   = c_rfmt;
         end else begin
             os_addr = addr_of(g_y) + ((64'(os_dst) * 64'(g_yld) + 64'(os_o0)) << 1);
-            rs_addr = addr_of(g_rref) + ((64'(rs_row) * 64'(g_yld) + 64'(rs_o0)) << 1);
+            rs_addr = addr_of(g_rref) + ((64'(rs_row) * 64'(g_yld) + 64'(rs_g0)) << 1);
             a_sh    = {{16{g_rsh[15]}}, g_rsh[15:0]};
             b_sh    = {{16{g_rsh[31]}}, g_rsh[31:16]};
             z_fmt   = g_rfmt;
@@ -1067,52 +1295,146 @@ module eng_gemm #(
     end
     assign rs_sv = res_on && !rs_all;
 
-    // one pass = os_nb rows of one o0; passes go o0 first, then the next token block
     always_ff @(posedge clk) begin
         if (!rst_n || state == S_IDLE) begin
+            os_g0 <= '0;
             os_o0 <= '0;
+            os_t  <= '0;
+            os_r0 <= '0;
             os_r  <= '0;
             os_t0 <= '0;
-            rs_o0 <= '0;
+            rs_g0 <= '0;
+            rs_r0 <= '0;
             rs_r  <= '0;
             rs_t0 <= '0;
         end else begin
-            if (os_fire) begin
+            if (os_fire && !is_gemm) begin
+                if (os_o0 + 32'(P_OUT) >= n_cols) begin
+                    os_o0 <= '0;
+                    os_t0 <= os_t0 + 32'd1;
+                end else os_o0 <= os_o0 + 32'(P_OUT);
+            end
+            if (os_fire && is_gemm) begin
                 if (os_r + 32'd1 == os_nb) begin
                     os_r <= '0;
-                    if (os_o0 + 32'(P_OUT) >= n_cols) begin
-                        os_o0 <= '0;
-                        os_t0 <= os_t0 + os_nb;
-                    end else os_o0 <= os_o0 + 32'(P_OUT);
+                    if (os_tlast) begin
+                        os_t  <= '0;
+                        os_o0 <= os_g0;
+                        if (os_r0 + 32'(SLOTS) >= rows_e) begin
+                            os_r0 <= '0;
+                            os_g0 <= os_g0 + gcols;
+                            os_o0 <= os_g0 + gcols;
+                        end else os_r0 <= os_r0 + 32'(SLOTS);
+                    end else begin
+                        os_t  <= os_t + 32'd1;
+                        os_o0 <= os_o0 + 32'(P_OUT);
+                    end
                 end else os_r <= os_r + 32'd1;
             end
-            if (rs_sv && r3_sr) begin
+            if (rs_sv && r3_sr && !is_gemm) rs_t0 <= rs_t0 + 32'd1;
+            if (rs_sv && r3_sr && is_gemm) begin
                 if (rs_r + 32'd1 == rs_nb) begin
                     rs_r <= '0;
-                    if (rs_o0 + 32'(P_OUT) >= n_cols) begin
-                        rs_o0 <= '0;
-                        rs_t0 <= rs_t0 + rs_nb;
-                    end else rs_o0 <= rs_o0 + 32'(P_OUT);
+                    if (rs_r0 + 32'(SLOTS) >= rows_e) begin
+                        rs_r0 <= '0;
+                        rs_g0 <= rs_g0 + gcols;
+                    end else rs_r0 <= rs_r0 + 32'(SLOTS);
                 end else rs_r <= rs_r + 32'd1;
             end
         end
     end
 
-    logic              add_in_v, add_in_r, add_out_v;
+    // ---- gemm residual block buffers
+    localparam int RBD = 2 * SLOTS * GT;
+    localparam int RBW = $clog2(RBD);
+    logic [P_OUT*16-1:0] rbuf [0:RBD-1];
+    logic [1:0]          rfull;
+    logic                rr_b, ab_b, rr_fire, ac_fire, ac_tlast;
+    logic [31:0]         rr_r0, rr_r, rr_t, rr_nb, ac_g0, ac_o0, ac_t, ac_r0, ac_r, ac_nb;
+    assign rr_nb    = min32(32'(SLOTS), rows_e - rr_r0);
+    assign ac_nb    = min32(32'(SLOTS), rows_e - ac_r0);
+    assign ac_tlast = ac_t + 32'd1 == 32'(gsz) || ac_o0 + 32'(P_OUT) >= g_n;
+    assign rr_fire  = run_g && g_res && r3_cv && r3_cr;
+
+    always_ff @(posedge clk)
+        if (rr_fire) rbuf[RBW'((32'(rr_b) * 32'(SLOTS) + rr_r) * 32'(GT) + rr_t)] <= r3_cd[P_OUT*16-1:0];
+
+    always_ff @(posedge clk) begin
+        if (!rst_n || state == S_IDLE) begin
+            rfull <= '0;
+            rr_b  <= 1'b0;
+            ab_b  <= 1'b0;
+            rr_r0 <= '0;
+            rr_r  <= '0;
+            rr_t  <= '0;
+            ac_g0 <= '0;
+            ac_o0 <= '0;
+            ac_t  <= '0;
+            ac_r0 <= '0;
+            ac_r  <= '0;
+        end else begin
+            if (rr_fire) begin
+                if (r3_cl) begin
+                    rr_t <= '0;
+                    if (rr_r + 32'd1 == rr_nb) begin
+                        rr_r        <= '0;
+                        rfull[rr_b] <= 1'b1;
+                        rr_b        <= !rr_b;
+                        rr_r0       <= rr_r0 + 32'(SLOTS) >= rows_e ? 32'd0 : rr_r0 + 32'(SLOTS);
+                    end else rr_r <= rr_r + 32'd1;
+                end else rr_t <= rr_t + 32'd1;
+            end
+            if (ac_fire) begin
+                if (ac_r + 32'd1 == ac_nb) begin
+                    ac_r <= '0;
+                    if (ac_tlast) begin
+                        ac_t        <= '0;
+                        ac_o0       <= ac_g0;
+                        rfull[ab_b] <= 1'b0;
+                        ab_b        <= !ab_b;
+                        if (ac_r0 + 32'(SLOTS) >= rows_e) begin
+                            ac_r0 <= '0;
+                            ac_g0 <= ac_g0 + gcols;
+                            ac_o0 <= ac_g0 + gcols;
+                        end else ac_r0 <= ac_r0 + 32'(SLOTS);
+                    end else begin
+                        ac_t  <= ac_t + 32'd1;
+                        ac_o0 <= ac_o0 + 32'(P_OUT);
+                    end
+                end else ac_r <= ac_r + 32'd1;
+            end
+        end
+    end
+
+    logic              add_in_v, add_in_r, add_out_v, res_rdy;
     logic [P_OUT*16-1:0] add_a, add_b, add_z;
 
     always_comb
         for (int o = 0; o < P_OUT; o++) add_a[o*16 +: 16] = 16'(signed'(cu_o_data[o*ACT_W +: ACT_W]));
-    assign add_b      = res_on ? r3_cd[P_OUT*16-1:0] : '0;
-    assign add_in_v   = (run_g || run_c) && cu_o_valid && (!res_on || r3_cv);
-    assign cu_o_ready = (run_g || run_c) && add_in_r && (!res_on || r3_cv);
-    assign r3_cr      = res_on && add_in_r && cu_o_valid;
+    assign res_rdy    = is_gemm ? rfull[ab_b] : r3_cv;
+    assign add_b      = !res_on ? '0 : is_gemm ? rbuf[RBW'((32'(ab_b) * 32'(SLOTS) + ac_r) * 32'(GT) + ac_t)]
+                                              : r3_cd[P_OUT*16-1:0];
+    assign add_in_v   = (run_g || run_c) && cu_o_valid && (!res_on || res_rdy);
+    assign cu_o_ready = (run_g || run_c) && add_in_r && (!res_on || res_rdy);
+    assign ac_fire    = run_g && g_res && add_in_v && add_in_r;
 
     add_unit #(.P(P_OUT), .EW(16)) u_res (
         .clk, .rst_n, .a_shift(a_sh), .b_shift(b_sh), .fmt_bits(z_fmt[5:0]), .fmt_signed(z_fmt[16]),
         .in_valid(add_in_v), .in_ready(add_in_r), .a_data(add_a), .b_data(add_b),
         .out_valid(add_out_v), .out_ready(wr_sr), .out_data(add_z));
 
+    // three write ports when every row starts on a beat boundary (no beat holds two rows): row
+    // mod 3 picks ports 2, 0, 3
+    localparam int BB_L = $clog2(DW / 8);
+    logic [BB_L-1:0] y_ld_lo, y_base_lo;
+    logic            wr_multi, wr0_sr, wr2_sr, wr3_sr, wr0_idle, wr2_idle, wr3_idle;
+    logic [1:0]      os_port;
+    assign y_ld_lo   = BB_L'(is_gemm ? g_yld << 1 : c_d << 1);
+    assign y_base_lo = BB_L'(is_gemm ? addr_of(g_y) : addr_of(c_out));
+    assign wr_multi  = y_ld_lo == '0 && y_base_lo == '0;
+    assign os_port   = wr_multi ? 2'((is_gemm ? os_dst : os_row) % 32'd3) : 2'd0;
+    assign wr_sr     = os_port == 2'd1 ? wr0_sr : os_port == 2'd2 ? wr3_sr : wr2_sr;
+    assign wr_idle   = wr0_idle && wr2_idle && wr3_idle;
     assign wr_sv   = add_out_v && !os_all;
     assign wr_sa   = ADDR_W'(os_addr);
     assign wr_sb   = CWW'(2 * os_nc);
@@ -1138,8 +1460,8 @@ module eng_gemm #(
             r0_cr = 1'b1;
         end
         if (run_c) begin
-            r0_sv = yl_sv;
-            r0_sa = ADDR_W'(addr_of(c_y) + ((64'(ct0) * 64'(c_k) + 64'(yl_i)) * 64'(c_d) << 1));
+            r0_sv = y0_sv;
+            r0_sa = ADDR_W'(addr_of(c_y) + ((64'(lt0) * 64'(c_k) + 64'(yl0_i)) * 64'(c_d) << 1));
             r0_sb = c_d << 1;
             r0_sc = CW0'(2 * P_OUT);
             r0_cr = sl_busy;
@@ -1152,61 +1474,75 @@ module eng_gemm #(
         r1_cr = state == S_CIDX || state == S_CSH;
         r2_sv = 1'b0;
         r2_cr = 1'b0;
-        if (run_g) begin
-            r1_sv = wl_sv && !wl_to2;
-            r2_sv = wl_sv && wl_to2;
-            r1_cr = wl_busy && !wr_from2;
-            r2_cr = wl_busy && wr_from2;
-            case (wl_ph)
-                2'(WL_W): begin
-                    r1_sa = ADDR_W'(wl_addr);
-                    r1_sb = wl_whole ? g_k * g_n * wbytes : wl_nc * wbytes;
-                    r1_sc = CW1'(wl_nc * wbytes);
+        r2_sa = ADDR_W'(i_a[1]);
+        r2_sb = wl_gw * wbytes;
+        r2_sc = CW1'(P_OUT * wbytes);
+        if (wl_en) begin
+            r1_sv = i_sv[0];
+            r2_sv = i_sv[1];
+            r1_cr = rc_cr[0];
+            r2_cr = rc_cr[1];
+            case (i_ph[0])
+                WL_W: begin
+                    r1_sa = ADDR_W'(i_a[0]);
+                    r1_sb = wl_whole ? g_k * g_n * wbytes : wl_gw * wbytes;
+                    r1_sc = CW1'((wl_whole ? g_n : 32'(P_OUT)) * wbytes);
                 end
-                2'(WL_B): begin
-                    r1_sa = ADDR_W'(addr_of(g_b) + 64'(wl_o0) * 64'd8);
-                    r1_sb = wl_nc << 3;
+                WL_B: begin
+                    r1_sa = ADDR_W'(addr_of(g_b) + 64'(wl_g0) * 64'd8);
+                    r1_sb = wl_gw << 3;
                     r1_sc = CW1'(8);
                 end
                 default: begin
-                    r1_sa = ADDR_W'(addr_of(g_s) + 64'(wl_o0));
-                    r1_sb = wl_nc;
+                    r1_sa = ADDR_W'(addr_of(g_s) + 64'(wl_g0));
+                    r1_sb = wl_gw;
                     r1_sc = CW1'(1);
                 end
             endcase
         end
         if (run_c) begin
             r1_sv = sl_sv;
-            r1_sa = ADDR_W'((sl_iss[0] ? addr_of(c_ix) : addr_of(c_sc)) + (64'(ct0) * 64'(c_k) << 1));
-            r1_sb = (c_nb * c_k) << 1;
+            r1_sa = ADDR_W'((sl_iss[0] ? addr_of(c_ix) : addr_of(c_sc)) + (64'(lt0) * 64'(c_k) << 1));
+            r1_sb = c_nbk << 1;
             r1_sc = CW1'(2);
             r1_cr = sl_busy;
+            if (sl_iss == 2'd2) begin
+                r1_sa = ADDR_W'(addr_of(c_y) + ((64'(lt0) * 64'(c_k) + 64'(yl1_i)) * 64'(c_d) << 1));
+                r1_sb = c_d << 1;
+                r1_sc = CW1'(2 * P_OUT);
+            end
         end
-        r2_sa = r1_sa;
-        r2_sb = r1_sb;
-        r2_sc = r1_sc;
-        // port 3: residual rows
+        // port 3: residual rows; without residual, the gemm's third share of weight rows
         r3_sv = rs_sv;
         r3_sa = ADDR_W'(rs_addr);
-        r3_sb = rs_nc << 1;
-        r3_sc = CW3'(rs_nc << 1);
+        r3_sb = is_gemm ? rs_nw << 1 : c_d << 1;
+        r3_sc = CW3'(2 * P_OUT);
+        r3_cr = is_gemm ? res_on && !rfull[rr_b] : res_on && add_in_r && cu_o_valid;
+        if (wl_en && !g_res) begin
+            r3_sv = i_sv[2];
+            r3_sa = ADDR_W'(i_a[2]);
+            r3_sb = wl_gw * wbytes;
+            r3_sc = CW3'(P_OUT * wbytes);
+            r3_cr = rc_cr[2];
+        end
     end
 
     logic unused_sig;
-    assign unused_sig = &{1'b0, task_idx, cu_o_tag, r0_idle, r1_idle, r2_idle, r3_idle, r3_cl, w_cl, pre0_a[63:32],
+    assign unused_sig = &{1'b0, task_idx, cu_o_tag, r0_idle, r1_idle, r2_idle, r3_idle, r3_cl, r2_cl, pre0_a[63:32],
                           pre1_a[63:32], cp_e[15:EAW], os_addr[63:32], rs_addr[63:32],
                           z_fmt[31:17], z_fmt[15:6], g_fmt[31:17], g_fmt[7:6], g_gfmt[31:17], g_gfmt[7:6],
-                          c_fmt[31:17], c_fmt[15:6], m_awready[1:0], m_wready[1:0], m_bvalid[1:0],
-                          m_bid[2*ID_W-1:0], m_bid[PORTS*ID_W-1:3*ID_W], m_bresp[3:0], m_bresp[PORTS*2-1:6],
-                          m_awready[PORTS-1:3], m_wready[PORTS-1:3], m_bvalid[PORTS-1:3]};
+                          c_fmt[31:17], c_fmt[15:6], m_awready[1], m_wready[1], m_bvalid[1],
+                          m_bid[ID_W +: ID_W], m_bresp[3:2]};
     if (PORTS > 4) begin : g_unused_hi
         logic unused_hi;
         assign unused_hi = &{1'b0, m_arready[PORTS-1:4], m_rvalid[PORTS-1:4], m_rdata[PORTS*DW-1:4*DW],
-                             m_rid[PORTS*ID_W-1:4*ID_W], m_rlast[PORTS-1:4], m_rresp[PORTS*2-1:8]};
+                             m_rid[PORTS*ID_W-1:4*ID_W], m_rlast[PORTS-1:4], m_rresp[PORTS*2-1:8],
+                             m_awready[PORTS-1:4], m_wready[PORTS-1:4], m_bvalid[PORTS-1:4],
+                             m_bid[PORTS*ID_W-1:4*ID_W], m_bresp[PORTS*2-1:8]};
     end
 
     // ================================================================ DMA engines
-    seg_reader #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(MAX_BURST),
+    seg_reader #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(RD_BURST),
                  .CHB(CH0), .QD(16)) u_r0 (
         .clk, .rst_n, .seg_valid(r0_sv), .seg_ready(r0_sr), .seg_addr(r0_sa), .seg_bytes(r0_sb),
         .seg_ch(r0_sc), .ch_valid(r0_cv), .ch_ready(r0_cr), .ch_data(r0_cd), .ch_last(r0_cl), .idle(r0_idle),
@@ -1215,7 +1551,7 @@ module eng_gemm #(
         .rvalid(m_rvalid[0]), .rready(m_rready[0]), .rdata(m_rdata[0 +: DW]), .rid(m_rid[0 +: ID_W]),
         .rlast(m_rlast[0]), .rresp(m_rresp[0 +: 2]));
 
-    seg_reader #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(MAX_BURST),
+    seg_reader #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(RD_BURST),
                  .CHB(CH1), .QD(16)) u_r1 (
         .clk, .rst_n, .seg_valid(r1_sv), .seg_ready(r1_sr), .seg_addr(r1_sa), .seg_bytes(r1_sb),
         .seg_ch(r1_sc), .ch_valid(r1_cv), .ch_ready(r1_cr), .ch_data(r1_cd), .ch_last(r1_cl), .idle(r1_idle),
@@ -1233,20 +1569,42 @@ module eng_gemm #(
         .arid(m_arid[3*ID_W +: ID_W]), .rvalid(m_rvalid[3]), .rready(m_rready[3]), .rdata(m_rdata[3*DW +: DW]),
         .rid(m_rid[3*ID_W +: ID_W]), .rlast(m_rlast[3]), .rresp(m_rresp[6 +: 2]));
 
-    // One write port: segments of neighbouring rows may share a beat (disjoint strobes), and the
-    // DDR model merges same-cycle writes of two ports into one word with a race, so the output
-    // segments keep one port and its order.
+    // Output segments on the write channels of ports 2, 0 and 3 by their memory row mod 3 when no
+    // two rows can share a beat (rows start on beat boundaries): three times the writes in flight.
+    // Otherwise all on port 2, in order: neighbouring rows may share a beat (disjoint strobes),
+    // and the DDR model merges same-cycle writes of two ports into one word with a race. A row
+    // always goes to one port, so the writes of one row keep their order.
     seg_writer #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(MAX_BURST),
                  .CHB(CH3), .QD(4)) u_wr (
-        .clk, .rst_n, .seg_valid(wr_sv), .seg_ready(wr_sr), .seg_addr(wr_sa), .seg_bytes(wr_sb),
-        .seg_data(wr_sd), .idle(wr_idle),
+        .clk, .rst_n, .seg_valid(wr_sv && os_port == 2'd0), .seg_ready(wr2_sr), .seg_addr(wr_sa), .seg_bytes(wr_sb),
+        .seg_data(wr_sd), .idle(wr2_idle),
         .awvalid(m_awvalid[2]), .awready(m_awready[2]), .awaddr(m_awaddr[2*ADDR_W +: ADDR_W]),
         .awlen(m_awlen[16 +: 8]), .awsize(m_awsize[6 +: 3]), .awburst(m_awburst[4 +: 2]),
         .awid(m_awid[2*ID_W +: ID_W]), .wvalid(m_wvalid[2]), .wready(m_wready[2]),
         .wdata(m_wdata[2*DW +: DW]), .wstrb(m_wstrb[2*DW/8 +: DW/8]), .wlast(m_wlast[2]),
         .bvalid(m_bvalid[2]), .bready(m_bready[2]), .bid(m_bid[2*ID_W +: ID_W]), .bresp(m_bresp[4 +: 2]));
 
-    seg_reader #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(MAX_BURST),
+    seg_writer #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(MAX_BURST),
+                 .CHB(CH3), .QD(4)) u_wr0 (
+        .clk, .rst_n, .seg_valid(wr_sv && os_port == 2'd1), .seg_ready(wr0_sr), .seg_addr(wr_sa), .seg_bytes(wr_sb),
+        .seg_data(wr_sd), .idle(wr0_idle),
+        .awvalid(m_awvalid[0]), .awready(m_awready[0]), .awaddr(m_awaddr[0 +: ADDR_W]),
+        .awlen(m_awlen[0 +: 8]), .awsize(m_awsize[0 +: 3]), .awburst(m_awburst[0 +: 2]),
+        .awid(m_awid[0 +: ID_W]), .wvalid(m_wvalid[0]), .wready(m_wready[0]),
+        .wdata(m_wdata[0 +: DW]), .wstrb(m_wstrb[0 +: DW/8]), .wlast(m_wlast[0]),
+        .bvalid(m_bvalid[0]), .bready(m_bready[0]), .bid(m_bid[0 +: ID_W]), .bresp(m_bresp[0 +: 2]));
+
+    seg_writer #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(MAX_BURST),
+                 .CHB(CH3), .QD(4)) u_wr3 (
+        .clk, .rst_n, .seg_valid(wr_sv && os_port == 2'd2), .seg_ready(wr3_sr), .seg_addr(wr_sa), .seg_bytes(wr_sb),
+        .seg_data(wr_sd), .idle(wr3_idle),
+        .awvalid(m_awvalid[3]), .awready(m_awready[3]), .awaddr(m_awaddr[3*ADDR_W +: ADDR_W]),
+        .awlen(m_awlen[24 +: 8]), .awsize(m_awsize[9 +: 3]), .awburst(m_awburst[6 +: 2]),
+        .awid(m_awid[3*ID_W +: ID_W]), .wvalid(m_wvalid[3]), .wready(m_wready[3]),
+        .wdata(m_wdata[3*DW +: DW]), .wstrb(m_wstrb[3*DW/8 +: DW/8]), .wlast(m_wlast[3]),
+        .bvalid(m_bvalid[3]), .bready(m_bready[3]), .bid(m_bid[3*ID_W +: ID_W]), .bresp(m_bresp[6 +: 2]));
+
+    seg_reader #(.DW(DW), .ADDR_W(ADDR_W), .ID_W(ID_W), .MAX_OUT(MAX_OUT), .MAX_BURST(RD_BURST),
                  .CHB(CH1), .QD(16)) u_r2 (
         .clk, .rst_n, .seg_valid(r2_sv), .seg_ready(r2_sr), .seg_addr(r2_sa), .seg_bytes(r2_sb),
         .seg_ch(r2_sc), .ch_valid(r2_cv), .ch_ready(r2_cr), .ch_data(r2_cd), .ch_last(r2_cl), .idle(r2_idle),
@@ -1259,7 +1617,7 @@ module eng_gemm #(
     genvar gp;
     generate
         for (gp = 0; gp < PORTS; gp++) begin : g_idle
-            if (gp != 2) begin : g_no_wr
+            if (gp == 1 || gp > 3) begin : g_no_wr
                 assign m_awvalid[gp] = 1'b0;
                 assign m_awaddr[gp*ADDR_W +: ADDR_W] = '0;
                 assign m_awlen[gp*8 +: 8] = '0;
