@@ -387,7 +387,7 @@ module eng_attn #(
     // Two staging tiles feed the compute unit's shadow tile in order. A QK build reads 2·P_IN
     // dims of one key per cycle and fills the tiles of dim chunks c and c+1 together (P_OUT
     // cycles); an AV build reads P_OUT dims of one value row per cycle (P_IN cycles).
-    logic [PI*PO*WW-1:0] st_w [0:1];
+    logic [PI*PO*WW-1:0] st_w0, st_w1;
     logic [1:0]          st_raw, st_full;
     logic                st_wp, st_rp;
     logic                tb_on, tb_av, tb_busy, tb_pair, w_fire;
@@ -400,12 +400,33 @@ module eng_attn #(
     assign tb_can  = tb_av ? (!st_full[st_wp] && rows_in(2, 32'(min16(32'(tb_b) * 32'(PI) + 32'(PI), 32'(T)))))
                            : (!st_full[st_wp] && (!tb_pair || !st_full[!st_wp]) &&
                               rows_in(1, 32'(min16(32'(tb_a) * 32'(PO) + 32'(PO), 32'(T)))));
-    assign k_rflat = (32'(tb_a) * 32'(PO) + 32'(tb_r)) * 32'(dh) + 32'(tb_b) * 32'(PI);
-    assign v_rflat = (32'(tb_b) * 32'(PI) + 32'(tb_r)) * 32'(dh) + 32'(tb_a) * 32'(PO);
+    assign k_rflat = tb_qkey * 32'(dh) + tb_qdim;
+    assign v_rflat = tb_vkey * 32'(dh) + tb_vdim;
     assign w_fire  = cu_w_valid && cu_w_ready;
 
+    // what one build cycle writes: QK column o = tb_r (key kt·P_OUT + o, dims c·P_IN + i of tile
+    // c and (c+1)·P_IN + i of tile c+1); AV row i = tb_r (key kc·P_IN + i, dims ot·P_OUT + o)
+    logic [PI*WW-1:0] tb_col0, tb_col1;
+    logic [PO*WW-1:0] tb_row;
+    logic [31:0]      tb_qkey, tb_qdim, tb_vkey, tb_vdim;
+    assign tb_qkey = 32'(tb_a) * 32'(PO) + 32'(tb_r);
+    assign tb_qdim = 32'(tb_b) * 32'(PI);
+    assign tb_vkey = 32'(tb_b) * 32'(PI) + 32'(tb_r);
+    assign tb_vdim = 32'(tb_a) * 32'(PO);
+    always_comb begin
+        for (int i = 0; i < PI; i++) begin
+            tb_col0[i*WW +: WW] = (tb_qkey < 32'(T) && tb_qdim + 32'(i) < 32'(dh))
+                                  ? WW'($signed(k_rd[i*16 +: 16])) : '0;
+            tb_col1[i*WW +: WW] = (tb_qkey < 32'(T) && tb_qdim + 32'(PI + i) < 32'(dh))
+                                  ? WW'($signed(k_rd[(PI + i)*16 +: 16])) : '0;
+        end
+        for (int o = 0; o < PO; o++)
+            tb_row[o*WW +: WW] = (tb_vkey < 32'(T) && tb_vdim + 32'(o) < 32'(dh))
+                                 ? WW'($signed(v_rd[o*16 +: 16])) : '0;
+    end
+
     assign cu_w_valid        = st_full[st_rp];
-    assign cu_w_weights      = st_w[st_rp];
+    assign cu_w_weights      = st_rp ? st_w1 : st_w0;
     assign cu_w_raw          = st_raw[st_rp];
     assign cu_w_bias         = '0;
     assign cu_w_out_bits     = s_signed ? OBW'(sbits) : '0;
@@ -440,27 +461,24 @@ module eng_attn #(
             end
             if (tb_on && (tb_busy || tb_can)) begin
                 tb_busy <= 1'b1;
+                // the other staging tile may hold a tile waiting for the unit: a single build
+                // writes only tile st_wp
                 if (!tb_av) begin
-                    // column o = tb_r: key kt·P_OUT + o, dims c·P_IN + i and (c+1)·P_IN + i
                     for (int o = 0; o < PO; o++)
                         if (16'(o) == tb_r)
                             for (int i = 0; i < PI; i++) begin
-                                st_w[st_wp][(i*PO + o)*WW +: WW] <=
-                                    (32'(tb_a) * 32'(PO) + 32'(o) < 32'(T) && 32'(tb_b) * 32'(PI) + 32'(i) < 32'(dh))
-                                    ? WW'($signed(k_rd[i*16 +: 16])) : '0;
-                                // the other staging tile may hold a tile waiting for the unit
-                                if (tb_pair) st_w[!st_wp][(i*PO + o)*WW +: WW] <=
-                                    (32'(tb_a) * 32'(PO) + 32'(o) < 32'(T) && 32'(tb_b) * 32'(PI) + 32'(PI + i) < 32'(dh))
-                                    ? WW'($signed(k_rd[(PI + i)*16 +: 16])) : '0;
+                                if (!st_wp) st_w0[(i*PO + o)*WW +: WW] <= tb_col0[i*WW +: WW];
+                                else        st_w1[(i*PO + o)*WW +: WW] <= tb_col0[i*WW +: WW];
+                                if (tb_pair && !st_wp) st_w1[(i*PO + o)*WW +: WW] <= tb_col1[i*WW +: WW];
+                                if (tb_pair && st_wp)  st_w0[(i*PO + o)*WW +: WW] <= tb_col1[i*WW +: WW];
                             end
                 end else begin
-                    // row i = tb_r: key kc·P_IN + i, dims ot·P_OUT + o
                     for (int i = 0; i < PI; i++)
                         if (16'(i) == tb_r)
-                            for (int o = 0; o < PO; o++)
-                                st_w[st_wp][(i*PO + o)*WW +: WW] <=
-                                    (32'(tb_b) * 32'(PI) + 32'(i) < 32'(T) && 32'(tb_a) * 32'(PO) + 32'(o) < 32'(dh))
-                                    ? WW'($signed(v_rd[o*16 +: 16])) : '0;
+                            for (int o = 0; o < PO; o++) begin
+                                if (!st_wp) st_w0[(i*PO + o)*WW +: WW] <= tb_row[o*WW +: WW];
+                                else        st_w1[(i*PO + o)*WW +: WW] <= tb_row[o*WW +: WW];
+                            end
                 end
                 if (tb_r + 16'd1 < (tb_av ? 16'(PI) : 16'(PO))) begin
                     tb_r <= tb_r + 16'd1;
@@ -506,7 +524,7 @@ module eng_attn #(
     logic [PWA_W-1:0]  p_raddr;
     assign bi_nx   = job_next(bi_av, bi_g);
     assign bi_gsz  = gsize(bi_g);
-    assign q_rflat = (32'(bi_g) * 32'(gs) + 32'(bi_qi)) * 32'(dh) + 32'(bi_b) * 32'(PI);
+    assign q_rflat = (32'(bi_g) * 32'(gs) + 32'(bi_qi)) * 32'(dh) + bi_c0;
     assign p_raddr = PWA_W'(32'(bi_g[0]) * 32'(PWH) + 32'(bi_qi) * 32'(nkc) + 32'(bi_b));
     // QK(g) overwrites the scores of group g−2 (EXP(g−2) must be done); AV(g) needs EXP(g)
     assign bi_ok   = bi_av ? (exp_done > bi_g)
@@ -522,14 +540,14 @@ module eng_attn #(
     assign cu_x_tag   = `M3V_TAG_W'(bi_qi);
     assign cu_x_eout  = '0;
     assign cu_x_score = '0;
+    logic [31:0] bi_c0;   // first key (AV) or dim (QK) of the beat's chunk
+    assign bi_c0 = 32'(bi_b) * 32'(PI);
     always_comb
         for (int i = 0; i < PI; i++)
             if (bi_av)
-                cu_x_act[i*XW +: XW] = (32'(bi_b) * 32'(PI) + 32'(i) < 32'(T))
-                                       ? XW'(p_word[i*EP +: EP]) : '0;
+                cu_x_act[i*XW +: XW] = (bi_c0 + 32'(i) < 32'(T)) ? XW'(p_word[i*EP +: EP]) : '0;
             else
-                cu_x_act[i*XW +: XW] = (32'(bi_b) * 32'(PI) + 32'(i) < 32'(dh))
-                                       ? XW'($signed(q_rd[i*16 +: 16])) : '0;
+                cu_x_act[i*XW +: XW] = (bi_c0 + 32'(i) < 32'(dh)) ? XW'($signed(q_rd[i*16 +: 16])) : '0;
 
     always_ff @(posedge clk) begin
         if (!rst_n) begin
@@ -719,8 +737,9 @@ module eng_attn #(
         .q({e11_half, e11_first, e11_rlast, e11_glast, e11_qi, e11_kc, e11_off, e11_n})
     );
 
-    logic [PI*EP-1:0] pbuf [0:2*PWH-1];
     logic [PWA_W-1:0] p_waddr;
+    logic [PI*EP-1:0] pw_d;
+    logic [PI-1:0]    pw_en;
     logic [S_W-1:0]   ps_acc, ps_step, ps_row;
     assign p_waddr = PWA_W'(32'(e11_half) * 32'(PWH) + 32'(e11_qi) * 32'(nkc) + 32'(e11_kc));
     always_comb begin
@@ -729,16 +748,26 @@ module eng_attn #(
             if (16'(i) < e11_n) ps_step = ps_step + S_W'(e_p[i*EP +: EP]);
         ps_row = (e11_first ? '0 : ps_acc) + ps_step;
     end
-    always_ff @(posedge clk) begin
-        if (e11_v) begin
-            ps_acc <= ps_row;
-            for (int w = 0; w < PI; w++)
-                for (int i = 0; i < SMP; i++)
-                    if (32'(w) == 32'(e11_off) + 32'(i) && 16'(i) < e11_n)
-                        pbuf[p_waddr][w*EP +: EP] <= e_p[i*EP +: EP];
-        end
+    // word lane w takes step lane w − off
+    always_comb begin
+        pw_d  = '0;
+        pw_en = '0;
+        for (int w = 0; w < PI; w++)
+            for (int i = 0; i < SMP; i++)
+                if (32'(w) == 32'(e11_off) + 32'(i) && 16'(i) < e11_n) begin
+                    pw_d[w*EP +: EP] = e_p[i*EP +: EP];
+                    pw_en[w]         = e11_v;
+                end
     end
-    assign p_word = pbuf[p_raddr];
+    always_ff @(posedge clk) if (e11_v) ps_acc <= ps_row;
+    // one memory per word lane: an exp step writes some lanes of a word, an AV beat reads a word
+    generate
+        for (l = 0; l < PI; l = l + 1) begin : g_pbuf
+            logic [EP-1:0] mem [0:2*PWH-1];
+            always_ff @(posedge clk) if (pw_en[l]) mem[p_waddr] <= pw_d[l*EP +: EP];
+            assign p_word[l*EP +: EP] = mem[p_raddr];
+        end
+    endgenerate
 
     // (r, k) = recip_int(Σ p) per row, into half g mod 2 of the row table
     logic           rc_v, rc_half, rc_glast;
@@ -827,6 +856,8 @@ module eng_attn #(
     logic [15:0]            f1_pc, f1_nd;
     logic [ADDR_W-1:0]      f1_addr;
     logic [R+Z_W:0]         fn_rk;
+    logic [31:0]            fn_o0;   // the piece's first lane
+    assign fn_o0 = 32'(fn_pc) * 32'(SMP);
     assign fn_rk = rk_tab[SLOT_A'(32'(fn_g[0]) * 32'(SLOTS) + 32'(fn_qi))];
     always_ff @(posedge clk) begin
         if (!rst_n) f1_v <= 1'b0;
@@ -834,7 +865,7 @@ module eng_attn #(
         for (int i = 0; i < SMP; i++) begin
             f1_a[i*A_W +: A_W] <= '0;
             for (int o = 0; o < PO; o++)
-                if (32'(o) == 32'(fn_pc) * 32'(SMP) + 32'(i)) f1_a[i*A_W +: A_W] <= cu_o_raw_acc[o*ACCW +: A_W];
+                if (32'(o) == fn_o0 + 32'(i)) f1_a[i*A_W +: A_W] <= cu_o_raw_acc[o*ACCW +: A_W];
         end
         f1_r     <= fn_rk[R+Z_W : Z_W];
         f1_sh    <= SH_W'(R) + SH_W'(fn_rk[Z_W-1:0]) + SH_W'($signed(f_osh[SHW-1:0]));
@@ -883,6 +914,8 @@ module eng_attn #(
     // an unsigned output format: the signed ACT_W-bit result clamped to 0 .. 2^bits - 1; the
     // pieces of a row gather in seg_row
     logic [PO*AW-1:0] seg_row, seg_new;
+    logic [31:0] f9_o0;
+    assign f9_o0 = 32'(f9_pc) * 32'(SMP);
     always_comb begin
         logic signed [AW-1:0] v, hi;
         hi = AW'((33'd1 << obits) - 33'd1);
@@ -894,7 +927,7 @@ module eng_attn #(
                 else if (v > hi) v = hi;
             end
             for (int o = 0; o < PO; o++)
-                if (32'(o) == 32'(f9_pc) * 32'(SMP) + 32'(i)) seg_new[o*AW +: AW] = v;
+                if (32'(o) == f9_o0 + 32'(i)) seg_new[o*AW +: AW] = v;
         end
     end
     always_ff @(posedge clk) if (f9_v) seg_row <= seg_new;
@@ -941,11 +974,13 @@ module eng_attn #(
     // byte p of beat yw_b + yw_bi is byte (beat address + p − sg_a) of the segment
     always_comb begin
         logic [31:0] pos;
+        logic [ADDR_W-1:0] ba;
+        ba = (yw_b + yw_bi) << BB_L;
         yw_data = '0;
         yw_strb = '0;
         for (int p = 0; p < BB; p++) begin
-            pos = 32'((yw_b + yw_bi) << BB_L) + 32'(p) - 32'(sg_a);
-            if (((yw_b + yw_bi) << BB_L) + ADDR_W'(p) >= sg_a && pos < {31'(sg_n), 1'b0}) begin
+            pos = 32'(ba) + 32'(p) - 32'(sg_a);
+            if (ba + ADDR_W'(p) >= sg_a && pos < {31'(sg_n), 1'b0}) begin
                 yw_data[p*8 +: 8] = sg_row[pos*8 +: 8];
                 yw_strb[p] = 1'b1;
             end
