@@ -552,6 +552,10 @@ module eng_gemm #(
     localparam logic [1:0] WL_W = 2'd0, WL_B = 2'd1, WL_S = 2'd2, WL_D = 2'd3;
 
     logic [31:0]              ks, nw, gcols;
+    // int8 weights go two chunks to a store entry (its low and high P_OUT bytes) when the store's
+    // weights are 16 bits or wider: twice the K extent per half, larger groups
+    logic                     wpk;
+    assign wpk = W_W >= 16 && !g_w16;
     logic [GTW-1:0]           gsz;                      // tiles per group of this instruction
     logic                     wl_whole;
     assign ks       = (g_k + 32'(P_IN - 1)) / 32'(P_IN);
@@ -560,7 +564,7 @@ module eng_gemm #(
     assign gcols    = 32'(gsz) * 32'(P_OUT);
 
     always_ff @(posedge clk)
-        if (state == S_G0) gsz <= GTW'(min32(32'(GT), 32'(KS_MAX) / (ks == 0 ? 32'd1 : ks)));
+        if (state == S_G0) gsz <= GTW'(min32(32'(GT), 32'(KS_MAX) * (wpk ? 32'd2 : 32'd1) / (ks == 0 ? 32'd1 : ks)));
 
     // The weights do not depend on the queue: when the instruction's weight operands pass their
     // checks, the loader starts during the queue pre-pass (S_QOFF .. S_G2). A refusal found
@@ -598,6 +602,7 @@ module eng_gemm #(
     logic [P_OUT*W_W-1:0] rc_row [0:NWP-1];
     logic [$clog2(P_IN)-1+1:0] rc_bank [0:NWP-1];
     logic [WKW-1:0]       rc_wa [0:NWP-1];
+    logic [31:0]          rc_wl [0:NWP-1];        // chunk index in the half, before packing
     logic [P_OUT*ACC_W-1:0]   b_stage, b_next;
     logic [P_OUT*SHIFT_W-1:0] s_stage, s_next;
     logic [P_OUT*ACC_W-1:0]   bias_mem  [0:2*GT-1];
@@ -615,7 +620,8 @@ module eng_gemm #(
             i_sv[p]   = wl_en && wl_busy && i_ph[p] != WL_D;
             rc_want[p] = wl_en && wl_busy && rc_ph[p] == WL_W && rc_cv[p];
             rc_bank[p] = ($clog2(P_IN)+1)'(rc_k[p] % 32'(P_IN));
-            rc_wa[p]   = WKW'(32'(wl_half) * 32'(KS_MAX) + rc_tb[p] + rc_k[p] / 32'(P_IN));
+            rc_wl[p]   = rc_tb[p] + rc_k[p] / 32'(P_IN);
+            rc_wa[p]   = WKW'(32'(wl_half) * 32'(KS_MAX) + (wpk ? rc_wl[p] >> 1 : rc_wl[p]));
             for (int o = 0; o < P_OUT; o++)
                 rc_row[p][o*W_W +: W_W] = g_w16 ? W_W'(signed'(rc_cd[p][o*16 +: 16])) : W_W'(signed'(rc_cd[p][o*8 +: 8]));
         end
@@ -761,15 +767,26 @@ module eng_gemm #(
     logic [31:0]               pu_tb;
     logic [KAW-1:0]            pu_kc;
     logic [WKW-1:0]            pu_wa;
-    assign pu_wa = WKW'(32'(pu_half) * 32'(KS_MAX) + pu_tb + 32'(pu_kc));
+    logic [31:0]               pu_wl;
+    assign pu_wl = pu_tb + 32'(pu_kc);
+    assign pu_wa = WKW'(32'(pu_half) * 32'(KS_MAX) + (wpk ? pu_wl >> 1 : pu_wl));
+    // one of the two packed int8 chunks of an entry, sign-extended to the store's weights
+    function automatic logic [P_OUT*W_W-1:0] unpack8(input logic [P_OUT*W_W-1:0] e, input logic upper);
+        for (int o = 0; o < P_OUT; o++)
+            unpack8[o*W_W +: W_W] = W_W'(signed'(e[(32'(upper) * P_OUT + o) * 8 +: 8]));
+    endfunction
+
     genvar gi;
     generate
         for (gi = 0; gi < P_IN; gi++) begin : g_wbank
             logic [P_OUT*W_W-1:0] mem [0:2*KS_MAX-1];
             always_ff @(posedge clk) begin
                 for (int p = 0; p < NWP; p++)
-                    if (rc_fire[p] && rc_ph[p] == WL_W && 32'(rc_bank[p]) == gi) mem[rc_wa[p]] <= rc_row[p];
-                if (tq_load) tq_w[gi*P_OUT*W_W +: P_OUT*W_W] <= mem[pu_wa];
+                    if (rc_fire[p] && rc_ph[p] == WL_W && 32'(rc_bank[p]) == gi) begin
+                        if (wpk) mem[rc_wa[p]][32'(rc_wl[p][0]) * P_OUT * 8 +: P_OUT * 8] <= rc_cd[p][P_OUT*8-1:0];
+                        else mem[rc_wa[p]] <= rc_row[p];
+                    end
+                if (tq_load) tq_w[gi*P_OUT*W_W +: P_OUT*W_W] <= wpk ? unpack8(mem[pu_wa], pu_wl[0]) : mem[pu_wa];
             end
         end
     endgenerate
