@@ -8,7 +8,7 @@
 //   segment of K elements each) and stays on chip; otherwise each pass over the rows reloads
 //   them a block of SLOTS rows at a time into two banks.
 //   weights: groups of up to GT output tiles (as many as fit one half of the weight store, two
-//   halves: the next group loads while this one computes). Per group, port 1 reads the biases
+//   halves: the next group loads while this one computes; int8 weights two chunks an entry). Per group, port 1 reads the biases
 //   and shifts, then the weight rows k (one segment over the group's columns each, a chunk per
 //   tile) are dealt to ports 1, 2, 3 (3 only without residual) by k mod NW; a K chunk of a tile
 //   may go to the compute unit as soon as its rows are in.
@@ -23,7 +23,8 @@
 // computes): port 1 reads the block's scores and indices, ports 0 and 1 its expert outputs (rows
 // t·k + j, contiguous: one full-row segment each, even rows on port 0, odd on port 1); then per
 // token, output tile and top-k slot j one beat, each with its own parameter tile, whose combine
-// shift is the expert's. The residual (port 3) is one segment per row.
+// shift is the expert's; a block computes while it still loads (a token once its rows are in).
+// The residual (port 3) is one segment per row.
 //
 // Ports: 0 reads x rows / even expert-output rows and the queue table; 1 reads biases, shifts,
 // weight rows, scores, indices and odd expert-output rows; 2 reads weight rows; 3 reads the
@@ -1200,6 +1201,14 @@ module eng_gemm #(
     logic [YHW-1:0]      cb_ya;
     logic [31:0]         cb_r;       // the expert-output row in the block
     assign cb_r  = cb_t * c_k + cb_j;
+
+    // A block computes while it still loads: its tiles once its scores and indices are in, a
+    // token's beats once its k expert-output rows are in (rows below yr0_i / yr1_i of each parity).
+    logic        c_blk_rdy, cb_rows;
+    logic [31:0] cb_rend;
+    assign cb_rend   = (cb_t + 32'd1) * c_k;
+    assign c_blk_rdy = sb_full[cbb] || (sl_busy && lb == cbb && sl_rph >= 2'd2);
+    assign cb_rows   = sb_full[cbb] || (yr0_i >= cb_rend && yr1_i >= cb_rend);
     assign cb_ya = YHW'(32'(cbb) * 32'(YBH) + (cb_r >> 1) * 32'(OT_MAX) + cb_oc);
     assign cb_y  = cb_r[0] ? ybuf1[cb_ya] : ybuf0[cb_ya];
 
@@ -1230,14 +1239,14 @@ module eng_gemm #(
             cu_x_valid = bq_v;
         end
         if (run_c) begin
-            cu_w_valid      = sb_full[cbb] && !cp_done;
+            cu_w_valid      = c_blk_rdy && !cp_done;
             cu_w_bias       = '0;
             cu_w_shift      = '0;
             cu_w_out_bits   = OB_W'(c_fmt[5:0]);
             cu_w_comb_shift = CSH_W'(cshift[EAW'(cp_e)]);
             cu_w_combine    = 1'b1;
             cu_w_gelu       = 1'b0;
-            cu_x_valid = sb_full[cbb] && !cb_done;
+            cu_x_valid = c_blk_rdy && cb_rows && !cb_done;
             cu_x_wnext = 1'b1;
             for (int o = 0; o < P_OUT; o++) cu_x_eout[o*ACT_W +: ACT_W] = ACT_W'(signed'(cb_y[o*16 +: 16]));
             cu_x_score = SCORE_W'(sbuf[cb_i]);
