@@ -8,7 +8,7 @@
 //   segment of K elements each) and stays on chip; otherwise each pass over the rows reloads
 //   them a block of SLOTS rows at a time into two banks.
 //   weights: groups of up to GT output tiles (as many as fit one half of the weight store, two
-//   halves: the next group loads while this one computes). Per group, port 1 reads the biases
+//   halves: the next group loads while this one computes; int8 weights two chunks an entry). Per group, port 1 reads the biases
 //   and shifts, then the weight rows k (one segment over the group's columns each, a chunk per
 //   tile) are dealt to ports 1, 2, 3 (3 only without residual) by k mod NW; a K chunk of a tile
 //   may go to the compute unit as soon as its rows are in.
@@ -23,7 +23,8 @@
 // computes): port 1 reads the block's scores and indices, ports 0 and 1 its expert outputs (rows
 // t·k + j, contiguous: one full-row segment each, even rows on port 0, odd on port 1); then per
 // token, output tile and top-k slot j one beat, each with its own parameter tile, whose combine
-// shift is the expert's. The residual (port 3) is one segment per row.
+// shift is the expert's; a block computes while it still loads (a token once its rows are in).
+// The residual (port 3) is one segment per row.
 //
 // Ports: 0 reads x rows / even expert-output rows and the queue table; 1 reads biases, shifts,
 // weight rows, scores, indices and odd expert-output rows; 2 reads weight rows; 3 reads the
@@ -562,6 +563,10 @@ module eng_gemm #(
     localparam logic [1:0] WL_W = 2'd0, WL_B = 2'd1, WL_S = 2'd2, WL_D = 2'd3;
 
     logic [31:0]              ks, nw, gcols;
+    // int8 weights go two chunks to a store entry (its low and high P_OUT bytes) when the store's
+    // weights are 16 bits or wider: twice the K extent per half, larger groups
+    logic                     wpk;
+    assign wpk = W_W >= 16 && !g_w16;
     logic [GTW-1:0]           gsz;                      // tiles per group of this instruction
     logic                     wl_whole;
     assign ks       = (g_k + 32'(P_IN - 1)) / 32'(P_IN);
@@ -570,7 +575,7 @@ module eng_gemm #(
     assign gcols    = 32'(gsz) * 32'(P_OUT);
 
     always_ff @(posedge clk)
-        if (state == S_G0) gsz <= GTW'(min32(32'(GT), 32'(KS_MAX) / (ks == 0 ? 32'd1 : ks)));
+        if (state == S_G0) gsz <= GTW'(min32(32'(GT), 32'(KS_MAX) * (wpk ? 32'd2 : 32'd1) / (ks == 0 ? 32'd1 : ks)));
 
     // The weights do not depend on the queue: when the instruction's weight operands pass their
     // checks, the loader starts during the queue pre-pass (S_QOFF .. S_G2). A refusal found
@@ -608,6 +613,7 @@ module eng_gemm #(
     logic [P_OUT*W_W-1:0] rc_row [0:NWP-1];
     logic [$clog2(P_IN)-1+1:0] rc_bank [0:NWP-1];
     logic [WKW-1:0]       rc_wa [0:NWP-1];
+    logic [31:0]          rc_wl [0:NWP-1];        // chunk index in the half, before packing
     logic [P_OUT*ACC_W-1:0]   b_stage, b_next;
     logic [P_OUT*SHIFT_W-1:0] s_stage, s_next;
     logic [P_OUT*ACC_W-1:0]   bias_mem  [0:2*GT-1];
@@ -625,7 +631,8 @@ module eng_gemm #(
             i_sv[p]   = wl_en && wl_busy && i_ph[p] != WL_D;
             rc_want[p] = wl_en && wl_busy && rc_ph[p] == WL_W && rc_cv[p];
             rc_bank[p] = ($clog2(P_IN)+1)'(rc_k[p] % 32'(P_IN));
-            rc_wa[p]   = WKW'(32'(wl_half) * 32'(KS_MAX) + rc_tb[p] + rc_k[p] / 32'(P_IN));
+            rc_wl[p]   = rc_tb[p] + rc_k[p] / 32'(P_IN);
+            rc_wa[p]   = WKW'(32'(wl_half) * 32'(KS_MAX) + (wpk ? rc_wl[p] >> 1 : rc_wl[p]));
             for (int o = 0; o < P_OUT; o++)
                 rc_row[p][o*W_W +: W_W] = g_w16 ? W_W'(signed'(rc_cd[p][o*16 +: 16])) : W_W'(signed'(rc_cd[p][o*8 +: 8]));
         end
@@ -771,15 +778,26 @@ module eng_gemm #(
     logic [31:0]               pu_tb;
     logic [KAW-1:0]            pu_kc;
     logic [WKW-1:0]            pu_wa;
-    assign pu_wa = WKW'(32'(pu_half) * 32'(KS_MAX) + pu_tb + 32'(pu_kc));
+    logic [31:0]               pu_wl;
+    assign pu_wl = pu_tb + 32'(pu_kc);
+    assign pu_wa = WKW'(32'(pu_half) * 32'(KS_MAX) + (wpk ? pu_wl >> 1 : pu_wl));
+    // one of the two packed int8 chunks of an entry, sign-extended to the store's weights
+    function automatic logic [P_OUT*W_W-1:0] unpack8(input logic [P_OUT*W_W-1:0] e, input logic upper);
+        for (int o = 0; o < P_OUT; o++)
+            unpack8[o*W_W +: W_W] = W_W'(signed'(e[(32'(upper) * P_OUT + o) * 8 +: 8]));
+    endfunction
+
     genvar gi;
     generate
         for (gi = 0; gi < P_IN; gi++) begin : g_wbank
             logic [P_OUT*W_W-1:0] mem [0:2*KS_MAX-1];
             always_ff @(posedge clk) begin
                 for (int p = 0; p < NWP; p++)
-                    if (rc_fire[p] && rc_ph[p] == WL_W && 32'(rc_bank[p]) == gi) mem[rc_wa[p]] <= rc_row[p];
-                if (tq_load) tq_w[gi*P_OUT*W_W +: P_OUT*W_W] <= mem[pu_wa];
+                    if (rc_fire[p] && rc_ph[p] == WL_W && 32'(rc_bank[p]) == gi) begin
+                        if (wpk) mem[rc_wa[p]][32'(rc_wl[p][0]) * P_OUT * 8 +: P_OUT * 8] <= rc_cd[p][P_OUT*8-1:0];
+                        else mem[rc_wa[p]] <= rc_row[p];
+                    end
+                if (tq_load) tq_w[gi*P_OUT*W_W +: P_OUT*W_W] <= wpk ? unpack8(mem[pu_wa], pu_wl[0]) : mem[pu_wa];
             end
         end
     endgenerate
@@ -1193,6 +1211,14 @@ module eng_gemm #(
     logic [YHW-1:0]      cb_ya;
     logic [31:0]         cb_r;       // the expert-output row in the block
     assign cb_r  = cb_t * c_k + cb_j;
+
+    // A block computes while it still loads: its tiles once its scores and indices are in, a
+    // token's beats once its k expert-output rows are in (rows below yr0_i / yr1_i of each parity).
+    logic        c_blk_rdy, cb_rows;
+    logic [31:0] cb_rend;
+    assign cb_rend   = (cb_t + 32'd1) * c_k;
+    assign c_blk_rdy = sb_full[cbb] || (sl_busy && lb == cbb && sl_rph >= 2'd2);
+    assign cb_rows   = sb_full[cbb] || (yr0_i >= cb_rend && yr1_i >= cb_rend);
     assign cb_ya = YHW'(32'(cbb) * 32'(YBH) + (cb_r >> 1) * 32'(OT_MAX) + cb_oc);
     assign cb_y  = cb_r[0] ? ybuf1[cb_ya] : ybuf0[cb_ya];
 
@@ -1223,14 +1249,14 @@ module eng_gemm #(
             cu_x_valid = bq_v;
         end
         if (run_c) begin
-            cu_w_valid      = sb_full[cbb] && !cp_done;
+            cu_w_valid      = c_blk_rdy && !cp_done;
             cu_w_bias       = '0;
             cu_w_shift      = '0;
             cu_w_out_bits   = OB_W'(c_fmt[5:0]);
             cu_w_comb_shift = CSH_W'(cshift[EAW'(cp_e)]);
             cu_w_combine    = 1'b1;
             cu_w_gelu       = 1'b0;
-            cu_x_valid = sb_full[cbb] && !cb_done;
+            cu_x_valid = c_blk_rdy && cb_rows && !cb_done;
             cu_x_wnext = 1'b1;
             for (int o = 0; o < P_OUT; o++) cu_x_eout[o*ACT_W +: ACT_W] = ACT_W'(signed'(cb_y[o*16 +: 16]));
             cu_x_score = SCORE_W'(sbuf[cb_i]);
