@@ -109,11 +109,17 @@ def test_sparse_equals_dense(experts, k_frac, heads, head_dim, routing, n_tasks)
                 tasks=tasks, expert_hidden=11, img_size="24x40")
     model = build_model(cfg, with_heads=False, seed=experts)
     x = torch.randn(2, 3, *cfg.img_size, generator=torch.Generator().manual_seed(experts * 7 + heads))
+    # Compared at the input of the final LayerNorm: with a 2-wide token that norm maps nearly equal
+    # pairs to +-1 and turns a one-ulp difference into 1e-5 (observed on some CPUs' kernels).
+    seen = []
+    hook = model.norm.register_forward_hook(lambda m, i, o: seen.append(i[0]))
     with torch.no_grad():
         for task in range(n_tasks):
-            sparse = model.set_sparse(True).features(x, task)
-            dense = model.set_sparse(False).features(x, task)
-            assert (sparse - dense).abs().max().item() <= 1e-5
+            model.set_sparse(True).features(x, task)
+            model.set_sparse(False).features(x, task)
+            sparse, dense = seen[-2:]
+            assert (sparse - dense).abs().max().item() <= 1e-5 * max(1.0, dense.abs().max().item())
+    hook.remove()
 
 
 def test_single_task_runs_only_its_head_and_gate():
