@@ -237,17 +237,31 @@ module m3v_accel #(
 `undef M3V_ENGINE
 
     // ---- the master ports: the selected engine's, or the fetch reader on port 0
+`define M3V_PORT_PICK(E) begin \
+                m_arvalid = e_arvalid[32'(E)*(PORTS) +: PORTS]; m_araddr = e_araddr[32'(E)*(PORTS*ADDR_W) +: PORTS*ADDR_W]; \
+                m_arlen = e_arlen[32'(E)*(PORTS*8) +: PORTS*8]; m_arsize = e_arsize[32'(E)*(PORTS*3) +: PORTS*3]; \
+                m_arburst = e_arburst[32'(E)*(PORTS*2) +: PORTS*2]; m_arid = e_arid[32'(E)*(PORTS*ID_W) +: PORTS*ID_W]; \
+                m_rready = e_rready[32'(E)*(PORTS) +: PORTS]; m_awvalid = e_awvalid[32'(E)*(PORTS) +: PORTS]; \
+                m_awaddr = e_awaddr[32'(E)*(PORTS*ADDR_W) +: PORTS*ADDR_W]; m_awlen = e_awlen[32'(E)*(PORTS*8) +: PORTS*8]; \
+                m_awsize = e_awsize[32'(E)*(PORTS*3) +: PORTS*3]; m_awburst = e_awburst[32'(E)*(PORTS*2) +: PORTS*2]; \
+                m_awid = e_awid[32'(E)*(PORTS*ID_W) +: PORTS*ID_W]; m_wvalid = e_wvalid[32'(E)*(PORTS) +: PORTS]; \
+                m_wdata = e_wdata[32'(E)*(PORTS*DW) +: PORTS*DW]; m_wstrb = e_wstrb[32'(E)*(PORTS*DW/8) +: PORTS*DW/8]; \
+                m_wlast = e_wlast[32'(E)*(PORTS) +: PORTS]; m_bready = e_bready[32'(E)*(PORTS) +: PORTS]; \
+            end
     always_comb begin
         m_arvalid = '0; m_araddr = '0; m_arlen = '0; m_arsize = '0; m_arburst = '0; m_arid = '0;
         m_rready = '0; m_awvalid = '0; m_awaddr = '0; m_awlen = '0; m_awsize = '0; m_awburst = '0;
         m_awid = '0; m_wvalid = '0; m_wdata = '0; m_wstrb = '0; m_wlast = '0; m_bready = '0;
         if (run && sel < 3'(N_ENG)) begin
-            m_arvalid = e_arvalid[32'(sel)*(PORTS) +: PORTS]; m_araddr = e_araddr[32'(sel)*(PORTS*ADDR_W) +: PORTS*ADDR_W]; m_arlen = e_arlen[32'(sel)*(PORTS*8) +: PORTS*8];
-            m_arsize = e_arsize[32'(sel)*(PORTS*3) +: PORTS*3]; m_arburst = e_arburst[32'(sel)*(PORTS*2) +: PORTS*2]; m_arid = e_arid[32'(sel)*(PORTS*ID_W) +: PORTS*ID_W];
-            m_rready = e_rready[32'(sel)*(PORTS) +: PORTS]; m_awvalid = e_awvalid[32'(sel)*(PORTS) +: PORTS]; m_awaddr = e_awaddr[32'(sel)*(PORTS*ADDR_W) +: PORTS*ADDR_W];
-            m_awlen = e_awlen[32'(sel)*(PORTS*8) +: PORTS*8]; m_awsize = e_awsize[32'(sel)*(PORTS*3) +: PORTS*3]; m_awburst = e_awburst[32'(sel)*(PORTS*2) +: PORTS*2];
-            m_awid = e_awid[32'(sel)*(PORTS*ID_W) +: PORTS*ID_W]; m_wvalid = e_wvalid[32'(sel)*(PORTS) +: PORTS]; m_wdata = e_wdata[32'(sel)*(PORTS*DW) +: PORTS*DW]; m_wstrb = e_wstrb[32'(sel)*(PORTS*DW/8) +: PORTS*DW/8];
-            m_wlast = e_wlast[32'(sel)*(PORTS) +: PORTS]; m_bready = e_bready[32'(sel)*(PORTS) +: PORTS];
+            // constant part-selects, one arm per engine (see the compute unit's mux below)
+            case (sel)
+                E_ELEM:  `M3V_PORT_PICK(E_ELEM)
+                E_GEMM:  `M3V_PORT_PICK(E_GEMM)
+                E_GATE:  `M3V_PORT_PICK(E_GATE)
+                E_ATTN:  `M3V_PORT_PICK(E_ATTN)
+                E_LN:    `M3V_PORT_PICK(E_LN)
+                default: `M3V_PORT_PICK(E_PATCH)
+            endcase
         end else begin
             m_arvalid[0] = f_arvalid; m_araddr[0 +: ADDR_W] = f_araddr; m_arlen[0 +: 8] = f_arlen;
             m_arsize[0 +: 3] = f_arsize; m_arburst[0 +: 2] = f_arburst; m_arid[0 +: ID_W] = f_arid;
@@ -255,6 +269,7 @@ module m3v_accel #(
             m_bready = '1;
         end
     end
+`undef M3V_PORT_PICK
 
     // ---- the shared compute unit, driven by the selected engine
     logic                     c_w_valid, c_w_combine, c_w_gelu, c_x_valid, c_x_wnext, c_x_first, c_x_last,
@@ -271,6 +286,18 @@ module m3v_accel #(
     logic [SLOT_W-1:0]        c_x_slot;
     logic [`M3V_TAG_W-1:0]    c_x_tag;
 
+`define M3V_CU_PICK(E) begin \
+            c_w_weights = e_cu_w_weights[32'(E)*(CUW_W) +: CUW_W]; c_w_bias = e_cu_w_bias[32'(E)*(CUB_W) +: CUB_W]; \
+            c_w_shift = e_cu_w_shift[32'(E)*(CUS_W) +: CUS_W]; c_w_out_bits = e_cu_w_out_bits[32'(E)*(`M3V_OB_W) +: `M3V_OB_W]; \
+            c_w_comb_shift = e_cu_w_comb_shift[32'(E)*(`M3V_CSH_W) +: `M3V_CSH_W]; c_w_combine = e_cu_w_combine[E]; \
+            c_w_gelu = e_cu_w_gelu[E]; c_w_gelu_in_frac = e_cu_w_gelu_in_frac[32'(E)*7 +: 7]; \
+            c_w_gelu_out_frac = e_cu_w_gelu_out_frac[32'(E)*7 +: 7]; \
+            c_w_gelu_out_bits = e_cu_w_gelu_out_bits[32'(E)*(`M3V_OB_W) +: `M3V_OB_W]; c_x_wnext = e_cu_x_wnext[E]; \
+            c_x_act = e_cu_x_act[32'(E)*(CUX_W) +: CUX_W]; c_x_eout = e_cu_x_eout[32'(E)*(CUO_W) +: CUO_W]; \
+            c_x_score = e_cu_x_score[32'(E)*(`M3V_SCORE_W) +: `M3V_SCORE_W]; c_x_slot = e_cu_x_slot[32'(E)*(SLOT_W) +: SLOT_W]; \
+            c_x_first = e_cu_x_first[E]; c_x_last = e_cu_x_last[E]; c_x_tag = e_cu_x_tag[32'(E)*(`M3V_TAG_W) +: `M3V_TAG_W]; \
+        end
+
     always_comb begin
         // only the matrix engines drive it; the others' outputs are constant zero
         logic [2:0] s;
@@ -280,14 +307,16 @@ module m3v_accel #(
         c_o_ready = run && sel == s && e_cu_o_ready[s];
         c_o_raw_ready = run && sel == s && e_cu_o_raw_ready[s];
         c_w_raw = e_cu_w_raw[s];
-        c_w_weights = e_cu_w_weights[32'(s)*(CUW_W) +: CUW_W]; c_w_bias = e_cu_w_bias[32'(s)*(CUB_W) +: CUB_W]; c_w_shift = e_cu_w_shift[32'(s)*(CUS_W) +: CUS_W];
-        c_w_out_bits = e_cu_w_out_bits[32'(s)*(`M3V_OB_W) +: `M3V_OB_W]; c_w_comb_shift = e_cu_w_comb_shift[32'(s)*(`M3V_CSH_W) +: `M3V_CSH_W];
-        c_w_combine = e_cu_w_combine[s]; c_w_gelu = e_cu_w_gelu[s]; c_w_gelu_in_frac = e_cu_w_gelu_in_frac[32'(s)*7 +: 7];
-        c_w_gelu_out_frac = e_cu_w_gelu_out_frac[32'(s)*7 +: 7]; c_w_gelu_out_bits = e_cu_w_gelu_out_bits[32'(s)*(`M3V_OB_W) +: `M3V_OB_W];
-        c_x_wnext = e_cu_x_wnext[s]; c_x_act = e_cu_x_act[32'(s)*(CUX_W) +: CUX_W]; c_x_eout = e_cu_x_eout[32'(s)*(CUO_W) +: CUO_W];
-        c_x_score = e_cu_x_score[32'(s)*(`M3V_SCORE_W) +: `M3V_SCORE_W]; c_x_slot = e_cu_x_slot[32'(s)*(SLOT_W) +: SLOT_W]; c_x_first = e_cu_x_first[s];
-        c_x_last = e_cu_x_last[s]; c_x_tag = e_cu_x_tag[32'(s)*(`M3V_TAG_W) +: `M3V_TAG_W];
+        // One arm per engine, with constant part-selects: a part-select at a variable offset
+        // makes the simulator assemble the six engines' side-by-side vectors (at 32x48, 18 KB
+        // of weight tiles) and shift them every cycle; the arms select the same bits.
+        case (s)
+            E_GATE:  `M3V_CU_PICK(E_GATE)
+            E_ATTN:  `M3V_CU_PICK(E_ATTN)
+            default: `M3V_CU_PICK(E_GEMM)
+        endcase
     end
+`undef M3V_CU_PICK
 
     compute_unit u_cu (
         .clk, .rst_n,
@@ -425,4 +454,15 @@ module m3v_accel #(
 
     logic unused_ok;
     assign unused_ok = &{1'b0, f_nbytes, f_eos, word(rec, 13)};
+    // the compute-unit outputs of the engines that never drive it (constant zero)
+`define M3V_CU_OUTS(E) e_cu_w_weights[32'(E)*(CUW_W) +: CUW_W], e_cu_w_bias[32'(E)*(CUB_W) +: CUB_W], \
+        e_cu_w_shift[32'(E)*(CUS_W) +: CUS_W], e_cu_w_out_bits[32'(E)*(`M3V_OB_W) +: `M3V_OB_W], \
+        e_cu_w_comb_shift[32'(E)*(`M3V_CSH_W) +: `M3V_CSH_W], e_cu_w_combine[E], e_cu_w_gelu[E], \
+        e_cu_w_gelu_in_frac[32'(E)*7 +: 7], e_cu_w_gelu_out_frac[32'(E)*7 +: 7], \
+        e_cu_w_gelu_out_bits[32'(E)*(`M3V_OB_W) +: `M3V_OB_W], e_cu_x_wnext[E], e_cu_x_act[32'(E)*(CUX_W) +: CUX_W], \
+        e_cu_x_eout[32'(E)*(CUO_W) +: CUO_W], e_cu_x_score[32'(E)*(`M3V_SCORE_W) +: `M3V_SCORE_W], \
+        e_cu_x_slot[32'(E)*(SLOT_W) +: SLOT_W], e_cu_x_first[E], e_cu_x_last[E], e_cu_x_tag[32'(E)*(`M3V_TAG_W) +: `M3V_TAG_W]
+    logic unused_cu;
+    assign unused_cu = &{1'b0, `M3V_CU_OUTS(E_ELEM), `M3V_CU_OUTS(E_LN), `M3V_CU_OUTS(E_PATCH)};
+`undef M3V_CU_OUTS
 endmodule
