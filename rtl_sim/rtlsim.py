@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,9 +304,10 @@ def run_rtlsim(build_dir: str | Path, image=None, tasks=None, trace: bool = Fals
             refs.append(execute(piece, weights, image_bytes, ti, hw_hash=hw.hash(), arena=start).memories)
             jobs.append(Job(f"task{ti}", piece, weights, image_bytes, ti, meta=meta, arena_init=start))
 
-    log = runner.build_dir_for(TB, hw) / "rtlsim-instr.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.unlink(missing_ok=True)
+    # one log per call: two rtlsim runs of the same configuration may be under way at once
+    runner.build_dir_for(TB, hw).mkdir(parents=True, exist_ok=True)
+    log_dir = Path(tempfile.mkdtemp(prefix="rtlsim-log-", dir=runner.build_dir_for(TB, hw)))
+    log = log_dir / "instr.log"
     outcome: dict = {}
 
     def work():
@@ -334,9 +336,11 @@ def run_rtlsim(build_dir: str | Path, image=None, tasks=None, trace: bool = Fals
     if bar is not None:
         bar.close()
     if "error" in outcome:
+        shutil.rmtree(log_dir, ignore_errors=True)
         raise outcome["error"]
     seconds = time.monotonic() - t0
     per_run = read_instr_log(log)
+    shutil.rmtree(log_dir, ignore_errors=True)
     out_name, out_shape = meta["output"]["name"], tuple(meta["output"]["shape"])
     macs_per_cycle = hw.p_in * hw.p_out
     run_seconds = sum(r.run_seconds for r in outcome["results"])
