@@ -97,12 +97,15 @@ def _yosys_script(unit: str, hw: HwConfig, inc: Path, json_out: Path | None, sta
                   dsp_only: bool = False) -> str:
     files = " ".join(str(p) for p in runner.rtl_sources())
     chparams = " ".join(f"-chparam {k} {v}" for k, v in _unit_params(unit, hw).items())
-    # dsp_only stops after multiplier mapping: the DSP48E2 count is final there, and the rest
-    # (memories and LUT mapping of the whole top) would take yosys far longer
+    # dsp_only stops after multiplier mapping, where the DSP48E2 count is final, and keeps the
+    # hierarchy so each module is synthesised once however often it is instantiated: flattening
+    # the whole top (48 lanes of everything) takes yosys hours. Without flattening a constant that
+    # reaches a module through a port is not propagated into it, so the count is an upper bound.
     lines = [
         f"read_verilog -sv -I{inc} {files}",
         f"hierarchy -check -top {unit} {chparams}",
-        f"synth_xilinx -family xcup -top {unit} -flatten -noiopad" + (" -run begin:coarse" if dsp_only else ""),
+        f"synth_xilinx -family xcup -top {unit} -noiopad"
+        + (" -run begin:coarse" if dsp_only else " -flatten"),
         f"tee -q -o {stat_out} stat",
     ]
     if json_out is not None:
@@ -131,6 +134,36 @@ def resources_from_cells(cells: Counter) -> dict[str, float]:
         "uram": cells.get("URAM288", 0),
         "carry": cells.get("CARRY4", 0) + cells.get("CARRY8", 0),
     }
+
+
+def _module_name(ident: str) -> str:
+    """`$paramod$<hash>\\eng_attn` or `$paramod\\recip_unit\\S_W=...` -> the module's source name."""
+    parts = ident.split("\\")
+    return parts[1] if ident.startswith("$paramod") and len(parts) > 1 else ident
+
+
+def dsp_by_instance(stat_text: str, top: str) -> dict[str, int]:
+    """DSP48E2 of each submodule of top in a hierarchical `stat`, with what it instantiates,
+    keyed by module name (instances of the same module summed); top's own under its name."""
+    own: dict[str, int] = {}
+    for sec in re.split(r"^=== ", stat_text, flags=re.M)[1:]:
+        name = sec.split(" ===", 1)[0].strip()
+        m = re.search(r"^\s+DSP48E2\s+(\d+)\s*$", sec, re.M)
+        own[name] = int(m.group(1)) if m else 0
+    tree = stat_text.split("=== design hierarchy ===")[-1] if "design hierarchy" in stat_text else ""
+    out: dict[str, int] = {top: own.get(top, 0)}
+    path: list[tuple[int, int, str]] = []      # (indent, instances along the path, level-1 name)
+    for m in re.finditer(r"^( +)(\S+)\s+(\d+)\s*$", tree.split("Number of wires")[0], re.M):
+        indent, ident, n = len(m.group(1)), m.group(2), int(m.group(3))
+        if ident == top:
+            continue
+        while path and path[-1][0] >= indent:
+            path.pop()
+        mult = (path[-1][1] if path else 1) * n
+        group = path[0][2] if path else _module_name(ident)
+        path.append((indent, mult, group))
+        out[group] = out.get(group, 0) + mult * own.get(ident, 0)
+    return {k: v for k, v in sorted(out.items()) if v}
 
 
 def _latches(cells: Counter, log: str) -> int:
@@ -166,6 +199,8 @@ def run_yosys(unit: str, hw: HwConfig, workdir: Path, netlist: bool = False, dsp
         raise M3ViTError(f"{unit}: synthesis inferred {latches} latch(es); see {log_out}")
     out = {"cells": dict(sorted(cells.items())), "resources": resources_from_cells(cells),
            "seconds": round(seconds, 1), "log": str(log_out)}
+    if dsp_only:
+        out["dsp_by_instance"] = dsp_by_instance(stat_text, unit)
     if netlist:
         out.update(analyse_netlist(json_out, unit))
     return out
@@ -264,8 +299,8 @@ def synth_unit(unit: str, hw: HwConfig, method: str = "auto", workdir: Path | No
         raise UsageError(f"method must be auto, full, scaled or dsp, got {method!r}")
     if method == "dsp" or (method == "auto" and unit == TOP):
         r = run_yosys(unit, hw, workdir / f"{unit}-dsp", dsp_only=True)
-        return {"method": "dsp (multiplier mapping only)", "seconds": r["seconds"],
-                **{k: 0 for k in RESOURCES}, "dsp": r["resources"]["dsp"]}
+        return {"method": "dsp (multiplier mapping only, hierarchical: an upper bound)", "seconds": r["seconds"],
+                **{k: 0 for k in RESOURCES}, "dsp": r["resources"]["dsp"], "dsp_by_instance": r["dsp_by_instance"]}
     workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="m3vit-synth-"))
     lanes = _lanes(unit, hw)
     scalable = lanes is not None
@@ -398,6 +433,9 @@ def format_report(rep: dict[str, Any]) -> str:
         lines.append(f"  {unit}: {r['method']}, {r['seconds']} s")
         if r["method"].startswith("dsp"):
             lines.append(f"    dsp {r['dsp']:g} (LUT, FF and memories are not counted by this method)")
+            if len(r.get("dsp_by_instance", {})) > 1:
+                lines.append("    " + ", ".join(f"{k} {v}" for k, v in
+                                               sorted(r["dsp_by_instance"].items(), key=lambda kv: -kv[1])))
             continue
         lines.append("    " + "  ".join(f"{k} {r[k]:g}" for k in RESOURCES))
         if "logic_levels" in r:

@@ -179,7 +179,24 @@ def test_synth_whole_accelerator_dsp():
     top = rep["units"]["m3v_accel"]
     assert top["method"].startswith("dsp") and top["lut"] == 0
     assert hw.dsp_datapath <= top["dsp"] <= rep["budget"]["dsp"]
+    assert sum(top["dsp_by_instance"].values()) == top["dsp"] and "compute_unit" in top["dsp_by_instance"]
     assert f"DSP {top['dsp']}/" in format_report(rep)
+
+
+def test_dsp_by_instance_multiplies_along_the_hierarchy():
+    """A hierarchical stat: a module's own DSPs count once per instance on every path to it, grouped
+    under the top's child they sit in."""
+    from m3vit.rtl_sim.synth import dsp_by_instance
+
+    def section(name, dsp):
+        return f"=== {name} ===\n\n   Number of cells:  9\n     DSP48E2  {dsp}\n     LUT2  3\n\n"
+    stat = (section("top", 1) + section("$paramod$ab\\eng_a", 2) + section("$paramod\\leaf\\W=s32'1", 5)
+            + section("plain", 0)
+            + "=== design hierarchy ===\n\n   top  1\n     $paramod$ab\\eng_a  2\n"
+              "       $paramod\\leaf\\W=s32'1  3\n     plain  1\n       $paramod\\leaf\\W=s32'1  1\n\n"
+              "   Number of wires:  10\n     DSP48E2  40\n")
+    got = dsp_by_instance(stat, "top")
+    assert got == {"top": 1, "eng_a": 2 * 2 + 2 * 3 * 5, "plain": 5}
 
 
 def test_synth_cli_arguments():
