@@ -176,6 +176,13 @@ def check_limits(graph: QGraph, hw: HwConfig) -> None:
             if op.attrs.get("gelu"):
                 _limit(w.shape[1] <= lim.max_hidden, op.name,
                        f"hidden width {w.shape[1]} exceeds limits.max_hidden = {lim.max_hidden}")
+        if op.kind == "patch_embed":
+            c, _, w = graph.tensors[op.inputs[0]].shape
+            p = int(op.attrs["patch"])
+            beats = hw.patch_band_beats(c, p, w)
+            _limit(beats <= hw.patch_band_capacity, op.name,
+                   f"a band of {c} channels x {p} rows x {w} pixels takes {beats} beats, more than the "
+                   f"{hw.patch_band_capacity} of patchify's band buffer")
         if op.kind == "attention":
             h = int(op.attrs["heads"])
             _limit(h <= lim.max_heads, op.name, f"{h} heads exceed limits.max_heads = {lim.max_heads}")

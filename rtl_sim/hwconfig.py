@@ -25,6 +25,8 @@ from m3vit.errors import ConfigError
 DEFAULT_PATH = Path(__file__).with_name("hw.json")
 
 # ZCU104 (xczu7ev-ffvc1156-2-e) resources: the budget that synthesis reports are measured against.
+# Bytes in each half of patchify's band buffer: a patch row of a 3 x 512-wide image at p = 16 is 48 KB.
+PATCH_BAND_BYTES = 65536
 ZCU104 = {"dsp": 1728, "lut": 230_400, "ff": 460_800, "bram36": 312, "uram": 96}
 BRAM36_BYTES = 36 * 1024 // 8
 URAM_BYTES = 288 * 1024 // 8
@@ -111,6 +113,17 @@ class HwConfig:
 
     def hash(self) -> str:
         return hashlib.sha256(self.to_json().encode("ascii")).hexdigest()
+
+    def patch_band_beats(self, channels: int, patch: int, width: int) -> int:
+        """AXI beats of one band of patchify's buffer (a patch row of every channel): each channel's
+        p·W elements plus one beat for a block that starts mid-beat."""
+        per_beat = self.axi_width_bits // 16
+        return channels * ((patch * width + 2 * per_beat - 1) // per_beat)
+
+    @property
+    def patch_band_capacity(self) -> int:
+        """Beats in one half of patchify's double-buffered band buffer."""
+        return PATCH_BAND_BYTES * 8 // self.axi_width_bits
 
     @property
     def macs(self) -> int:

@@ -292,6 +292,20 @@ def test_limits_name_the_op_and_the_limit(graph, hw):
         lower.lower(graph, hw.replace(buffers=dataclasses.replace(hw.buffers, weights=1024)))
 
 
+def test_patch_band_must_fit_patchify_buffer(graph, hw, monkeypatch):
+    from m3vit.rtl_sim import hwconfig
+
+    c, _, w = graph.tensors[next(o for o in graph.ops if o.kind == "patch_embed").inputs[0]].shape
+    p = int(next(o for o in graph.ops if o.kind == "patch_embed").attrs["patch"])
+    need = hw.patch_band_beats(c, p, w)
+    assert need <= hw.patch_band_capacity
+    lower.lower(graph, hw)
+    monkeypatch.setattr(hwconfig, "PATCH_BAND_BYTES", (need - 1) * hw.axi_width_bits // 8)
+    with pytest.raises(UsageError, match=rf"patch_embed: a band of {c} channels x {p} rows x {w} pixels takes "
+                                         rf"{need} beats, more than the {need - 1} of patchify's band buffer"):
+        lower.lower(graph, hw)
+
+
 def test_compile_is_deterministic(graph, hw, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()

@@ -83,11 +83,12 @@ def test_patchify_refusals():
                 _one(rng, "dst-past-end", change=lambda f: f.update(dst_ref=f["dst_ref"] + (1 << 20))),
                 _one(rng, "no-channels", change=lambda f: f.update(channels=0))], HW)
     # numerics.patchify raises (no patch, H or W not a multiple of p), or the band does not fit a
-    # buffer half (p W / 8 + 1 beats per channel > 2048): over_limit, nothing stored
+    # buffer half (HW.patch_band_beats > HW.patch_band_capacity): over_limit, nothing stored
+    assert HW.patch_band_beats(2, 40, 520) > HW.patch_band_capacity
     hw_only = [_one(rng, "p-0", change=lambda f: f.update(patch=0)),
                _one(rng, "h-not-multiple", h=6, w=8, p=4),
                _one(rng, "w-not-multiple", h=8, w=6, p=4),
-               _one(rng, "band-too-big", c=1, h=40, w=520, p=40)]
+               _one(rng, "band-too-big", c=2, h=40, w=520, p=40)]
     for job, r in zip(hw_only, rtlsim.simulate(hw_only, HW, seed=1, stall_permille=0)):
         assert r.status == OVER, f"{job.name}: STATUS {r.status}"
         assert not any(r.output), f"{job.name}: a refused instruction stored"

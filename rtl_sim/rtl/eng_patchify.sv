@@ -9,7 +9,7 @@
 //   port 0 read: band py+1, channel by channel ─> band buffer half h^1
 //   band buffer half h ─> runs of p pixels (px, c, i) ─> elem_gather ─> port 1 write (one command)
 //
-// The band buffer has two halves of HB beats (32 KB each at 128 bits): one fills while the other
+// The band buffer has two halves of HB beats (M3V_PATCH_BAND_BYTES each): one fills while the other
 // drains. Channel c's block sits at beat c·CS of its half, CS = ceil(p W / P) + 1, starting at its
 // source element offset mod P (blocks start anywhere in a beat; the reader fetches from the beat
 // boundary below). A run of p pixels is read as windows of P elements at any element address:
@@ -116,7 +116,7 @@ module eng_patchify #(
     localparam int P     = DW / 16;                  // int16 elements per beat
     localparam int LP    = $clog2(P);
     localparam int NB_W  = $clog2(BB) + 1;
-    localparam int HB    = 32768 / BB;               // beats per buffer half
+    localparam int HB    = `M3V_PATCH_BAND_BYTES / BB; // beats per buffer half
     localparam int HB_L  = $clog2(HB);
     localparam int EA_W  = HB_L + 1 + LP;            // element address in the buffer (both halves)
     localparam int GCAP  = 6 * P;
