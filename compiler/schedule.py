@@ -73,9 +73,9 @@ MAX_BURST = 16          # every other reader and writer
 # changes, short pipelines), one constant per engine and phase. Fitted on the random
 # configurations of scripts/bench_schedule_fit.py --seed 0 --configs 8 at 32x48 (docs/schedule.md).
 FETCH_EXTRA = 4         # controller: request, decode, start, retire around the record's latency and beats
-GEMM_EXTRA = -20        # eng_gemm: checks, first tile, requant/residual add, last write
-GEMM_TILE_EXTRA = 80    # eng_gemm: per output tile after the first (about one DDR round trip)
-GEMM_PRE_EXTRA = -10    # eng_gemm: the queue read, beyond one latency (its weights load meanwhile)
+GEMM_EXTRA = -70        # eng_gemm: checks, first tile, requant/residual add, last write
+GEMM_LANE_EXTRA = 0.77  # eng_gemm: per output column of every tile after the first
+GEMM_PRE_EXTRA = 76     # eng_gemm: the queue read, beyond one latency (its weights load meanwhile)
 GEMM_EMPTY_EXTRA = 90   # eng_gemm: an expert with an empty queue (its weights were already asked for)
 
 
@@ -176,7 +176,8 @@ def _gemm_cost(m: _Machine, rows: int, k: int, n: int, w16: bool, bias: bool, re
     seg = min(n, hw.p_out) * m.ab
 
     def load(cols: int) -> float:
-        params = m.stream(1, cols * (SHIFT_BYTES + (BIAS_BYTES if bias else 0)), 1)
+        # port 1 first takes the group's biases and shifts, one value per cycle each
+        params = max(cols * (2 if bias else 1), m.stream(1, cols * (SHIFT_BYTES + (BIAS_BYTES if bias else 0)), 1))
         if n <= hw.p_out:
             rows_t = m.stream(1, k * n * wb, 1, GEMM_READ_BURST)
         else:
@@ -185,10 +186,11 @@ def _gemm_cost(m: _Machine, rows: int, k: int, n: int, w16: bool, bias: bool, re
 
     widths = [min(gsz * hw.p_out, n - g * gsz * hw.p_out) for g in range(groups)]
     tiles = [-(-w // hw.p_out) for w in widths]
+    load_b = [k * w * wb + w * (SHIFT_BYTES + (BIAS_BYTES if bias else 0)) for w in widths]
     if rows <= 0:
         # an empty queue: the first group was asked for during the queue read and comes in first
         first = load(widths[0])
-        return _Cost(m.fetch + pre + first + GEMM_EMPTY_EXTRA, 0, first, int(k * widths[0] * wb), 0, 0, 0)
+        return _Cost(m.fetch + max(pre, first) + GEMM_EMPTY_EXTRA, 0, first, load_b[0], 0, 0, 0)
     blocks = _passes(rows, hw.token_block)
     x_res = rows * ks <= hw.buffers.activations // 2 // (2 * hw.p_in)
     x_reads = 1 if x_res else groups
@@ -199,7 +201,6 @@ def _gemm_cost(m: _Machine, rows: int, k: int, n: int, w16: bool, bias: bool, re
     wr = [m.stream(rows * t, seg, 3) for t in tiles]
     res = [m.stream(rows, w * m.ab, 1) if residual else 0.0 for w in widths]
     out_b = [rows * w * m.ab * (2 if residual else 1) for w in widths]
-    load_b = [k * w * wb + w * (SHIFT_BYTES + (BIAS_BYTES if bias else 0)) for w in widths]
     loads = [load(w) for w in widths]
     # The first group's weights share the DDR with x; a group computes once its weights are in
     # (its last K chunk needs every weight row) and its x block is; the next group's weights load
@@ -207,6 +208,7 @@ def _gemm_cost(m: _Machine, rows: int, k: int, n: int, w16: bool, bias: bool, re
     # reads run together.
     x_end = max(xs, (x_bytes + load_b[0]) / m.bw)
     load_end = max(loads[0], (load_b[0] + min(x_bytes, loads[0] * m.beat)) / m.bw)
+    load_end = max(0.0, load_end - pre)               # a queued GEMM's weights load during its queue read
     done = 0.0
     for g in range(groups):
         if g:
@@ -220,7 +222,7 @@ def _gemm_cost(m: _Machine, rows: int, k: int, n: int, w16: bool, bias: bool, re
     tail = m.pipe
     read = wbytes + x_bytes * x_reads + (rows * n * m.ab if residual else 0)
     write = rows * n * m.ab
-    cycles = m.fetch + pre + L + t + tail + L + (sum(tiles) - 1) * GEMM_TILE_EXTRA + GEMM_EXTRA
+    cycles = m.fetch + pre + L + t + tail + L + (sum(tiles) - 1) * hw.p_out * GEMM_LANE_EXTRA + GEMM_EXTRA
     return _Cost(cycles, sum(comp), max(sum(loads), xs * x_reads, sum(wr), (read + write) / m.bw), read, write,
                  rows * k * n, rows)
 
@@ -297,7 +299,8 @@ def _cost_gate(m: _Machine, ins: Instr) -> _Cost:
 
 
 # ---------------------------------------------------------------------------- combine (eng_gemm)
-COMBINE_EXTRA = 70      # eng_gemm combine: checks, block hand-over, the last write
+COMBINE_EXTRA = 105     # eng_gemm combine: checks, block hand-over, the last write
+COMBINE_BEAT_CYCLES = 4 # eng_gemm combine: cycles per beat, each with its own parameter tile
 
 
 def _cost_combine(m: _Machine, ins: Instr, experts: int) -> _Cost:
@@ -308,9 +311,9 @@ def _cost_combine(m: _Machine, ins: Instr, experts: int) -> _Cost:
     T, k, D = f["tokens"], f["k"], f["dim"]
     ot = -(-D // hw.p_out)
     rows = m.stream(T * k, D * m.ab, 2, GEMM_READ_BURST)
-    res = m.stream(T * ot, min(D, hw.p_out) * m.ab, 1) if ins.has("residual") else 0.0
+    res = m.stream(T, D * m.ab, 1) if ins.has("residual") else 0.0     # one segment per row (port 3)
     out = m.stream(T * ot, min(D, hw.p_out) * m.ab, 3)
-    compute = T * k * ot
+    compute = T * k * ot * COMBINE_BEAT_CYCLES
     read = T * k * (2 * INDEX_BYTES + D * m.ab) + experts * SHIFT_BYTES + (T * D * m.ab if ins.has("residual") else 0)
     write = T * D * m.ab
     ddr = max(rows, res, out, (read + write) / m.bw)
