@@ -9,6 +9,8 @@ Configurations come from a seeded generator, so a seed range the model was never
 unseen set: tune on one --seed, report agreement on another. Printed per configuration: frame
 cycles (RTL, model, error); then per instruction class over all configurations: cycles, model,
 error, and the worst single-instruction error. Agreement means |model / RTL - 1| per frame.
+`--keep DIR` saves every configuration's build and RTL report (DIR/cfgSEED); `--replay DIR`
+makes the comparison again from them with the current model, without the RTL.
 """
 
 from __future__ import annotations
