@@ -1,11 +1,13 @@
 """The schedule model: an analytic cycle estimate of a Program on the accelerator.
 
 ``estimate(instrs, hw, queue_lengths)`` walks a Program (decoded ``isa.Instr`` records, a
-``program.json``/``program.bin`` or its parsed JSON) and charges every instruction the larger of
-its compute time on its unit and its DDR time, plus the DDR latency it cannot hide. Expert
-GEMMs take their row counts from the running task's queue lengths (a golden run's
-``blocks.i.moe.topk``, or a uniform spread). The assumptions are the fields of ``Assumptions``;
-docs/schedule.md states them with the formulas and the figures for the presets.
+``program.json``/``program.bin`` or its parsed JSON) and charges every instruction what the
+accelerator does for it (rtl_sim/rtl): the controller's fetch of its record, then its engine's
+phases on the DDR model's ports (latency, beats, bursts in flight, the shared bandwidth) and on
+its datapath, overlapped as the engine overlaps them. Expert GEMMs take their row counts from the
+running task's queue lengths (a golden run's ``blocks.i.moe.topk``, or a uniform spread). The
+free parameters are the fields of ``Assumptions``; the constants below that are fitted say so.
+docs/schedule.md has the description, the measured agreement with the RTL and the presets.
 
     result = estimate(instrs, HwConfig.default(), queue_lengths=trace)
     print(format_table(result))
@@ -70,11 +72,12 @@ GEMM_READ_BURST = 64    # eng_gemm's long-segment readers (x rows, weight rows):
 MAX_BURST = 16          # every other reader and writer
 
 # Cycles the RTL spends that the structure above does not account for (handshakes, state
-# changes, short pipelines), one constant per engine and phase. Fitted on the random
-# configurations of scripts/bench_schedule_fit.py --seed 0 --configs 8 at 32x48 (docs/schedule.md).
+# changes, short pipelines), one constant per engine and phase (each engine's block below has
+# its own). Fitted on the random configurations of scripts/bench_schedule_fit.py --seed 0
+# --configs 8 at 32x48 and on single instructions (docs/schedule.md), not derived.
 FETCH_EXTRA = 4         # controller: request, decode, start, retire around the record's latency and beats
-GEMM_EXTRA = -70        # eng_gemm: checks, first tile, requant/residual add, last write
-GEMM_LANE_EXTRA = 0.77  # eng_gemm: per output column of every tile after the first
+GEMM_EXTRA = -70        # eng_gemm: what the latencies and streams above over-count at the ends
+GEMM_LANE_EXTRA = 0.77  # eng_gemm: per output column of every tile after the first (cause not pinned down)
 GEMM_PRE_EXTRA = 76     # eng_gemm: the queue read, beyond one latency (its weights load meanwhile)
 GEMM_EMPTY_EXTRA = 90   # eng_gemm: an expert with an empty queue (its weights were already asked for)
 
@@ -241,7 +244,6 @@ def _cost_gemm(m: _Machine, ins: Instr, rows: int) -> _Cost:
 # ---------------------------------------------------------------------------- attention engine
 ATTN_EXTRA = 300        # eng_attn: checks and the last y segments' response
 ATTN_HEAD_EXTRA = 47    # eng_attn: per head, the stage hand-overs (QK -> EXP -> recip -> AV -> FIN)
-ATTN_ROW_EXTRA = 0      # eng_attn: per query row, the reciprocal and the row's hand-over
 
 
 def _cost_attention(m: _Machine, ins: Instr, notes: list[str]) -> _Cost:
@@ -260,7 +262,7 @@ def _cost_attention(m: _Machine, ins: Instr, notes: list[str]) -> _Cost:
     stages, compute = float(ATTN_HEAD_EXTRA), 0.0
     for rows in _passes(T, g):
         qk = kt * kc * rows
-        ex = rows * (-(-T // m.sm_lanes) + ATTN_ROW_EXTRA)
+        ex = rows * -(-T // m.sm_lanes)
         av = dt * -(-T // hw.p_in) * rows
         fin = rows * -(-d // m.sm_lanes)
         compute += qk + av
@@ -426,26 +428,10 @@ def class_of(ins: Instr) -> str:
     return {"moe_gate": "gate", "moe_combine": "combine"}.get(ins.op, ins.op)
 
 
-_INPUTS = {"gemm": ("x_ref",), "attention": ("qkv_ref",), "layernorm": ("x_ref",), "add": ("a_ref", "b_ref"),
-           "embed": ("x_ref",), "patchify": ("src_ref",), "moe_gate": ("x_ref",),
-           "moe_combine": ("score_ref", "idx_ref", "y_ref")}
 _OUTPUTS = {"gemm": ("y_ref",), "attention": ("y_ref",), "layernorm": ("y_ref",), "add": ("y_ref",),
             "embed": ("y_ref",), "patchify": ("dst_ref",), "moe_gate": ("logits_ref", "idx_ref", "score_ref",
                                                                          "queue_ref"),
             "moe_combine": ("out_ref",)}
-
-
-def _reads(ins: Instr) -> set[int]:
-    refs = {ins.fields.get(k) for k in _INPUTS.get(ins.op, ())}
-    if ins.op == "gemm" and (ins.xmode or ins.ymode):
-        refs.add(ins.fields.get("queue_ref"))
-    if ins.has("residual"):
-        refs.add(ins.fields.get("queue_ref" if ins.op == "gemm" else "res_ref"))
-    return refs - {None}
-
-
-def _writes(ins: Instr) -> set[int]:
-    return {ins.fields.get(k) for k in _OUTPUTS.get(ins.op, ())} - {None}
 
 
 # ---------------------------------------------------------------------------- routing
