@@ -48,7 +48,7 @@ class Assumptions:
     """The model's free parameters (docs/schedule.md). ``None`` derives the value from hw.json."""
 
     ddr_peak_gbps: float = 12.8         # shared by every port, reads and writes
-    ddr_latency: int = 100              # cycles from a read request to its first beat, a write's last beat to its response
+    ddr_latency: int = 100              # read request -> first beat, write's last beat -> response
     max_outstanding: int = 8            # bursts in flight per port (m3v_accel MAX_OUT, the DDR model's limit)
     pipeline_latency: int | None = None  # compute unit, last beat -> output FIFO (compute_unit_latency)
     softmax_lanes: int | None = None    # exp evaluations/cycle of the attention engine (hw.softmax_lanes)
