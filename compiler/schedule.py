@@ -1,11 +1,13 @@
 """The schedule model: an analytic cycle estimate of a Program on the accelerator.
 
 ``estimate(instrs, hw, queue_lengths)`` walks a Program (decoded ``isa.Instr`` records, a
-``program.json``/``program.bin`` or its parsed JSON) and charges every instruction the larger of
-its compute time on its unit and its DDR time, plus the DDR latency it cannot hide. Expert
-GEMMs take their row counts from the running task's queue lengths (a golden run's
-``blocks.i.moe.topk``, or a uniform spread). The assumptions are the fields of ``Assumptions``;
-docs/schedule.md states them with the formulas and the figures for the presets.
+``program.json``/``program.bin`` or its parsed JSON) and charges every instruction what the
+accelerator does for it (rtl_sim/rtl): the controller's fetch of its record, then its engine's
+phases on the DDR model's ports (latency, beats, bursts in flight, the shared bandwidth) and on
+its datapath, overlapped as the engine overlaps them. Expert GEMMs take their row counts from the
+running task's queue lengths (a golden run's ``blocks.i.moe.topk``, or a uniform spread). The
+free parameters are the fields of ``Assumptions``; the constants below that are fitted say so.
+docs/schedule.md has the description, the measured agreement with the RTL and the presets.
 
     result = estimate(instrs, HwConfig.default(), queue_lengths=trace)
     print(format_table(result))
@@ -29,9 +31,8 @@ from m3vit.compiler.isa import Instr
 from m3vit.errors import UsageError
 from m3vit.rtl_sim.hwconfig import HwConfig
 
-FILL_DRAIN = ("pass", "tile", "instruction")
 CLASSES = ("patchify", "patch_embed", "embed", "layernorm", "qkv", "attention", "proj", "add", "mlp", "gate",
-           "experts", "combine", "gemm")
+           "experts", "combine", "gemm", "end")
 BOUNDS = ("compute", "ddr", "latency")
 
 BIAS_BYTES = 8      # int64 accumulator-format biases
@@ -46,32 +47,39 @@ REQUANT_LATENCY = 5
 class Assumptions:
     """The model's free parameters (docs/schedule.md). ``None`` derives the value from hw.json."""
 
-    ddr_peak_gbps: float = 12.8         # shared by reads and writes; the AXI ports' sum caps it too
-    ddr_latency: int = 100              # cycles from a request to its first beat
-    pipeline_latency: int | None = None  # compute unit, last beat -> output FIFO
-    fill_drain: str = "tile"            # charged per weight pass, per P_out-output tile, or once
-    tile_load_cycles: int = 1           # weight buffer -> shadow tile register, per P_in x P_out tile
-    vector_lanes: int | None = None     # elements/cycle of LayerNorm, add, embed, patchify (p_out)
-    softmax_lanes: int | None = None    # exp evaluations/cycle of the softmax unit (hw.softmax_lanes)
-    layernorm_passes: int = 2           # statistics, then normalise (the row stays on chip)
-    topk_cycles_per_token: int | None = None  # gate top-k unit: one maximum per cycle (k)
-    weight_buffer_share: float = 0.5    # of buffers.weights usable by one instruction (ping-pong)
-    act_buffer_share: float = 0.5       # of buffers.activations for a resident GEMM input
+    ddr_peak_gbps: float = 12.8         # shared by every port, reads and writes
+    ddr_latency: int = 100              # read request -> first beat, write's last beat -> response
+    max_outstanding: int = 8            # bursts in flight per port (m3v_accel MAX_OUT, the DDR model's limit)
+    pipeline_latency: int | None = None  # compute unit, last beat -> output FIFO (compute_unit_latency)
+    softmax_lanes: int | None = None    # exp evaluations/cycle of the attention engine (hw.softmax_lanes)
+    layernorm_lanes: int | None = None  # elements/cycle of the LayerNorm unit (eng_ln LP = min(P_out, 8))
 
     def validated(self) -> "Assumptions":
-        if self.fill_drain not in FILL_DRAIN:
-            raise UsageError(f"fill_drain must be one of {', '.join(FILL_DRAIN)}, got {self.fill_drain!r}")
         if not self.ddr_peak_gbps > 0:
             raise UsageError(f"ddr_peak_gbps must be positive, got {self.ddr_peak_gbps}")
-        for name, lo in (("ddr_latency", 0), ("pipeline_latency", 0), ("tile_load_cycles", 1), ("vector_lanes", 1),
-                         ("softmax_lanes", 1), ("layernorm_passes", 1), ("topk_cycles_per_token", 0)):
+        for name, lo in (("ddr_latency", 0), ("max_outstanding", 1), ("pipeline_latency", 0), ("softmax_lanes", 1),
+                         ("layernorm_lanes", 1)):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
                 raise UsageError(f"{name} must be an integer >= {lo}, got {v!r}")
-        for name in ("weight_buffer_share", "act_buffer_share"):
-            if not 0 < getattr(self, name) <= 1:
-                raise UsageError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         return self
+
+
+# Structure of the RTL that hw.json does not carry (rtl_sim/rtl/*.sv).
+RECORD_BYTES = 64       # one instruction record, fetched by the controller before it is decoded
+GEMM_GROUP_TILES = 4    # eng_gemm GT: output tiles per weight group (one half of the weight store)
+GEMM_READ_BURST = 64    # eng_gemm's long-segment readers (x rows, weight rows): beats per burst
+MAX_BURST = 16          # every other reader and writer
+
+# Cycles the RTL spends that the structure above does not account for (handshakes, state
+# changes, short pipelines), one constant per engine and phase (each engine's block below has
+# its own). Fitted on the random configurations of scripts/bench_schedule_fit.py --seed 0
+# --configs 8 at 32x48 and on single instructions (docs/schedule.md), not derived.
+FETCH_EXTRA = 4         # controller: request, decode, start, retire around the record's latency and beats
+GEMM_EXTRA = -70        # eng_gemm: what the latencies and streams above over-count at the ends
+GEMM_LANE_EXTRA = 0.77  # eng_gemm: per output column of every tile after the first (cause not pinned down)
+GEMM_PRE_EXTRA = 76     # eng_gemm: the queue read, beyond one latency (its weights load meanwhile)
+GEMM_EMPTY_EXTRA = 90   # eng_gemm: an expert with an empty queue (its weights were already asked for)
 
 
 def compute_unit_latency(hw: HwConfig) -> int:
@@ -85,142 +93,307 @@ def compute_unit_latency(hw: HwConfig) -> int:
 class _Machine:
     hw: HwConfig
     a: Assumptions
-    bw: float           # DDR bytes per cycle
+    bw: float           # DDR bytes per cycle, all ports together
+    beat: int           # bytes per AXI beat
+    lat: int            # DDR latency
     pipe: int
-    lanes: int
     sm_lanes: int
+    ln_lanes: int
     ab: int             # activation bytes
+    fetch: int          # cycles to fetch and decode one instruction
 
     @classmethod
     def of(cls, hw: HwConfig, a: Assumptions) -> "_Machine":
-        axi = hw.axi_ports * hw.axi_width_bits / 8
+        beat = hw.axi_width_bits // 8
+        axi = hw.axi_ports * beat
         ddr = a.ddr_peak_gbps * 1e9 / (hw.clock_mhz * 1e6)
-        return cls(hw, a, min(axi, ddr),
+        return cls(hw, a, min(axi, ddr), beat, a.ddr_latency,
                    compute_unit_latency(hw) if a.pipeline_latency is None else a.pipeline_latency,
-                   a.vector_lanes or hw.p_out, a.softmax_lanes or hw.softmax_lanes, (hw.act_bits + 7) // 8)
+                   a.softmax_lanes or hw.softmax_lanes, a.layernorm_lanes or min(hw.p_out, 8), (hw.act_bits + 7) // 8,
+                   a.ddr_latency + -(-RECORD_BYTES // beat) + FETCH_EXTRA)
+
+    def beats(self, nbytes: float) -> int:
+        return -(-int(nbytes) // self.beat)
+
+    def stream(self, segments: int, seg_bytes: float, ports: int = 1, burst: int = MAX_BURST) -> float:
+        """Cycles a port group needs for ``segments`` equal segments (after the first latency): one
+        beat per cycle and port at most, and at most max_outstanding bursts per port awaiting their
+        data (or, for writes, their response), each for the DDR latency and its beats."""
+        if segments <= 0 or seg_bytes <= 0:
+            return 0.0
+        sb = self.beats(seg_bytes)
+        bursts = -(-sb // burst)
+        per_burst = sb / bursts
+        per_port = -(-segments // ports)
+        rounds = -(-per_port * bursts // self.a.max_outstanding)
+        # beat-bound, or a round trip per max_outstanding bursts (the first one's latency is the caller's)
+        return max(per_port * sb, (rounds - 1) * (self.lat + per_burst) + per_burst)
 
 
 @dataclass
 class _Cost:
-    compute: float = 0.0
+    cycles: float = 0.0     # the instruction's cycles, fetch included
+    compute: float = 0.0    # the datapath's busy cycles
+    ddr: float = 0.0        # the DDR streaming time (bandwidth and outstanding limits)
     read: int = 0
     write: int = 0
     macs: int = 0
     rows: int = 0
 
+    @property
+    def latency(self) -> float:
+        return max(0.0, self.cycles - max(self.compute, self.ddr))
 
-# ---------------------------------------------------------------------------- instruction costs
+
+# ---------------------------------------------------------------------------- GEMM engine
 def _passes(rows: int, block: int) -> list[int]:
     full, rem = divmod(rows, block)
     return [block] * full + ([rem] if rem else [])
 
 
-def _stream(m: _Machine, rows: int, k: int, n: int, block: int) -> tuple[int, int, int]:
-    """MAC-array beats of rows x [k -> n] with one weight tile held over ``block`` rows:
-    (cycles, P_out tiles, weight passes). A K chunk lasts at least one tile load."""
-    ks, ot = -(-k // m.hw.p_in), -(-n // m.hw.p_out)
-    blocks = _passes(rows, block)
-    per_tile = ks * sum(max(b, m.a.tile_load_cycles) for b in blocks)
-    return ot * per_tile, ot, ot * len(blocks)
+def _gemm_groups(m: _Machine, k: int, n: int, w16: bool) -> tuple[int, int, int]:
+    """(K chunks, output tiles, tiles per weight group) as eng_gemm sizes them."""
+    hw = m.hw
+    ks, ot = -(-k // hw.p_in), -(-n // hw.p_out)
+    ks_max = -(-max(hw.limits.max_dim, hw.limits.max_hidden) // hw.p_in)
+    packed = hw.weight_bits >= 16 and not w16       # int8 weights two to a store entry
+    gsz = max(1, min(GEMM_GROUP_TILES, ks_max * (2 if packed else 1) // max(1, ks)))
+    return ks, ot, gsz
 
 
-def _fill(m: _Machine, tiles: int, passes: int) -> int:
-    if m.a.fill_drain == "pass":
-        return passes * m.pipe
-    if m.a.fill_drain == "tile":
-        return tiles * m.pipe
-    return m.pipe
+def _gemm_cost(m: _Machine, rows: int, k: int, n: int, w16: bool, bias: bool, residual: bool = False,
+               queued: bool = False) -> _Cost:
+    """eng_gemm: weight groups of up to GT tiles in two halves of the weight store. A group's load
+    (biases and shifts on port 1, then its K weight rows dealt to ports 1..3) starts once the
+    previous one is in and a half is free, so loads follow each other a latency apart while the
+    previous group computes; x rows are read once when they fit the resident store (else once
+    per group); each row's output tile is one write segment (ports 2, 0, 3). The last group's
+    beats and writes follow its load."""
+    hw, L = m.hw, m.lat
+    wb = 2 if w16 else 1
+    ks, ot, gsz = _gemm_groups(m, k, n, w16)
+    groups = -(-ot // gsz)
+    wbytes = k * n * wb + n * SHIFT_BYTES + (n * BIAS_BYTES if bias else 0)
+    nw = 1 if n <= hw.p_out else (2 if residual else 3)
+    pre = L + GEMM_PRE_EXTRA if queued else 0        # the queue range (and list) before the rows
+    seg = min(n, hw.p_out) * m.ab
 
+    def load(cols: int) -> float:
+        # port 1 first takes the group's biases and shifts, one value per cycle each
+        params = max(cols * (2 if bias else 1), m.stream(1, cols * (SHIFT_BYTES + (BIAS_BYTES if bias else 0)), 1))
+        if n <= hw.p_out:
+            rows_t = m.stream(1, k * n * wb, 1, GEMM_READ_BURST)
+        else:
+            rows_t = m.stream(k, cols * wb, nw, GEMM_READ_BURST)
+        return max(params + rows_t, k * cols * wb / m.bw)
 
-def _gemm_cost(m: _Machine, rows: int, k: int, n: int, w16: bool, bias: bool) -> _Cost:
+    widths = [min(gsz * hw.p_out, n - g * gsz * hw.p_out) for g in range(groups)]
+    tiles = [-(-w // hw.p_out) for w in widths]
+    load_b = [k * w * wb + w * (SHIFT_BYTES + (BIAS_BYTES if bias else 0)) for w in widths]
     if rows <= 0:
-        return _Cost()
-    hw, wb = m.hw, 2 if w16 else 1
-    beats, tiles, passes = _stream(m, rows, k, n, hw.token_block)
-    weights = k * n * wb + n * SHIFT_BYTES + (n * BIAS_BYTES if bias else 0)
-    x = rows * k * m.ab
-    # A resident input is read once; otherwise once per group of output tiles whose weights fit.
-    if x <= hw.buffers.activations * m.a.act_buffer_share:
-        x_reads = 1
-    else:
-        group = max(1, int(hw.buffers.weights * m.a.weight_buffer_share // (k * hw.p_out * wb)))
-        x_reads = -(-tiles // group)
-    return _Cost(beats + _fill(m, tiles, passes), weights + x * x_reads, rows * n * m.ab, rows * k * n, rows)
+        # an empty queue: the first group was asked for during the queue read and comes in first
+        first = load(widths[0])
+        return _Cost(m.fetch + max(pre, first) + GEMM_EMPTY_EXTRA, 0, first, load_b[0], 0, 0, 0)
+    blocks = _passes(rows, hw.token_block)
+    x_res = rows * ks <= hw.buffers.activations // 2 // (2 * hw.p_in)
+    x_reads = 1 if x_res else groups
+    x_bytes = rows * k * m.ab
+    xs = m.stream(rows, k * m.ab, 1, GEMM_READ_BURST)
+    comp = [t * ks * sum(blocks) for t in tiles]
+    # one write segment per row and tile (ports 2, 0, 3); the residual one segment per row and group (port 3)
+    wr = [m.stream(rows * t, seg, 3) for t in tiles]
+    res = [m.stream(rows, w * m.ab, 1) if residual else 0.0 for w in widths]
+    out_b = [rows * w * m.ab * (2 if residual else 1) for w in widths]
+    loads = [load(w) for w in widths]
+    # The first group's weights share the DDR with x; a group computes once its weights are in
+    # (its last K chunk needs every weight row) and its x block is; the next group's weights load
+    # meanwhile, a latency after the previous load ended. A group's beats, writes and residual
+    # reads run together.
+    x_end = max(xs, (x_bytes + load_b[0]) / m.bw)
+    load_end = max(loads[0], (load_b[0] + min(x_bytes, loads[0] * m.beat)) / m.bw)
+    load_end = max(0.0, load_end - pre)               # a queued GEMM's weights load during its queue read
+    done = 0.0
+    for g in range(groups):
+        if g:
+            load_end += L + loads[g]
+        again = 0.0 if x_res or g == 0 else xs
+        phase = max(comp[g], wr[g], res[g], again, (out_b[g] + (0 if x_res or g == 0 else x_bytes)) / m.bw)
+        done = max(done, load_end) + phase
+        if g == 0:
+            done = max(done, x_end + comp[0] / len(blocks))
+    t = done
+    tail = m.pipe
+    read = wbytes + x_bytes * x_reads + (rows * n * m.ab if residual else 0)
+    write = rows * n * m.ab
+    cycles = m.fetch + pre + L + t + tail + L + (sum(tiles) - 1) * hw.p_out * GEMM_LANE_EXTRA + GEMM_EXTRA
+    return _Cost(cycles, sum(comp), max(sum(loads), xs * x_reads, sum(wr), (read + write) / m.bw), read, write,
+                 rows * k * n, rows)
 
 
 def _cost_gemm(m: _Machine, ins: Instr, rows: int) -> _Cost:
     f = ins.fields
-    c = _gemm_cost(m, rows, f["in_dim"], f["out_dim"], ins.has("w16"), ins.has("bias"))
-    if rows > 0:
-        # gather reads q_tok, scatter reads q_dst: one index per row
-        c.read += INDEX_BYTES * rows * ((ins.xmode == isa.XMODES["gather"]) + (ins.ymode == isa.YMODES["scatter"]))
-        if ins.has("residual"):
-            # the fused add reads its other operand beside the output tile; the epilogue adds it
-            c.read += rows * f["out_dim"] * m.ab
+    queued = bool(ins.xmode or ins.ymode)
+    gather = ins.xmode == isa.XMODES["gather"]
+    scatter = ins.ymode == isa.YMODES["scatter"]
+    c = _gemm_cost(m, rows, f["in_dim"], f["out_dim"], ins.has("w16"), ins.has("bias"), ins.has("residual"), queued)
+    if queued:
+        c.read += 4 + INDEX_BYTES * rows * (gather + scatter)
     return c
 
 
+# ---------------------------------------------------------------------------- attention engine
+ATTN_EXTRA = 300        # eng_attn: checks and the last y segments' response
+ATTN_HEAD_EXTRA = 47    # eng_attn: per head, the stage hand-overs (QK -> EXP -> recip -> AV -> FIN)
+
+
 def _cost_attention(m: _Machine, ins: Instr, notes: list[str]) -> _Cost:
-    f, hw = ins.fields, m.hw
+    """eng_attn: per head, the Q, K and V slices of all T rows (three ports, one segment per row),
+    then per query group QK (compute unit), EXP (softmax lanes), AV (raw rows), FIN; the QK of the
+    next group runs beside the EXP of this one."""
+    f, hw, L = ins.fields, m.hw, m.lat
     T, D, h = f["tokens"], f["dim"], max(1, f["heads"])
-    d = D // h
+    d = max(1, D // h)
     qt = min(T, f.get("q_tile") or hw.token_block)
-    block = min(qt, hw.token_block)
-    qk = _stream(m, T, d, T, block)[0]         # K as weights: d -> T keys
-    av = _stream(m, T, T, d, block)[0]         # V as weights: T keys -> d
-    softmax = -(-T * T // m.sm_lanes)
-    # Staggered query tiles (rotated per head): the MAC array interleaves QK of the next tile with
-    # A.V of the current one, so only the first fill and the last drain are exposed.
-    compute = h * (qk + max(av, softmax)) + (m.pipe if m.a.fill_drain == "instruction" else 2 * m.pipe)
-    kv_head = 2 * T * d * m.ab
-    # One head's K and V stay in the activation buffer for all its query tiles; otherwise they
-    # are streamed again for every tile.
-    kv_reads = 1 if kv_head <= hw.buffers.activations else -(-T // qt)
+    g = max(1, min(hw.token_block, qt, hw.buffers.scores // 2 // max(1, T * INDEX_BYTES)))
+    kt, kc, dt = -(-T // hw.p_out), -(-d // hw.p_in), -(-d // hw.p_out)
+    reads = m.stream(T, d * m.ab, 1)
+    # Per query group the compute unit runs QK and, once EXP has the probabilities, AV; the
+    # next group's QK and this one's FIN fit beside EXP: a group costs AV + max(EXP, QK + FIN).
+    stages, compute = float(ATTN_HEAD_EXTRA), 0.0
+    for rows in _passes(T, g):
+        qk = kt * kc * rows
+        ex = rows * -(-T // m.sm_lanes)
+        av = dt * -(-T // hw.p_in) * rows
+        fin = rows * -(-d // m.sm_lanes)
+        compute += qk + av
+        stages += av + max(ex, qk + fin)
+    # the next head's slices are read while this one computes
+    cycles = m.fetch + L + reads + h * stages + (h - 1) * max(0.0, L + reads - stages) + ATTN_EXTRA
     if qt * T * INDEX_BYTES > hw.buffers.scores:
         notes.append(f"{ins.name or 'attention'}: a {qt}-query score tile ({qt * T * INDEX_BYTES} bytes) exceeds "
                      f"buffers.scores")
-    return _Cost(compute, T * D * m.ab + h * kv_head * kv_reads, T * D * m.ab, 2 * h * T * T * d, T)
+    return _Cost(cycles, h * compute, h * reads, 3 * T * D * m.ab, T * D * m.ab, 2 * h * T * T * d, T)
+
+
+# ---------------------------------------------------------------------------- gate engine
+GATE_EXTRA = 148        # eng_gate: checks, the table loads' hand-over, the queue's last writes
+GATE_TOKEN_EXTRA = 41   # topk_gate: per token beyond its 2N + k compare cycles
 
 
 def _cost_gate(m: _Machine, ins: Instr) -> _Cost:
-    f = ins.fields
+    """eng_gate: the task's weights, biases and shifts (port 0) and x (port 1) come in, then per
+    token the logits on the compute unit and the top-k unit's pass over them; the queue table is
+    placed once every count is known."""
+    f, hw, L = ins.fields, m.hw, m.lat
     T, D = f["tokens"], f["dim"]
     N, k = f["experts_k"] & 0xFFFF, f["experts_k"] >> 16
-    g = _gemm_cost(m, T, D, N, ins.has("w16"), True)
-    topk = T * (m.a.topk_cycles_per_token if m.a.topk_cycles_per_token is not None else k)
-    # top-k follows the logits token by token; the queue placement needs every count first
-    g.compute = max(g.compute, topk) + T * k
-    g.write += T * k * 2 * INDEX_BYTES + isa.queue_layout(N, T, k)[2]
-    return g
+    wb = 2 if ins.has("w16") else 1
+    wbytes = D * N * wb + N * (BIAS_BYTES + SHIFT_BYTES)
+    table = m.stream(1, wbytes, 1)
+    logits = -(-N // hw.p_out) * -(-D // hw.p_in)
+    topk = 2 * N + k + GATE_TOKEN_EXTRA
+    per_token = max(logits, topk)
+    queue = T * k
+    compute = T * per_token + queue
+    write = T * N * m.ab + T * k * 2 * INDEX_BYTES + isa.queue_layout(N, T, k)[2]
+    cycles = m.fetch + L + table + compute + m.pipe + L + GATE_EXTRA
+    return _Cost(cycles, compute, table, wbytes + T * D * m.ab, write, T * D * N, T)
+
+
+# ---------------------------------------------------------------------------- combine (eng_gemm)
+COMBINE_EXTRA = 105     # eng_gemm combine: checks, block hand-over, the last write
+COMBINE_BEAT_CYCLES = 4 # eng_gemm combine: cycles per beat, each with its own parameter tile
 
 
 def _cost_combine(m: _Machine, ins: Instr, experts: int) -> _Cost:
-    f, hw = ins.fields, m.hw
+    """moe_combine on eng_gemm: the indices, then the experts' shifts (two dependent reads), then
+    blocks of SLOTS tokens (scores, indices, expert-output rows on ports 0 and 1, the next block
+    loading while this one computes), one beat per token, output tile and slot."""
+    f, hw, L = ins.fields, m.hw, m.lat
     T, k, D = f["tokens"], f["k"], f["dim"]
-    beats, tiles, passes = _stream(m, T * k, hw.p_in, D, hw.token_block)   # one beat per (token, expert)
-    read = T * k * (2 * INDEX_BYTES + D * m.ab) + experts * SHIFT_BYTES
-    if ins.has("residual"):
-        read += T * D * m.ab
-    return _Cost(beats + _fill(m, tiles, passes), read, T * D * m.ab, 0, T)
+    ot = -(-D // hw.p_out)
+    rows = m.stream(T * k, D * m.ab, 2, GEMM_READ_BURST)
+    res = m.stream(T, D * m.ab, 1) if ins.has("residual") else 0.0     # one segment per row (port 3)
+    out = m.stream(T * ot, min(D, hw.p_out) * m.ab, 3)
+    compute = T * k * ot * COMBINE_BEAT_CYCLES
+    read = T * k * (2 * INDEX_BYTES + D * m.ab) + experts * SHIFT_BYTES + (T * D * m.ab if ins.has("residual") else 0)
+    write = T * D * m.ab
+    ddr = max(rows, res, out, (read + write) / m.bw)
+    cycles = m.fetch + 2 * L + max(compute, ddr) + m.pipe + L + COMBINE_EXTRA
+    return _Cost(cycles, compute, ddr, read, write, 0, T)
 
 
-def _cost_vector(m: _Machine, ins: Instr) -> _Cost:
-    f, ab = ins.fields, m.ab
-    if ins.op == "layernorm":
-        rows, D = f["rows"], f["dim"]
-        return _Cost(m.a.layernorm_passes * rows * -(-D // m.lanes),
-                     rows * D * ab + D * (GAMMA_BYTES + BIAS_BYTES + SHIFT_BYTES), rows * D * ab, 0, rows)
+# ---------------------------------------------------------------------------- LayerNorm engine
+LN_EXTRA = 66           # eng_ln: checks, the table's hand-over, the unit's depth
+LN_ROW_EXTRA = 13       # layernorm_unit: per row, statistics -> normalise
+
+
+def _cost_layernorm(m: _Machine, ins: Instr) -> _Cost:
+    """eng_ln: beta, gamma and the shifts into the unit's table (ports 0..2) while x waits in the
+    read channel (port 3); then one unit beat of LP lanes per cycle and a few cycles per row; y
+    written as it comes (port 0)."""
+    f, L = ins.fields, m.lat
+    rows, D = f["rows"], f["dim"]
+    if rows <= 0 or D <= 0:
+        return _Cost(m.fetch, 0, 0, 0, 0, 0, 0)
+    beats = -(-D // m.ln_lanes)
+    compute = rows * (beats + LN_ROW_EXTRA)
+    read = rows * D * m.ab + D * (GAMMA_BYTES + BIAS_BYTES + SHIFT_BYTES)
+    write = rows * D * m.ab
+    table = m.stream(1, D * BIAS_BYTES, 1)
+    ddr = (read + write) / m.bw
+    cycles = m.fetch + L + table + max(compute, ddr) + LN_EXTRA
+    return _Cost(cycles, compute, ddr, read, write, 0, rows)
+
+
+# ---------------------------------------------------------------------------- add / embed (eng_elem)
+ELEM_EXTRA = 77         # eng_elem: checks, the adder's depth, the last response
+
+
+def _cost_elem(m: _Machine, ins: Instr) -> _Cost:
+    """eng_elem: B (port 0) and A (port 1) read as long streams, y written (port 2), one beat each per
+    cycle; embed's A is the CLS row, then (a second command, after the first delivered) the patches."""
+    f, L = ins.fields, m.lat
     if ins.op == "add":
         rows, cols = f["rows"], f["cols"]
-        return _Cost(rows * -(-cols // m.lanes), 2 * rows * cols * ab, rows * cols * ab, 0, rows)
-    if ins.op == "embed":
-        n, D = f["patches"], f["dim"]
-        return _Cost((n + 1) * -(-D // m.lanes), (n + (n + 1) + 1) * D * ab, (n + 1) * D * ab, 0, n + 1)
-    if ins.op == "patchify":
-        C, H, W, p = f["channels"], f["height"], f["width"], max(1, f["patch"])
-        out = C * (H // p * p) * (W // p * p)
-        return _Cost(-(-out // m.lanes), C * H * W * ab, out * ab, 0, (H // p) * (W // p))
-    raise UsageError(f"the schedule model has no cost for opcode '{ins.op}'")
+        a_bytes, b_bytes, y_bytes, chain = rows * cols * m.ab, rows * cols * m.ab, rows * cols * m.ab, 1
+        n = rows
+    else:
+        n_p, D = f["patches"], f["dim"]
+        a_bytes, b_bytes, y_bytes, chain = n_p * D * m.ab, (n_p + 1) * D * m.ab, (n_p + 1) * D * m.ab, 1
+        n = n_p + 1
+    stream = max(m.beats(a_bytes), m.beats(b_bytes), m.beats(y_bytes))
+    read = a_bytes + b_bytes + (D * m.ab if ins.op == "embed" else 0)
+    ddr = max(stream, (read + y_bytes) / m.bw)
+    cycles = m.fetch + chain * L + ddr + L + ELEM_EXTRA
+    return _Cost(cycles, stream, ddr, read, y_bytes, 0, n)
+
+
+# ---------------------------------------------------------------------------- patchify engine
+PATCHIFY_EXTRA = 18     # eng_patchify: checks, the band hand-over, the last response
+DIVIDER_CYCLES = 32     # eng_patchify: the serial divider for H mod p and W mod p
+
+
+def _cost_patchify(m: _Machine, ins: Instr) -> _Cost:
+    """eng_patchify: per band of p source rows, C reads (one command each, the next once the
+    previous delivered) into one half of the band buffer while the other half drains at
+    min(p, elements per beat) elements per cycle into one long write."""
+    f, L = ins.fields, m.lat
+    C, H, W, p = f["channels"], f["height"], f["width"], max(1, f["patch"])
+    bands = H // p
+    per_beat = m.beat // m.ab
+    block = m.beats(p * W * m.ab) + 1
+    load = C * (L + block)
+    drain = C * p * W / min(p, per_beat)
+    out = C * (H // p * p) * (W // p * p)
+    compute = bands * drain
+    cycles = m.fetch + DIVIDER_CYCLES + bands * max(load, drain) + drain + L + PATCHIFY_EXTRA
+    return _Cost(cycles, compute, bands * load, C * H * W * m.ab, out * m.ab, 0, bands * (W // p))
+
+
+def _cost_end(m: _Machine) -> _Cost:
+    """END: its fetch; the Program's header is fetched the same way before the first instruction."""
+    return _Cost(2 * m.fetch)
 
 
 # ---------------------------------------------------------------------------- names and classes
@@ -255,26 +428,10 @@ def class_of(ins: Instr) -> str:
     return {"moe_gate": "gate", "moe_combine": "combine"}.get(ins.op, ins.op)
 
 
-_INPUTS = {"gemm": ("x_ref",), "attention": ("qkv_ref",), "layernorm": ("x_ref",), "add": ("a_ref", "b_ref"),
-           "embed": ("x_ref",), "patchify": ("src_ref",), "moe_gate": ("x_ref",),
-           "moe_combine": ("score_ref", "idx_ref", "y_ref")}
 _OUTPUTS = {"gemm": ("y_ref",), "attention": ("y_ref",), "layernorm": ("y_ref",), "add": ("y_ref",),
             "embed": ("y_ref",), "patchify": ("dst_ref",), "moe_gate": ("logits_ref", "idx_ref", "score_ref",
                                                                          "queue_ref"),
             "moe_combine": ("out_ref",)}
-
-
-def _reads(ins: Instr) -> set[int]:
-    refs = {ins.fields.get(k) for k in _INPUTS.get(ins.op, ())}
-    if ins.op == "gemm" and (ins.xmode or ins.ymode):
-        refs.add(ins.fields.get("queue_ref"))
-    if ins.has("residual"):
-        refs.add(ins.fields.get("queue_ref" if ins.op == "gemm" else "res_ref"))
-    return refs - {None}
-
-
-def _writes(ins: Instr) -> set[int]:
-    return {ins.fields.get(k) for k in _OUTPUTS.get(ins.op, ())} - {None}
 
 
 # ---------------------------------------------------------------------------- routing
@@ -422,10 +579,7 @@ def estimate(instrs, hw: HwConfig | None = None, queue_lengths=None, assumptions
     queues, routing = _resolve_queues(layers, queue_lengths)
     notes: list[str] = []
     rows_out: list[dict[str, Any]] = []
-    prev_writes: set[int] | None = None
     for i, ins in enumerate(prog):
-        if ins.op == "end":
-            break
         if ins.op == "gemm" and (ins.xmode or ins.ymode):
             j = owner[i]
             e = ins.fields.get("expert", 0)
@@ -440,21 +594,25 @@ def estimate(instrs, hw: HwConfig | None = None, queue_lengths=None, assumptions
             c = _cost_gate(m, ins)
         elif ins.op == "moe_combine":
             c = _cost_combine(m, ins, layers[owner[i]].experts)
+        elif ins.op == "layernorm":
+            c = _cost_layernorm(m, ins)
+        elif ins.op in ("add", "embed"):
+            c = _cost_elem(m, ins)
+        elif ins.op == "patchify":
+            c = _cost_patchify(m, ins)
+        elif ins.op == "end":
+            c = _cost_end(m)
         else:
-            c = _cost_vector(m, ins)
-        ddr = (c.read + c.write) / m.bw
-        active = c.compute > 0 or c.read + c.write > 0
-        # Weights are prefetched during the previous instruction; an input it just wrote is not.
-        exposed = a.ddr_latency if active and (prev_writes is None or _reads(ins) & prev_writes) else 0
-        body = max(c.compute, ddr)
-        cycles = math.ceil(body + exposed) if active else 0
-        bound = "latency" if exposed > body else ("compute" if c.compute >= ddr else "ddr")
-        if active:
-            prev_writes = _writes(ins)
+            raise UsageError(f"the schedule model has no cost for opcode '{ins.op}'")
+        cycles = math.ceil(c.cycles)
+        parts = {"compute": c.compute, "ddr": c.ddr, "latency": c.latency}
+        bound = max(BOUNDS, key=lambda b: parts[b])
         rows_out.append({"index": i, "op": ins.op, "name": ins.name, "layer": layer_of(ins, i), "class": class_of(ins),
                          "rows": c.rows, "cycles": cycles, "compute_cycles": math.ceil(c.compute),
-                         "ddr_cycles": math.ceil(ddr), "latency_cycles": exposed, "macs": c.macs,
-                         "ddr_read": c.read, "ddr_write": c.write, "bound": bound if active else "idle"})
+                         "ddr_cycles": math.ceil(c.ddr), "latency_cycles": math.ceil(c.latency), "macs": c.macs,
+                         "ddr_read": c.read, "ddr_write": c.write, "bound": bound})
+        if ins.op == "end":
+            break
     return _summarise(rows_out, hw, a, m, layers, queues, routing, notes)
 
 
@@ -489,7 +647,8 @@ def _summarise(rows, hw, a, m, layers, queues, routing, notes) -> dict[str, Any]
         "latency_ms": total["latency_ms"],
         "hw": {"p_in": hw.p_in, "p_out": hw.p_out, "clock_mhz": hw.clock_mhz, "token_block": hw.token_block,
                "ddr_bytes_per_cycle": m.bw, "ddr_latency": a.ddr_latency, "pipeline_latency": m.pipe,
-               "vector_lanes": m.lanes, "softmax_lanes": m.sm_lanes, "hash": hw.hash()},
+               "layernorm_lanes": m.ln_lanes, "softmax_lanes": m.sm_lanes, "fetch_cycles": m.fetch,
+               "max_outstanding": a.max_outstanding, "hash": hw.hash()},
         "assumptions": dataclasses.asdict(a),
         "routing": routing,
         "queue_lengths": {L.name: q for L, q in zip(layers, queues)},
@@ -529,7 +688,8 @@ def format_table(result: dict[str, Any], layers: bool = False) -> str:
     hw, a = result["hw"], result["assumptions"]
     head = (f"{hw['p_in']}x{hw['p_out']} MACs at {hw['clock_mhz']} MHz, token_block {hw['token_block']}, "
             f"DDR {hw['ddr_bytes_per_cycle']:.1f} B/cycle, latency {hw['ddr_latency']} cycles, "
-            f"pipeline {hw['pipeline_latency']} cycles (fill/drain per {a['fill_drain']})")
+            f"{hw['max_outstanding']} bursts in flight per port, pipeline {hw['pipeline_latency']} cycles, "
+            f"{hw['fetch_cycles']} cycles per instruction fetch")
     lines = [head] + summary_lines(result)
     if layers:
         lines.append(f"  {'layer':<28}{'cycles':>12}{'GMAC':>8}{'read MB':>9}{'write MB':>9}")

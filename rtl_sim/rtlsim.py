@@ -421,6 +421,7 @@ def run_rtlsim(build_dir: str | Path, image=None, tasks=None, trace: bool = Fals
             "stall_cycles": res.counters.get("stall_cycles", 0), "ddr_bytes": res.rd_bytes + res.wr_bytes,
             "ddr_rd_bytes": res.rd_bytes, "ddr_wr_bytes": res.wr_bytes, "ddr_errors": res.ddr_errors,
             "schedule_estimate_cycles": sum(r["cycles"] for r in ran), "classes": classes,
+            "queue_lengths": [list(map(int, q)) for q in queues],
             "instructions": [{"index": pc, "op": isa.OPCODE_NAMES.get(op, str(op)), "name": instrs[pc].name,
                               "class": cls_of.get(pc, "end"), "cycles": cyc, "stall_cycles": st,
                               "ddr_bytes": rd + wr, "estimate_cycles": est_cyc.get(pc, 0)}

@@ -3,12 +3,14 @@
 compiled and run on the RTL accelerator (random DDR stalls off), and every instruction's RTL
 cycles are set beside the model's estimate for the routing the RTL took.
 
-    scripts/bench_schedule_fit.py [--configs 6] [--seed 100] [--parallel 32x48] [--json]
+    scripts/bench_schedule_fit.py [--configs 6] [--seed 100] [--parallel 32x48] [--json] [--keep DIR]
 
 Configurations come from a seeded generator, so a seed range the model was never tuned on is an
 unseen set: tune on one --seed, report agreement on another. Printed per configuration: frame
 cycles (RTL, model, error); then per instruction class over all configurations: cycles, model,
 error, and the worst single-instruction error. Agreement means |model / RTL - 1| per frame.
+`--keep DIR` saves every configuration's build and RTL report (DIR/cfgSEED); `--replay DIR`
+makes the comparison again from them with the current model, without the RTL.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,12 +47,49 @@ def _m3vit(*args: str) -> dict:
     return json.loads(proc.stdout)
 
 
+def _replay(keep: Path) -> dict | None:
+    """A kept RTL report with the model's estimate made again (the RTL's routing)."""
+    from m3vit.compiler import schedule
+    from m3vit.rtl_sim.hwconfig import load_hw_config
+
+    if not (keep / "rtlsim.json").is_file():
+        return None
+    e = json.loads((keep / "rtlsim.json").read_text())["tasks"][0]
+    est = schedule.estimate(keep / "program.json", load_hw_config(keep / "hw.json"),
+                            queue_lengths=e.get("queue_lengths") or None)
+    by_index = {r["index"]: r["cycles"] for r in est["instructions"]}
+    for ins in e["instructions"]:
+        ins["estimate_cycles"] = by_index.get(ins["index"], 0)
+    e["schedule_estimate_cycles"] = sum(ins["estimate_cycles"] for ins in e["instructions"])
+    return e
+
+
+def _tally(runs: list, per_class: dict, seed: int, over: list[str], e: dict) -> None:
+    runs.append({"seed": seed, "config": over, "rtl_cycles": e["total_cycles"],
+                 "model_cycles": e["schedule_estimate_cycles"],
+                 "error": e["schedule_estimate_cycles"] / e["total_cycles"] - 1})
+    for ins in e["instructions"]:
+        c = per_class.setdefault(ins["class"], {"rtl": 0, "model": 0, "worst": 0.0, "instructions": 0})
+        c["rtl"] += ins["cycles"]
+        c["model"] += ins["estimate_cycles"]
+        c["instructions"] += 1
+        if ins["cycles"]:
+            err = ins["estimate_cycles"] / ins["cycles"] - 1
+            c["worst"] = err if abs(err) > abs(c["worst"]) else c["worst"]
+    print(f"configuration {seed}: RTL {e['total_cycles']:,} cycles, model {e['schedule_estimate_cycles']:,} "
+          f"({100 * runs[-1]['error']:+.1f} %)", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", type=int, default=6, help="random configurations to run")
     ap.add_argument("--seed", type=int, default=100, help="first configuration seed")
     ap.add_argument("--parallel", help="MAC array PINxPOUT (default: hw.json's)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--keep", help="keep every configuration's build and RTL report here (DIR/cfgSEED), so the "
+                                   "model can be compared again without the RTL")
+    ap.add_argument("--replay", help="compare the model with the RTL reports kept in this folder (--keep) instead "
+                                     "of running the RTL: the configurations --seed .. --seed + --configs - 1")
     args = ap.parse_args(argv)
 
     from m3vit.model.config import resolve_config
@@ -63,6 +103,12 @@ def main(argv=None) -> int:
         for i in range(args.configs):
             seed = args.seed + i
             over = draw_config(random.Random(seed))
+            if args.replay:
+                e = _replay(Path(args.replay) / f"cfg{seed}")
+                if e is None:
+                    continue
+                _tally(runs, per_class, seed, over, e)
+                continue
             cfg = resolve_config("tiny", overrides=over)
             root = Path(scratch) / f"cfg{seed}"
             root.mkdir()
@@ -71,22 +117,14 @@ def main(argv=None) -> int:
             par = ["--parallel", args.parallel] if args.parallel else []
             _m3vit("compile", str(root / "m.onnx"), "--out", str(root / "build"), "--calib-images", "1", *par)
             rep = _m3vit("rtlsim", str(root / "build"), "--task", "0")
+            if args.keep:
+                keep = Path(args.keep) / f"cfg{seed}"
+                shutil.rmtree(keep, ignore_errors=True)
+                shutil.copytree(root / "build", keep)
+                (keep / "rtlsim.json").write_text(json.dumps(rep))
             if not rep["bit_exact"]:
                 raise SystemExit(f"configuration {seed} is not bit-exact on the RTL: {rep['first_mismatch']}")
-            e = rep["tasks"][0]
-            runs.append({"seed": seed, "config": over, "rtl_cycles": e["total_cycles"],
-                         "model_cycles": e["schedule_estimate_cycles"],
-                         "error": e["schedule_estimate_cycles"] / e["total_cycles"] - 1})
-            for ins in e["instructions"]:
-                c = per_class.setdefault(ins["class"], {"rtl": 0, "model": 0, "worst": 0.0, "instructions": 0})
-                c["rtl"] += ins["cycles"]
-                c["model"] += ins["estimate_cycles"]
-                c["instructions"] += 1
-                if ins["cycles"]:
-                    err = ins["estimate_cycles"] / ins["cycles"] - 1
-                    c["worst"] = err if abs(err) > abs(c["worst"]) else c["worst"]
-            print(f"configuration {seed}: RTL {e['total_cycles']:,} cycles, model {e['schedule_estimate_cycles']:,} "
-                  f"({100 * runs[-1]['error']:+.1f} %)", file=sys.stderr, flush=True)
+            _tally(runs, per_class, seed, over, rep["tasks"][0])
     worst = max((abs(r["error"]) for r in runs), default=0.0)
     out = {"configs": runs, "classes": per_class, "worst_frame_error": worst, "within_2_percent": worst <= 0.02,
            "seconds": round(time.perf_counter() - t0, 1)}
