@@ -27,7 +27,7 @@ PARAM_SETS = {
 }
 SEEDS = (1, 2)
 # unit -> (cocotb test module in tests/rtl/, number of cocotb tests in it)
-SIMS = {"layernorm_unit": ("cocotb_layernorm_unit", 4), "rsqrt_unit": ("cocotb_rsqrt_unit", 3)}
+SIMS = {"layernorm_unit": ("cocotb_layernorm_unit", 5), "rsqrt_unit": ("cocotb_rsqrt_unit", 3)}
 
 
 def _simulate(unit: str, hw: HwConfig, seeds=SEEDS, extra_env=None) -> dict[int, dict[str, str]]:

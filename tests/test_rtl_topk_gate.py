@@ -15,7 +15,7 @@ from m3vit.rtl_sim.hwconfig import HwConfig, Limits
 
 from rtl_seeds import simulate_seeds
 
-UNIT, MODULE, N_TESTS = "topk_gate", "cocotb_topk_gate", 5
+UNIT, MODULE, N_TESTS = "topk_gate", "cocotb_topk_gate", 6
 UNITS = ("topk_gate",)
 
 # 16 experts, top-4, 16-bit logits; 7 experts, top-3, 8-bit logits and a token limit that is not a

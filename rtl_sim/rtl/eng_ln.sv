@@ -9,8 +9,8 @@
 //   port 3 read  x ─> elem_gather (AXI beats -> rows of ceil(dim/LP) beats of LP lanes) ─> layernorm_unit
 //   port 0 write y <─ elem_gather (rows -> dense AXI beats) <─ unsigned clamp <──────────┘
 //
-// All four reads and the write are issued at once: the x stream waits in the DDR's read channel
-// until the table is loaded (the unit takes no table writes while rows are in flight), then rows
+// All four reads and the write are issued at once: rows enter the unit (row slots, statistics)
+// while the table loads, the unit's read-out waits for the table's last entry (out_en), then rows
 // flow through at one unit beat per cycle while y is written; one write command covers all of y,
 // so its bursts are full. Needs PORTS >= 4.
 //
@@ -347,13 +347,14 @@ module eng_ln #(
     assign xcur    = xrem == 0 ? dim_q : xrem;
     assign ocur    = orem == 0 ? dim_q : orem;
     assign xneed   = 32'(xcur) < 32'(LP) ? LN_W'(xcur) : LN_W'(LP);
-    assign ln_iv   = state == S_RUN && tbl_done && xrows != 0 && qx_c >= GC_W'(2 * 32'(xneed));
+    // rows enter while the table loads (their statistics need no table); the read-out waits for it
+    assign ln_iv   = state == S_RUN && xrows != 0 && qx_c >= GC_W'(2 * 32'(xneed));
     assign x_fire  = ln_iv && ln_ir;
     assign qx_take = x_fire ? XO_W'(2 * 32'(xneed)) : '0;
 
     layernorm_unit #(.P(LP), .DATA_W(16), .G_W(16), .B_W(B_W), .SHIFT_W(SH_W), .OB_W(5), .MAX_DIM(MAX_DIM)) u_ln (
         .clk, .rst_n, .dim(dim_q), .eps_int(eps_q), .out_bits(obits_q),
-        .tbl_we(tw_q), .tbl_addr(ta_q), .tbl_gamma(tg_q), .tbl_beta(tb_q), .tbl_shift(ts_q),
+        .tbl_we(tw_q), .tbl_addr(ta_q), .tbl_gamma(tg_q), .tbl_beta(tb_q), .tbl_shift(ts_q), .out_en(tbl_done),
         .in_valid(ln_iv), .in_ready(ln_ir), .x(qx_d),
         .out_valid(ln_ov), .out_ready(ln_or), .y(ln_y), .out_last(ln_olast));
 

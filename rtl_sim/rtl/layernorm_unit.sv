@@ -11,21 +11,25 @@
 // Ports
 //   dim, eps_int, out_bits   runtime registers: D (1..MAX_DIM), E (1..2^61 - 1), output width
 //                            (1..DATA_W; 0 = DATA_W). Hold them stable while rows are in flight.
-//   tbl_*                    the per-channel table, written before the rows (not while rows are in
-//                            flight): entry tbl_addr = b holds channels b·P .. b·P + P - 1, lane j
+//   tbl_*                    the per-channel table, written while out_en is low (rows may already
+//                            be entering: only the read-out uses it): entry tbl_addr = b holds channels b·P .. b·P + P - 1, lane j
 //                            at [j*W +: W]: γ (G_W bits signed), β' (B_W bits signed: β already
 //                            aligned by rshift_round(β, β_shift), a compile-time constant), and
 //                            out_shift (SHIFT_W bits signed, any value of the contract's [-62, 62]).
+//   out_en                   rows are read out (normalised) only while out_en is high; lower it
+//                            before the first table write and raise it after the last one.
 //   in_*  (x)                a row is ceil(D/P) beats of P DATA_W-bit values (values must fit 16
 //                            bits signed); the last beat's lanes beyond D are ignored.
 //   out_* (y, out_last)      the same beats of z, lanes beyond D zero; out_last marks a row's end.
 //   All streams are valid/ready and tolerate any gaps and backpressure.
 //
-// Dataflow: rows go into a two-row buffer (block RAM, 2·2^BW beats). While a row arrives, its
-// lanes are squared and summed (adder_tree) and accumulated into S1, S2; after its last beat the
-// statistics pipeline (D·S2, S1², V + E, rsqrt_unit, D·r, S1·r) takes 4 + 17 + 2 cycles, then the
-// row is read back out through the normalising pipeline. The statistics of row r+1 and its input
-// overlap the output of row r; the input waits only when both row slots are taken.
+// Dataflow: rows go into a buffer of NS row slots (block RAM, NS·2^BW beats). While a row
+// arrives, its lanes are squared and summed (adder_tree) and accumulated into S1, S2; after its
+// last beat the statistics pipeline (D·S2, S1², V + E, rsqrt_unit, D·r, S1·r) takes 4 + 17 + 2
+// cycles, then the row is read back out of its slot through the normalising pipeline. The input
+// and statistics of the following rows overlap the output of row r; the input waits only when
+// all NS slots are taken, which at full rate happens only for rows of fewer than S/(NS - 2)
+// beats (S = 26 + LV, the cycles from a row's last input beat to its first read).
 //
 // Output pipeline (OLAT = 15 cycles from the read to the output FIFO, never stalls):
 //   1 row-buffer read  2 x·(D·r)  3 - S1·r  4-8 requant.sv to norm_fmt (shift R + e - F_n)
@@ -34,8 +38,8 @@
 //   backpressure never reaches the pipeline.
 // Latency with an idle unit: a row's first output beat is valid 41 + LV cycles after the clock edge
 // that accepts its last input beat (LV = ceil(log2 P); the full-rate test checks it). With
-// out_ready high, two rows of B beats take 2B + 26 + LV cycles in the steady state (one statistics
-// latency per pair of rows: there are two row slots).
+// out_ready high and rows of B beats, NS rows take NS·B + max(0, S - (NS - 2)·B) cycles in the
+// steady state: rows of S/(NS - 2) beats or more stream at one beat per cycle.
 //
 // P defaults to min(P_OUT, 8): 3·8 DSPs for the lanes plus 22 for the statistics and rsqrt (46 in
 // all), and a 768-channel row takes 96 beats.
@@ -52,7 +56,9 @@ module layernorm_unit #(
     parameter     LUT_FILE = "m3v_rsqrt_lut.mem",
     parameter int DW       = $clog2(MAX_DIM + 1),
     parameter int NB       = (MAX_DIM + P - 1) / P,
-    parameter int BW       = (NB > 1) ? $clog2(NB) : 1
+    parameter int BW       = (NB > 1) ? $clog2(NB) : 1,
+    parameter int NS       = 4,                            // row slots, a power of two >= 2
+    parameter int SLW      = $clog2(NS)
 ) (
     input  logic                 clk,
     input  logic                 rst_n,
@@ -64,6 +70,7 @@ module layernorm_unit #(
     input  logic [P*G_W-1:0]     tbl_gamma,
     input  logic [P*B_W-1:0]     tbl_beta,
     input  logic [P*SHIFT_W-1:0] tbl_shift,
+    input  logic                 out_en,
     input  logic                 in_valid,
     output logic                 in_ready,
     input  logic [P*DATA_W-1:0]  x,
@@ -94,10 +101,11 @@ module layernorm_unit #(
     localparam int FAW   = $clog2(FD);
 
     // ================================================================ input: row buffer, S1, S2
-    logic          in_fire, ifirst, ilast, wslot;
+    logic          in_fire, ifirst, ilast;
+    logic [SLW-1:0] wslot;
     logic [DW:0]   irem, irem_eff;
     logic [BW-1:0] ib;
-    logic [1:0]    busy;
+    logic [NS-1:0] busy;
     assign in_ready = rst_n && !busy[wslot];
     assign in_fire  = in_valid && in_ready;
     assign irem_eff = ifirst ? {1'b0, dim} : irem;
@@ -107,22 +115,23 @@ module layernorm_unit #(
         if (!rst_n) begin
             ifirst <= 1'b1;
             ib     <= '0;
-            wslot  <= 1'b0;
+            wslot  <= '0;
         end else if (in_fire) begin
             ifirst <= ilast;
             ib     <= ilast ? '0 : ib + 1'b1;
-            wslot  <= wslot ^ ilast;
+            wslot  <= wslot + SLW'(ilast);
         end
     end
     always_ff @(posedge clk) if (in_fire) irem <= irem_eff - (DW+1)'(P);
 
-    logic [P*DATA_W-1:0] rowmem [0:(2 << BW)-1];
+    logic [P*DATA_W-1:0] rowmem [0:(NS << BW)-1];
     always_ff @(posedge clk) if (in_fire) rowmem[{wslot, ib}] <= x;
 
     // a1: lanes beyond D become 0 (they add nothing to S1, S2); a2: squares
     logic [P*XW-1:0]   xm1, xm2;
     logic [P*2*XW-1:0] sq2;
-    logic              av1, afirst1, alast1, aslot1;
+    logic              av1, afirst1, alast1;
+    logic [SLW-1:0]    aslot1;
     always_ff @(posedge clk) begin
         for (int l = 0; l < P; l++)
             xm1[l*XW +: XW] <= ((DW+1)'(l) < irem_eff) ? x[l*DATA_W +: XW] : '0;
@@ -141,16 +150,18 @@ module layernorm_unit #(
     adder_tree #(.N(P), .IN_W(2*XW)) u_sum2 (.clk(clk), .in_flat(sq2), .sum(sum2));
 
     // the beat's flags, from a1 to the sums' stage (2 + LV)
-    logic avs, afs, als, ass;
+    logic avs, afs, als;
+    logic [SLW-1:0] ass;
     pipe_delay #(.WIDTH(1), .DEPTH(1 + LV), .RESET(1)) u_avs (.clk(clk), .rst_n(rst_n), .d(av1), .q(avs));
-    pipe_delay #(.WIDTH(3), .DEPTH(1 + LV)) u_afs (
+    pipe_delay #(.WIDTH(2 + SLW), .DEPTH(1 + LV)) u_afs (
         .clk(clk), .rst_n(rst_n), .d({afirst1, alast1, aslot1}), .q({afs, als, ass})
     );
 
     // accumulate; the row's S1, S2 are complete in s1acc, s2acc when stv is high
     logic signed [S1W-1:0] s1acc;
     logic [S2W-1:0]        s2acc;
-    logic                  stv, stslot;
+    logic                  stv;
+    logic [SLW-1:0]        stslot;
     always_ff @(posedge clk) begin
         if (avs) begin
             s1acc <= afs ? S1W'($signed(sum1)) : s1acc + S1W'($signed(sum1));
@@ -188,15 +199,16 @@ module layernorm_unit #(
     );
 
     logic signed [S1W-1:0] rs_s1;
-    logic                  rs_slot;
-    pipe_delay #(.WIDTH(S1W + 1), .DEPTH(4 + RSQ_LAT)) u_s1d (
+    logic [SLW-1:0]        rs_slot;
+    pipe_delay #(.WIDTH(S1W + SLW), .DEPTH(4 + RSQ_LAT)) u_s1d (
         .clk(clk), .rst_n(rst_n), .d({s1acc, stslot}), .q({rs_s1, rs_slot})
     );
 
     logic [DRW-1:0]         new_dr;
     logic signed [S1RW-1:0] new_s1r;
     logic [SHW-1:0]         new_sh;
-    logic                   new_slot, new_v;
+    logic [SLW-1:0]         new_slot;
+    logic                   new_v;
     always_ff @(posedge clk) begin
         new_dr   <= DRW'(dim) * DRW'(rs_r);
         new_s1r  <= rs_s1 * $signed({1'b0, rs_r});
@@ -206,31 +218,27 @@ module layernorm_unit #(
     pipe_delay #(.WIDTH(1), .DEPTH(1), .RESET(1)) u_newv (.clk(clk), .rst_n(rst_n), .d(rv), .q(new_v));
 
     // per-slot row statistics
-    logic [DRW-1:0]         st_dr0, st_dr1;
-    logic signed [S1RW-1:0] st_s1r0, st_s1r1;
-    logic [SHW-1:0]         st_sh0, st_sh1;
-    logic [1:0]             sready;
+    logic [DRW-1:0]         st_dr  [0:NS-1];
+    logic signed [S1RW-1:0] st_s1r [0:NS-1];
+    logic [SHW-1:0]         st_sh  [0:NS-1];
+    logic [NS-1:0]          sready;
     always_ff @(posedge clk) begin
-        if (new_v && !new_slot) begin
-            st_dr0  <= new_dr;
-            st_s1r0 <= new_s1r;
-            st_sh0  <= new_sh;
-        end
-        if (new_v && new_slot) begin
-            st_dr1  <= new_dr;
-            st_s1r1 <= new_s1r;
-            st_sh1  <= new_sh;
+        if (new_v) begin
+            st_dr[new_slot]  <= new_dr;
+            st_s1r[new_slot] <= new_s1r;
+            st_sh[new_slot]  <= new_sh;
         end
     end
 
     // ================================================================ output sequencer and credits
-    logic          issue, ofirst, olast, rslot, push;
+    logic          issue, ofirst, olast, push;
+    logic [SLW-1:0] rslot;
     logic [DW:0]   orem, orem_eff;
     logic [BW-1:0] ob;
     logic [FAW:0]  fifo_count, inflight;
     logic [FAW+1:0] used;
     assign used     = {1'b0, fifo_count} + {1'b0, inflight};
-    assign issue    = rst_n && sready[rslot] && (used < (FAW+2)'(FD));
+    assign issue    = rst_n && out_en && sready[rslot] && (used < (FAW+2)'(FD));
     assign orem_eff = ofirst ? {1'b0, dim} : orem;
     assign olast    = orem_eff <= (DW+1)'(P);
 
@@ -238,21 +246,21 @@ module layernorm_unit #(
         if (!rst_n) begin
             ofirst   <= 1'b1;
             ob       <= '0;
-            rslot    <= 1'b0;
-            busy     <= 2'b00;
-            sready   <= 2'b00;
+            rslot    <= '0;
+            busy     <= '0;
+            sready   <= '0;
             inflight <= '0;
         end else begin
             if (issue) begin
                 ofirst <= olast;
                 ob     <= olast ? '0 : ob + 1'b1;
-                rslot  <= rslot ^ olast;
+                rslot  <= rslot + SLW'(olast);
             end
-            for (int s = 0; s < 2; s++) begin
-                if (in_fire && ilast && wslot == s[0])      busy[s] <= 1'b1;
-                else if (issue && olast && rslot == s[0])   busy[s] <= 1'b0;
-                if (new_v && new_slot == s[0])                 sready[s] <= 1'b1;
-                else if (issue && olast && rslot == s[0])   sready[s] <= 1'b0;
+            for (int s = 0; s < NS; s++) begin
+                if (in_fire && ilast && wslot == SLW'(s))      busy[s] <= 1'b1;
+                else if (issue && olast && rslot == SLW'(s))   busy[s] <= 1'b0;
+                if (new_v && new_slot == SLW'(s))              sready[s] <= 1'b1;
+                else if (issue && olast && rslot == SLW'(s))   sready[s] <= 1'b0;
             end
             inflight <= inflight + (FAW+1)'(issue) - (FAW+1)'(push);
         end
@@ -267,9 +275,9 @@ module layernorm_unit #(
     logic [P-1:0]           omask;
     always_ff @(posedge clk) begin
         xq1  <= rowmem[{rslot, ob}];
-        dr1  <= rslot ? st_dr1 : st_dr0;
-        s1r1 <= rslot ? st_s1r1 : st_s1r0;
-        sh1  <= rslot ? st_sh1 : st_sh0;
+        dr1  <= st_dr[rslot];
+        s1r1 <= st_s1r[rslot];
+        sh1  <= st_sh[rslot];
         s1r2 <= s1r1;
         sh2  <= sh1;
         sh3  <= sh2;

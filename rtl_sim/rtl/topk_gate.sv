@@ -23,19 +23,31 @@
 //                 stable from the first q beat until the next run's first token.
 // A new run's first token is accepted once the last queue beat has been taken.
 //
-// Per token the unit works sequentially, 2N + k + 39 cycles at full rate: scan the N logits
-// once, keeping the top-k list sorted (a strictly larger logit moves ahead, so ties keep the
-// lower index); issue max - l_e for every expert into exp_unit (latency 10) and sum the p_e,
-// keeping the chosen experts' p; recip_int of the sum (recip_unit, latency 16); k score
-// products, each rounded and saturated by requant.sv; hold the result until o_ready. While the
-// exp terms are issued, the token's k choices are appended (token-major) to the choice RAM and
-// counted per expert.
-// After the last token: a prefix sum of the counts gives each expert's write pointer (MAX_E
-// cycles), a pass over the choice RAM scatters (expert, token, slot) into the queue RAM (T·k
-// cycles; a counting sort, which keeps tokens ascending within a queue), and the queue RAM is
-// read out through a small FIFO, one beat per cycle while q_ready is high. After the scatter the
-// write pointers equal offsets[1..MAX_E]: they are q_offsets.
-// Memories: choice RAM MAX_T·MAX_K × EW bits, queue RAM MAX_T·MAX_K × (EW + TAG_W + KW) bits.
+// Tokens flow through four stages, each busy with one token at a time, so consecutive tokens
+// overlap; at full rate a token is accepted every N + 1 cycles:
+//   scan    N + 1 cycles: the N logits one a cycle into the top-k list, kept sorted (a strictly
+//           larger logit moves ahead, so ties keep the lower index); the list and the logits are
+//           handed to the issue stage with the last insertion, and the next token is accepted in
+//           that cycle.
+//   issue   N cycles: max - l_e for every expert into exp_unit (latency 10); the token's k
+//           choices are appended (token-major) to the choice RAM and counted per expert.
+//   collect as the p_e come out: their sum, and the chosen experts' p (a slot mask travels with
+//           each term); with the last term the sum enters recip_unit (latency 16).
+//   scores  k cycles from the reciprocal: the k score products, each rounded and saturated by
+//           requant.sv (7 cycles), assembled and pushed into the output FIFO.
+// A token's issue starts at least N cycles after the previous one's, so its reciprocal and its
+// scores never overtake the previous token's (k <= N). The output FIFO (ODEPTH tokens) absorbs
+// o_ready; a token enters the issue stage only while fewer than ODEPTH tokens are between there
+// and the o beat, so nothing in the fixed-latency pipelines has to stall. The first token's o
+// beat comes 2N + k + 36 cycles after it is accepted.
+// Once the last token's choices are written: a prefix sum of the counts gives each expert's write
+// pointer (MAX_E cycles), a pass over the choice RAM scatters (expert, token, slot) into the queue
+// RAM (T·k cycles; a counting sort, which keeps tokens ascending within a queue); both overlap the
+// last tokens' o beats. After the last o beat the queue RAM is read out through a small FIFO, one
+// beat per cycle while q_ready is high. After the scatter the write pointers equal
+// offsets[1..MAX_E]: they are q_offsets.
+// Memories: choice RAM MAX_T·MAX_K × EW bits, queue RAM MAX_T·MAX_K × (EW + TAG_W + KW) bits,
+// output FIFO ODEPTH × MAX_K·(EW + GW) bits.
 `include "m3v_hw_config.svh"
 
 module topk_gate #(
@@ -90,29 +102,41 @@ module topk_gate #(
     localparam int QW     = EW + TAG_W + KW;                    // queue entry
     localparam int QDEPTH = 4;                                  // read-out FIFO
     localparam int SC_LAT = 7;                                  // score: 2 product + 5 requant
+    localparam int ODEPTH = 32;                                 // output FIFO (tokens): more than
+                                                                // the pipeline holds at full rate
+    localparam int OCW    = $clog2(ODEPTH + 1);
+    localparam int OFW    = MAX_K * (EW + GW);                  // output FIFO entry: idx, score
 
-    localparam logic [3:0] S_IDLE = 4'd0, S_SCAN = 4'd1, S_EXP = 4'd2, S_RCP = 4'd3, S_RCPW = 4'd4,
-                           S_SC = 4'd5, S_OUT = 4'd6, S_PRE = 4'd7, S_SCAT = 4'd8, S_DRAIN = 4'd9;
-    logic [3:0] state;
+    // queue side of a run: the choices are complete, then prefix sum, scatter, wait for the last o
+    // beat, read-out
+    localparam logic [2:0] Q_RUN = 3'd0, Q_PRE = 3'd1, Q_SCAT = 3'd2, Q_WAIT = 3'd3, Q_DRAIN = 3'd4;
+    logic [2:0] qstate;
 
     // ---------------------------------------------------------------- run configuration
     logic [NW-1:0]     n_r;
     logic [KCW-1:0]    k_r;
     logic [TCW-1:0]    tlast;        // T - 1
     logic [FRAC_W-1:0] frac_r;
-    logic [TCW-1:0]    tok;          // tokens of the run already delivered
-    logic              accept;
-    assign in_ready = (state == S_IDLE);
-    assign accept   = in_valid && in_ready;
+    logic              run_on;       // a run is open: its configuration is held
+    logic [TCW-1:0]    acc_cnt;      // tokens of the run accepted
+    logic [TCW-1:0]    iss_cnt;      // tokens of the run whose exp terms are all issued
+    logic [TCW-1:0]    otok;         // tokens of the run delivered (o beats taken)
+    logic [OCW-1:0]    inflight;     // tokens from the issue stage to the o beat
+    logic              accept, handoff;
 
-    // ---------------------------------------------------------------- logit scan and issue
+    // ---------------------------------------------------------------- scan (top-k list)
     logic [MAX_E*LOGIT_W-1:0]  lreg;
-    logic [NW-1:0]             e;        // next expert to issue
+    logic                      a_busy;   // a token is in the scan stage
+    logic [NW-1:0]             e;        // next expert to scan
     logic                      cur_v;    // cur_l/cur_e hold expert cur_e's logit
     logic signed [LOGIT_W-1:0] cur_l, lsel;
     logic [EW-1:0]             cur_e;
-    logic                      issuing;
-    assign issuing = (state == S_SCAN || state == S_EXP) && (e < n_r);
+    logic                      a_scan, a_fin, b_free;
+    assign a_scan = a_busy && (e < n_r);
+    assign a_fin  = a_busy && !a_scan;          // the list is complete with this cycle's insertion
+    assign handoff = a_fin && b_free && (inflight < OCW'(ODEPTH));
+    assign in_ready = (!a_busy || handoff) && (!run_on || acc_cnt <= tlast);
+    assign accept   = in_valid && in_ready;
     // Selects by a run-time index are AND-OR trees: an indexed part-select with a width that is not
     // a power of two becomes a multiplier and a wide shifter in yosys.
     always_comb begin
@@ -123,7 +147,8 @@ module topk_gate #(
     // Top-k list, sorted, slot 0 = the maximum. Insertion of cur: slot s takes cur when cur beats
     // it and not slot s-1, the old slot s-1 when both are beaten, else keeps its entry.
     logic [MAX_K*LOGIT_W-1:0] tv, tv_ins, tv_dn;
-    logic [MAX_K*EW-1:0]      ti, ti_ins, ti_dn;
+    logic [LOGIT_W-1:0]       tmax_fin;
+    logic [MAX_K*EW-1:0]      ti, ti_ins, ti_dn, ti_fin;
     logic [MAX_K-1:0]         tval, tval_ins, tval_dn, gt, gprev;
     assign tv_dn = tv << LOGIT_W;
     assign ti_dn = ti << EW;
@@ -150,73 +175,158 @@ module topk_gate #(
             end
         end
     end
+    // the finished list: this cycle's insertion of the last logit, or the list already held
+    assign tmax_fin = cur_v ? tv_ins[0 +: LOGIT_W] : tv[0 +: LOGIT_W];
+    assign ti_fin = cur_v ? ti_ins : ti;
+
+    // ---------------------------------------------------------------- issue of the exp terms
+    logic [MAX_E*LOGIT_W-1:0]  lreg2;
+    logic [MAX_K*EW-1:0]       ti2;
+    logic signed [LOGIT_W-1:0] tmax2, lsel2;
+    logic                      b_busy, b_last;
+    logic [NW-1:0]             e2;
+    assign b_last = b_busy && (e2 + 1'b1 == n_r);
+    assign b_free = !b_busy || b_last;
+    always_comb begin
+        lsel2 = '0;
+        for (int i = 0; i < MAX_E; i++) if (e2 == NW'(i)) lsel2 = lsel2 | lreg2[i*LOGIT_W +: LOGIT_W];
+    end
+    // slot mask of the issued expert: which of the k slots it fills
+    logic [MAX_K-1:0] hit2;
+    always_comb begin
+        for (int s = 0; s < MAX_K; s++)
+            hit2[s] = (KCW'(s) < k_r) && (ti2[s*EW +: EW] == EW'(e2));
+    end
+
+    // registered term: the maximum travels with it, so a hand-off in the issue stage cannot change it
+    logic signed [LOGIT_W-1:0] bx_l, bx_max;
+    logic                      bx_v, bx_first, bx_last;
+    logic [MAX_K-1:0]          bx_hit;
+    logic [MAX_K*EW-1:0]       bx_ti;
+    logic signed [LOGIT_W:0]   tdiff;
+    assign tdiff = $signed({bx_max[LOGIT_W-1], bx_max}) - $signed({bx_l[LOGIT_W-1], bx_l});
+    always_ff @(posedge clk) begin
+        bx_l     <= lsel2;
+        bx_max   <= tmax2;
+        bx_first <= (e2 == '0);
+        bx_last  <= b_last;
+        bx_hit   <= hit2;
+        bx_ti    <= ti2;
+    end
 
     // ---------------------------------------------------------------- exp of every expert
-    logic signed [LOGIT_W:0] tdiff;
-    logic                    ex_v;
-    logic [EW-1:0]           ex_e;
-    logic [P:0]              ex_p;
-    logic [NW-1:0]           ex_cnt;
-    assign tdiff = $signed({tv[LOGIT_W-1], tv[LOGIT_W-1:0]}) - $signed({cur_l[LOGIT_W-1], cur_l});
+    localparam int XDW = MAX_K + 2 + MAX_K * EW;
+    logic                ex_v, ex_first, ex_last;
+    logic [MAX_K-1:0]    ex_hit;
+    logic [MAX_K*EW-1:0] ex_ti;
+    logic [P:0]          ex_p;
     // (ports are connected to plain signals: a part-select there makes yosys 0.23 reprocess
     // the module, which fails under hierarchy -chparam)
     logic [LOGIT_W-1:0] ex_t;
-    logic               ex_in;
+    logic [XDW-1:0]     xd_in, xd_out;
     assign ex_t  = tdiff[LOGIT_W-1:0];
-    assign ex_in = cur_v && state == S_EXP;
+    assign xd_in = {bx_first, bx_last, bx_hit, bx_ti};
+    assign {ex_first, ex_last, ex_hit, ex_ti} = xd_out;
     exp_unit #(.T_W(LOGIT_W), .FRAC_W(FRAC_W)) u_exp (
         .clk(clk), .t(ex_t), .frac(frac_r), .p(ex_p));
     pipe_delay #(.WIDTH(1), .DEPTH(X_LAT), .RESET(1)) u_ex_v (
-        .clk(clk), .rst_n(rst_n), .d(ex_in), .q(ex_v));
-    pipe_delay #(.WIDTH(EW), .DEPTH(X_LAT)) u_ex_e (
-        .clk(clk), .rst_n(rst_n), .d(cur_e), .q(ex_e));
+        .clk(clk), .rst_n(rst_n), .d(bx_v), .q(ex_v));
+    pipe_delay #(.WIDTH(XDW), .DEPTH(X_LAT)) u_ex_d (
+        .clk(clk), .rst_n(rst_n), .d(xd_in), .q(xd_out));
 
-    logic [SW-1:0]       psum;
-    logic [MAX_K*PW-1:0] psel;       // p of the chosen experts, by slot
+    // ---------------------------------------------------------------- sum, chosen p, reciprocal
+    logic [SW-1:0]       psum, psum_n;
+    logic [MAX_K*PW-1:0] psel, psel_n;       // p of the chosen experts, by slot
+    assign psum_n = (ex_first ? SW'(0) : psum) + SW'(ex_p);
+    always_comb begin
+        for (int s = 0; s < MAX_K; s++)
+            psel_n[s*PW +: PW] = ex_hit[s] ? ex_p : psel[s*PW +: PW];
+    end
+    always_ff @(posedge clk) begin
+        if (ex_v) begin
+            psum <= psum_n;
+            psel <= psel_n;
+        end
+    end
 
-    // ---------------------------------------------------------------- reciprocal of the sum
-    logic             rc_v;
-    logic [R:0]       rc_r, r_r;
-    logic [RKW-1:0]   rc_k, kk_r;
-    logic rc_in;
-    assign rc_in = (state == S_RCP);
-    recip_unit #(.S_W(SW)) u_recip (.clk(clk), .s(psum), .r(rc_r), .k(rc_k));
+    localparam int RDW = MAX_K * PW + MAX_K * EW;
+    logic                rc_v, rc_in;
+    logic [R:0]          rc_r, r_r;
+    logic [RKW-1:0]      rc_k, kk_r;
+    logic [RDW-1:0]      rd_in, rd_out;
+    logic [MAX_K*PW-1:0] rc_psel, psel_r;
+    logic [MAX_K*EW-1:0] rc_ti, ti_r;
+    assign rc_in = ex_v && ex_last;
+    assign rd_in = {psel_n, ex_ti};
+    assign {rc_psel, rc_ti} = rd_out;
+    recip_unit #(.S_W(SW)) u_recip (.clk(clk), .s(psum_n), .r(rc_r), .k(rc_k));
     pipe_delay #(.WIDTH(1), .DEPTH(R_LAT), .RESET(1)) u_rc_v (
         .clk(clk), .rst_n(rst_n), .d(rc_in), .q(rc_v));
+    pipe_delay #(.WIDTH(RDW), .DEPTH(R_LAT)) u_rc_d (
+        .clk(clk), .rst_n(rst_n), .d(rd_in), .q(rd_out));
 
     // ---------------------------------------------------------------- scores of the k slots
-    logic [KCW-1:0]       sc_iss, sc_cnt;
-    logic                 sc_in, sc_v;
-    logic [KW-1:0]        sc_slot;
-    logic [PW-1:0]        sa1, psel_s;
-    logic [R:0]           sb1;
-    logic [PW+R+1:0]      prod2;     // < 2^(P+R+1), one sign bit for requant
-    logic [GW:0]          sc_y;
-    logic signed [SHW-1:0] sc_shift;
-    assign sc_in = (state == S_SC) && (sc_iss < k_r);
+    logic                  d_busy, sc_in, sc_v, sc_last, sc_in_last;
+    logic [KCW-1:0]        sc_iss;
+    logic [KW-1:0]         sc_slot;
+    logic [PW-1:0]         sa1, psel_s;
+    logic [R:0]            sb1;
+    logic [PW+R+1:0]       prod2;     // < 2^(P+R+1), one sign bit for requant
+    logic [GW:0]           sc_y;
+    logic signed [SHW-1:0] sc_shift, sh1, sh2;
+    assign sc_in      = d_busy;
+    assign sc_in_last = sc_iss + 1'b1 == k_r;
     always_comb begin
         psel_s = '0;
-        for (int s = 0; s < MAX_K; s++) if (sc_iss == KCW'(s)) psel_s = psel_s | psel[s*PW +: PW];
+        for (int s = 0; s < MAX_K; s++) if (sc_iss == KCW'(s)) psel_s = psel_s | psel_r[s*PW +: PW];
     end
     assign sc_shift = SHW'(kk_r) + SHW'(R - FG);
+    // the shift travels with its product: requant samples both together
     always_ff @(posedge clk) begin
         sa1   <= psel_s;
         sb1   <= r_r;
+        sh1   <= sc_shift;
         prod2 <= (PW+R+2)'(sa1) * (PW+R+2)'(sb1);
+        sh2   <= sh1;
     end
+    localparam int SDW = KW + 1 + MAX_K * EW;
+    logic [KW-1:0]       sc_iss_slot;
+    logic [SDW-1:0]      sd_in, sd_out;
+    logic [MAX_K*EW-1:0] sc_ti;
+    assign sc_iss_slot = sc_iss[KW-1:0];
+    assign sd_in = {sc_iss_slot, sc_in_last, ti_r};
+    assign {sc_slot, sc_last, sc_ti} = sd_out;
     pipe_delay #(.WIDTH(1), .DEPTH(SC_LAT), .RESET(1)) u_sc_v (
         .clk(clk), .rst_n(rst_n), .d(sc_in), .q(sc_v));
-    logic [KW-1:0] sc_iss_slot;
-    assign sc_iss_slot = sc_iss[KW-1:0];
-    pipe_delay #(.WIDTH(KW), .DEPTH(SC_LAT)) u_sc_slot (
-        .clk(clk), .rst_n(rst_n), .d(sc_iss_slot), .q(sc_slot));
+    pipe_delay #(.WIDTH(SDW), .DEPTH(SC_LAT)) u_sc_d (
+        .clk(clk), .rst_n(rst_n), .d(sd_in), .q(sd_out));
     // u16 saturation = 17-bit signed saturation of a value that is never negative
     logic [$clog2(GW + 2)-1:0] sc_ob;
     assign sc_ob = '0;
     requant #(.IN_W(PW + R + 2), .OUT_W(GW + 1), .SHIFT_W(SHW), .OB_W($clog2(GW + 2)),
               .MAX_LSHIFT(0), .SATURATE(1)) u_sc_rq (
-        .clk(clk), .x(prod2), .shift(sc_shift), .out_bits(sc_ob), .y(sc_y));
-    logic [MAX_K*GW-1:0] score_r;
+        .clk(clk), .x(prod2), .shift(sh2), .out_bits(sc_ob), .y(sc_y));
+    logic [MAX_K*GW-1:0] score_r, score_n;
+    always_comb begin
+        score_n = score_r;
+        for (int s = 0; s < MAX_K; s++)
+            if (sc_slot == KW'(s)) score_n[s*GW +: GW] = sc_y[GW-1:0];
+    end
+    always_ff @(posedge clk) if (sc_v) score_r <= score_n;
+
+    // ---------------------------------------------------------------- output FIFO
+    logic            of_push, of_pop;
+    logic [OFW-1:0]  of_in, of_out;
+    logic [MAX_K*EW-1:0] of_ti;
+    logic [MAX_K*GW-1:0] of_score;
+    logic [$clog2(ODEPTH):0] of_count;
+    assign of_push = sc_v && sc_last;
+    assign of_in   = {sc_ti, score_n};
+    assign {of_ti, of_score} = of_out;
+    stream_fifo #(.WIDTH(OFW), .DEPTH(ODEPTH)) u_ofifo (
+        .clk(clk), .rst_n(rst_n), .push(of_push), .push_data(of_in),
+        .out_valid(o_valid), .out_ready(o_ready), .out_data(of_out), .count(of_count));
+    assign of_pop = o_valid && o_ready;
 
     // ---------------------------------------------------------------- choices and counts
     logic [EW-1:0]      ch_ram [0:ENT-1];
@@ -224,10 +334,10 @@ module topk_gate #(
     logic [MAX_E*TCW-1:0] cnt;
     logic [EW-1:0]      ch_e;
     logic               ch_we;
-    assign ch_we = (state == S_EXP) && issuing && (e < NW'(k_r));
+    assign ch_we = b_busy && (e2 < NW'(k_r));
     always_comb begin
         ch_e = '0;
-        for (int s = 0; s < MAX_K; s++) if (e == NW'(s)) ch_e = ch_e | ti[s*EW +: EW];
+        for (int s = 0; s < MAX_K; s++) if (e2 == NW'(s)) ch_e = ch_e | ti2[s*EW +: EW];
     end
     always_ff @(posedge clk) if (ch_we) ch_ram[wptr[AW-1:0]] <= ch_e;
 
@@ -249,8 +359,8 @@ module topk_gate #(
         pos_e = '0;
         for (int i = 0; i < MAX_E; i++) if (ch_rd == EW'(i)) pos_e = pos_e | pos[i*OW +: OW];
     end
-    assign scat_rd = (state == S_SCAT) && (rd < wptr);
-    assign q_iss   = (state == S_DRAIN) && (qj < wptr) &&
+    assign scat_rd = (qstate == Q_SCAT) && (rd < wptr);
+    assign q_iss   = (qstate == Q_DRAIN) && (qj < wptr) &&
                      (q_count + ($clog2(QDEPTH) + 1)'(qr_v) < ($clog2(QDEPTH) + 1)'(QDEPTH));
     always_ff @(posedge clk) begin
         if (scat_rd) ch_rd <= ch_ram[rd[AW-1:0]];
@@ -270,86 +380,98 @@ module topk_gate #(
     // ---------------------------------------------------------------- control
     always_ff @(posedge clk) begin
         if (!rst_n) begin
-            state  <= S_IDLE;
-            tok    <= '0;
-            cur_v  <= 1'b0;
-            scat_v <= 1'b0;
-            qr_v   <= 1'b0;
+            run_on   <= 1'b0;
+            a_busy   <= 1'b0;
+            b_busy   <= 1'b0;
+            bx_v     <= 1'b0;
+            d_busy   <= 1'b0;
+            cur_v    <= 1'b0;
+            scat_v   <= 1'b0;
+            qr_v     <= 1'b0;
+            inflight <= '0;
+            qstate   <= Q_RUN;
         end else begin
-            cur_v  <= issuing;
+            cur_v  <= a_scan;
+            bx_v   <= b_busy;
             scat_v <= scat_rd;
             qr_v   <= q_iss;
-            case (state)
-                S_IDLE: if (accept) begin
-                    if (tok == '0) begin
-                        n_r    <= cfg_n;
-                        k_r    <= cfg_k;
-                        tlast  <= cfg_t - 1'b1;
-                        frac_r <= cfg_frac;
-                        cnt    <= '0;
-                        wptr   <= '0;
-                    end
-                    lreg  <= logits;
-                    e     <= '0;
-                    tval  <= '0;
-                    state <= S_SCAN;
+            inflight <= inflight + OCW'(handoff) - OCW'(of_pop);
+
+            // scan stage
+            if (a_scan) e <= e + 1'b1;
+            if (cur_v) begin
+                tv   <= tv_ins;
+                ti   <= ti_ins;
+                tval <= tval_ins;
+            end
+            if (handoff) a_busy <= 1'b0;
+            if (accept) begin
+                if (!run_on) begin
+                    n_r     <= cfg_n;
+                    k_r     <= cfg_k;
+                    tlast   <= cfg_t - 1'b1;
+                    frac_r  <= cfg_frac;
+                    cnt     <= '0;
+                    wptr    <= '0;
+                    iss_cnt <= '0;
+                    otok    <= '0;
+                    acc_cnt <= TCW'(1);
+                    run_on  <= 1'b1;
+                    qstate  <= Q_RUN;
+                end else begin
+                    acc_cnt <= acc_cnt + 1'b1;
                 end
-                S_SCAN: begin
-                    if (issuing) e <= e + 1'b1;
-                    if (cur_v) begin
-                        tv   <= tv_ins;
-                        ti   <= ti_ins;
-                        tval <= tval_ins;
-                    end else if (!issuing) begin    // the last logit is in the list
-                        e      <= '0;
-                        ex_cnt <= '0;
-                        psum   <= '0;
-                        state  <= S_EXP;
-                    end
+                lreg   <= logits;
+                e      <= '0;
+                tval   <= '0;
+                a_busy <= 1'b1;
+            end
+
+            // issue stage
+            if (b_busy) begin
+                e2 <= e2 + 1'b1;
+                if (ch_we) begin
+                    wptr <= wptr + 1'b1;
+                    for (int i = 0; i < MAX_E; i++)
+                        if (ch_e == EW'(i)) cnt[i*TCW +: TCW] <= cnt[i*TCW +: TCW] + 1'b1;
                 end
-                S_EXP: begin
-                    if (issuing) e <= e + 1'b1;
-                    if (ch_we) begin
-                        wptr <= wptr + 1'b1;
-                        for (int i = 0; i < MAX_E; i++)
-                            if (ch_e == EW'(i)) cnt[i*TCW +: TCW] <= cnt[i*TCW +: TCW] + 1'b1;
-                    end
-                    if (ex_v) begin
-                        psum   <= psum + SW'(ex_p);
-                        ex_cnt <= ex_cnt + 1'b1;
-                        for (int s = 0; s < MAX_K; s++)
-                            if (ti[s*EW +: EW] == ex_e) psel[s*PW +: PW] <= ex_p;
-                        if (ex_cnt + 1'b1 == n_r) state <= S_RCP;
-                    end
+                if (b_last) begin
+                    b_busy  <= 1'b0;
+                    iss_cnt <= iss_cnt + 1'b1;
                 end
-                S_RCP: state <= S_RCPW;
-                S_RCPW: if (rc_v) begin
-                    r_r    <= rc_r;
-                    kk_r   <= rc_k;
-                    sc_iss <= '0;
-                    sc_cnt <= '0;
-                    state  <= S_SC;
+            end
+            if (handoff) begin
+                lreg2  <= lreg;
+                ti2    <= ti_fin;
+                tmax2  <= tmax_fin;
+                e2     <= '0;
+                b_busy <= 1'b1;
+            end
+
+            // scores stage: a new token's reciprocal may arrive with the previous one's last issue
+            if (d_busy) begin
+                sc_iss <= sc_iss + 1'b1;
+                if (sc_in_last) d_busy <= 1'b0;
+            end
+            if (rc_v) begin
+                r_r    <= rc_r;
+                kk_r   <= rc_k;
+                psel_r <= rc_psel;
+                ti_r   <= rc_ti;
+                sc_iss <= '0;
+                d_busy <= 1'b1;
+            end
+
+            if (of_pop) otok <= otok + 1'b1;
+
+            // queue table of the run
+            case (qstate)
+                Q_RUN: if (run_on && !b_busy && iss_cnt == tlast + 1'b1) begin
+                    pe    <= '0;
+                    acc   <= '0;
+                    qstate <= Q_PRE;
                 end
-                S_SC: begin
-                    if (sc_in) sc_iss <= sc_iss + 1'b1;
-                    if (sc_v) begin
-                        for (int s = 0; s < MAX_K; s++)
-                            if (sc_slot == KW'(s)) score_r[s*GW +: GW] <= sc_y[GW-1:0];
-                        sc_cnt <= sc_cnt + 1'b1;
-                        if (sc_cnt + 1'b1 == k_r) state <= S_OUT;
-                    end
-                end
-                S_OUT: if (o_ready) begin
-                    tok <= tok + 1'b1;
-                    if (tok == tlast) begin
-                        pe    <= '0;
-                        acc   <= '0;
-                        state <= S_PRE;
-                    end else begin
-                        state <= S_IDLE;
-                    end
-                end
-                S_PRE: begin
+                Q_PRE: begin
                     // counts shift out at the bottom, offsets shift in at the top
                     pos <= (MAX_E*OW)'({acc, pos} >> OW);
                     acc <= acc + OW'(cnt[0 +: TCW]);
@@ -361,10 +483,10 @@ module topk_gate #(
                         wr_cnt   <= '0;
                         rd_tok   <= '0;
                         rd_slot  <= '0;
-                        state    <= S_SCAT;
+                        qstate   <= Q_SCAT;
                     end
                 end
-                S_SCAT: begin
+                Q_SCAT: begin
                     if (scat_rd) begin
                         rd <= rd + 1'b1;
                         if (rd_slot == KW'(k_r - 1'b1)) begin
@@ -379,22 +501,23 @@ module topk_gate #(
                             if (ch_rd == EW'(i)) pos[i*OW +: OW] <= pos[i*OW +: OW] + 1'b1;
                         wr_cnt <= wr_cnt + 1'b1;
                         if (wr_cnt == wlast) begin
-                            qj    <= '0;
-                            state <= S_DRAIN;
+                            qj     <= '0;
+                            qstate <= Q_WAIT;
                         end
                     end
                 end
-                S_DRAIN: begin
+                Q_WAIT: if (otok == tlast + 1'b1) qstate <= Q_DRAIN;
+                Q_DRAIN: begin
                     if (q_iss) begin
                         qj      <= qj + 1'b1;
                         qr_last <= (qj == wlast);
                     end
                     if (q_pop && q_last) begin
-                        tok   <= '0;
-                        state <= S_IDLE;
+                        run_on <= 1'b0;
+                        qstate <= Q_RUN;
                     end
                 end
-                default: state <= S_IDLE;
+                default: qstate <= Q_RUN;
             endcase
         end
     end
@@ -407,15 +530,14 @@ module topk_gate #(
     end
 
     // ---------------------------------------------------------------- per-token result
-    assign o_valid = (state == S_OUT);
-    assign o_tag   = TAG_W'(tok);
+    assign o_tag = TAG_W'(otok);
     always_comb begin
         for (int s = 0; s < MAX_K; s++) begin
-            o_idx[s*EW +: EW]   = (KCW'(s) < k_r) ? ti[s*EW +: EW] : '0;
-            o_score[s*GW +: GW] = (KCW'(s) < k_r) ? score_r[s*GW +: GW] : '0;
+            o_idx[s*EW +: EW]   = (KCW'(s) < k_r) ? of_ti[s*EW +: EW] : '0;
+            o_score[s*GW +: GW] = (KCW'(s) < k_r) ? of_score[s*GW +: GW] : '0;
         end
     end
 
     logic unused_ok;
-    assign unused_ok = &{1'b0, sc_y[GW], tdiff[LOGIT_W], pos_e};
+    assign unused_ok = &{1'b0, sc_y[GW], tdiff[LOGIT_W], pos_e, of_count};
 endmodule

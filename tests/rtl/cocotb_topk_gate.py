@@ -35,9 +35,20 @@ LMIN, LMAX = -(1 << (LOGIT_W - 1)), (1 << (LOGIT_W - 1)) - 1
 FRAC_RANGE = (-30, 56)
 
 
-def token_cycles(n, k):
-    """Cycles per token at full rate (accept, scan, exp, reciprocal, scores, output): topk_gate.sv."""
-    return 2 * n + k + 39
+def token_latency(n, k):
+    """Cycles from a token's acceptance to its o beat at full rate (scan, exp issue and terms,
+    reciprocal, scores, output FIFO): topk_gate.sv."""
+    return 2 * n + k + 36
+
+
+def token_period(n):
+    """Cycles between tokens at full rate: the scan stage, one logit a cycle plus the hand-off."""
+    return n + 1
+
+
+def run_cycles(t, n, k):
+    """Full-rate cycles of a run of t tokens, from the first token's acceptance to the last o beat."""
+    return (t - 1) * token_period(n) + token_latency(n, k)
 
 
 # the slow regression draws other stimulus with another base seed
@@ -102,7 +113,7 @@ async def gate_run(dut, logits, k, frac, name, seed, gap_max=2, ready_p=0.7):
     slow = 1.0 / ready_p * (gap_max + 2)
     tokens = StreamBench(dut, rng, gap_max=gap_max, ready_p=ready_p, out_valid="o_valid", out_ready="o_ready")
     await tokens.run(items_for(logits, k, frac, rng), outs, read_o,
-                     max_cycles=int(200 + T * token_cycles(N, k) * slow))
+                     max_cycles=int(200 + run_cycles(T, N, k) * slow))
     table = StreamBench(dut, rng, gap_max=0, ready_p=ready_p, out_valid="q_valid", out_ready="q_ready")
     # q_ready returns low, so that the next run's table waits for its own bench
     await table.run([], qs, read_q, max_cycles=int(200 + (MAX_E + 2 * T * k) * slow), idle_ready=False)
@@ -174,6 +185,15 @@ async def gate_extremes(dut):
         await gate_run(dut, lg, min(MAX_K, 2 + j % 2), frac, f"extremes_{j}", 302 + j)
 
 
+def queue_cycles(t, n, k):
+    """Queue bench cycles at full rate: the prefix sum and the scatter (MAX_E + T·k cycles and a
+    few to start and finish) begin after the last token's exp issue, behind its remaining k + 36
+    cycles to the o beat and the token bench's 20 idle cycles; then one queue beat per cycle, then
+    the bench's own 20 idle cycles."""
+    hidden = (k + 36) + 20
+    return max(0, MAX_E + t * k + 8 - hidden) + t * k + 20 + 4
+
+
 @cocotb.test()
 async def gate_full_rate(dut):
     """No gaps, every ready high: the documented cycles per token."""
@@ -182,12 +202,42 @@ async def gate_full_rate(dut):
     T, k = min(MAX_T, 20), min(2, MAX_K)
     tokens, table = await gate_run(dut, random_logits(rng, T, MAX_E), k, 10, "full_rate", 402,
                                    gap_max=0, ready_p=1.0)
-    bound = T * token_cycles(MAX_E, k) + 20 + 2
+    bound = run_cycles(T, MAX_E, k) + 20 + 2
     assert tokens.cycles <= bound, f"{tokens.cycles} cycles for {T} tokens (bound {bound})"
-    # prefix sum and scatter (MAX_E + T·k, partly hidden by the token bench's drain), then one
-    # queue beat per cycle, then the bench's 20 idle cycles
-    bound = MAX_E + 2 * T * k + 20 + 8
+    bound = queue_cycles(T, MAX_E, k)
     assert table.cycles <= bound, f"{table.cycles} cycles for {T * k} queue entries (bound {bound})"
+
+
+@cocotb.test()
+async def gate_back_to_back(dut):
+    """Tokens back to back at full rate where the stages are shortest or fullest: one expert
+    (a token every two cycles, reciprocals two cycles apart), k = N (every expert chosen, the
+    score stage as busy as the issue stage) with ties across consecutive tokens, one token, and
+    a run whose outputs stall long enough to fill the output FIFO and hold the pipeline."""
+    await reset(dut, IDLE, "q_offsets")
+    rng = rng_for(601)
+    kn = min(MAX_K, MAX_E)
+    cases = [
+        (1, 1, random_logits(rng, min(MAX_T, 25), 1)),
+        (kn, kn, random_logits(rng, min(MAX_T, 25), kn, -1, 1)),
+        (2, 2, random_logits(rng, min(MAX_T, 17), min(2, MAX_E), -1, 0)),
+        (MAX_E, kn, np.full((min(MAX_T, 12), MAX_E), 5, dtype=np.int64)),
+        (MAX_E, 1, random_logits(rng, 1, MAX_E)),
+    ]
+    for j, (n, k, lg) in enumerate(cases):
+        n = min(n, MAX_E)
+        k = min(k, n)
+        lg = lg[:, :n]
+        T = lg.shape[0]
+        tokens, table = await gate_run(dut, lg, k, rng.choice([0, 3, LOGIT_W - 2]), f"b2b_{j}", 602 + j,
+                                       gap_max=0, ready_p=1.0)
+        bound = run_cycles(T, n, k) + 20 + 2
+        assert tokens.cycles <= bound, f"case {j}: {tokens.cycles} cycles for {T} tokens (bound {bound})"
+        bound = queue_cycles(T, n, k)
+        assert table.cycles <= bound, f"case {j}: {table.cycles} cycles for the queue (bound {bound})"
+    # outputs refused for long stretches: tokens keep arriving at full rate
+    T = min(MAX_T, 40)
+    await gate_run(dut, random_logits(rng, T, 1), 1, 4, "b2b_stall", 610, gap_max=0, ready_p=0.05)
 
 
 @cocotb.test()
