@@ -366,8 +366,9 @@ COMBINE_BEAT_CYCLES = 4 # eng_gemm combine: cycles per beat, each with its own p
 
 def _cost_combine(m: _Machine, ins: Instr, experts: int) -> _Cost:
     """moe_combine on eng_gemm: the indices, then the experts' shifts (two dependent reads), then
-    blocks of SLOTS tokens (scores, indices, expert-output rows on ports 0 and 1, the next block
-    loading while this one computes), one beat per token, output tile and slot."""
+    blocks of SLOTS tokens (scores, indices, expert-output rows on ports 0 and 1; the next block
+    loads while this one computes, but only once this one's load is in, so every block's load
+    pays the latency of its scores and indices again), one beat per token, output tile and slot."""
     f, hw, L = ins.fields, m.hw, m.lat
     T, k, D = f["tokens"], f["k"], f["dim"]
     ot = -(-D // hw.p_out)
@@ -377,7 +378,11 @@ def _cost_combine(m: _Machine, ins: Instr, experts: int) -> _Cost:
     compute = T * k * ot * COMBINE_BEAT_CYCLES
     read = T * k * (2 * INDEX_BYTES + D * m.ab) + experts * SHIFT_BYTES + (T * D * m.ab if ins.has("residual") else 0)
     write = T * D * m.ab
-    ddr = max(rows, res, out, (read + write) / m.bw)
+    # a block's load starts once the previous block's is in: its scores and indices (port 1)
+    # come a latency after their request, and the rows after them
+    blocks = -(-T // hw.token_block)
+    gaps = (blocks - 1) * (L + 2 * m.beats(min(T, hw.token_block) * k * INDEX_BYTES))
+    ddr = max(rows, res, out, (read + write) / m.bw) + gaps
     cycles = m.fetch + 2 * L + max(compute, ddr) + m.pipe + L + COMBINE_EXTRA
     return _Cost(cycles, compute, ddr, read, write, 0, T)
 
