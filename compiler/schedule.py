@@ -326,7 +326,9 @@ def _cost_attention(m: _Machine, ins: Instr, notes: list[str]) -> _Cost:
             # the next head's load follows this one's once this head has started
             load_start = max(arrived, t)
         t = fin_end[-1] + ATTN_HEAD_EXTRA
-    compute = h * sum(nkt * nc * r + nct * nkc * r for r in groups)
+    # the compute unit's time with its tile builds (a tile takes max(build, G beats))
+    compute = h * sum(nkt * ((nc // 2) * max(po, 2 * r) + (nc % 2) * max(po, r)) + nct * nkc * max(pi, r)
+                      for r in groups)
     cycles = m.fetch + t + ATTN_EXTRA
     if qt * T * INDEX_BYTES > hw.buffers.scores:
         notes.append(f"{ins.name or 'attention'}: a {qt}-query score tile ({qt * T * INDEX_BYTES} bytes) exceeds "
