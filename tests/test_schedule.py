@@ -295,6 +295,26 @@ def test_small_query_groups_wait_for_the_tile_builds():
     assert c2 < 0.6 * c
 
 
+def test_combine_blocks_load_one_after_another():
+    # a DDR-bound combine: each block of token_block tokens starts its load once the previous
+    # block's is in, so one more block costs at least a latency beyond its bytes
+    m = schedule._Machine.of(HW, schedule.Assumptions())
+
+    def cost(T):
+        ins = Instr("moe_combine", {"score_ref": _ref(16), "idx_ref": _ref(15), "y_ref": _ref(12),
+                                    "out_ref": _ref(17), "tokens": T, "k": 2, "dim": 192},
+                    isa.make_flags(residual=True), "blocks.1.moe")
+        return schedule._cost_combine(m, ins, 16)
+
+    b = HW.token_block
+    full, more = cost(3 * b), cost(3 * b + 1)
+    assert full.ddr > full.compute
+    one_token = (2 * (2 * 2 + 192 * 2) + 2 * 192 * 2) / m.bw
+    assert more.cycles - full.cycles >= m.lat + one_token
+    # within a block a token costs only its bytes
+    assert cost(3 * b + 2).cycles - more.cycles < m.lat / 2
+
+
 def test_softmax_lanes_bound_attention_when_they_are_few():
     prog = _attention(257, 256, 4, 32)
     base = _cycles(prog, ddr_peak_gbps=1e5)
