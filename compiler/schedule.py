@@ -242,37 +242,98 @@ def _cost_gemm(m: _Machine, ins: Instr, rows: int) -> _Cost:
 
 
 # ---------------------------------------------------------------------------- attention engine
-ATTN_EXTRA = 300        # eng_attn: checks and the last y segments' response
-ATTN_HEAD_EXTRA = 47    # eng_attn: per head, the stage hand-overs (QK -> EXP -> recip -> AV -> FIN)
+ATTN_EXTRA = 165        # eng_attn: checks, the divider, the last y segments' response
+ATTN_HEAD_EXTRA = 41    # eng_attn: per head, the stage hand-overs (the last FIN -> the next head's start)
+ATTN_EXP_LATENCY = 30   # eng_attn: exp_unit, the row sum and recip_unit behind a group's last EXP step
+ATTN_FIN_LATENCY = 12   # eng_attn: a raw row into the finish lanes and its y segment out
+ATTN_SEG_QUEUE = 8      # eng_attn SEG_D: y segments waiting for the writer
+ATTN_SEG_EXTRA = 2      # eng_attn: the y writer's cycles per segment besides its beats (take, address)
 
 
 def _cost_attention(m: _Machine, ins: Instr, notes: list[str]) -> _Cost:
-    """eng_attn: per head, the Q, K and V slices of all T rows (three ports, one segment per row),
-    then per query group QK (compute unit), EXP (softmax lanes), AV (raw rows), FIN; the QK of the
-    next group runs beside the EXP of this one."""
+    """eng_attn: per head, the Q, K and V slices of all T rows (three ports, one segment per row;
+    the next head's while this one computes when a head fits half of the buffers); the queries in
+    groups of G. One tile builder feeds the compute unit in the order QK(0), QK(1), AV(0), QK(2),
+    AV(1), ...: a QK build reads 2·P_in dims of a key per cycle (P_out cycles for two dim chunks),
+    an AV build one value row per cycle (P_in cycles); each tile takes G beats. EXP(g) (softmax
+    lanes) starts when QK(g) is done, AV(g) when EXP(g) is; QK(g) overwrites the scores of g − 2."""
     f, hw, L = ins.fields, m.hw, m.lat
     T, D, h = f["tokens"], f["dim"], max(1, f["heads"])
     d = max(1, D // h)
     qt = min(T, f.get("q_tile") or hw.token_block)
     g = max(1, min(hw.token_block, qt, hw.buffers.scores // 2 // max(1, T * INDEX_BYTES)))
-    kt, kc, dt = -(-T // hw.p_out), -(-d // hw.p_in), -(-d // hw.p_out)
+    po, pi, sm = hw.p_out, hw.p_in, m.sm_lanes
+    nc, nct, nkt, nkc = -(-d // pi), -(-d // po), -(-T // po), -(-T // pi)
+    buf = min(hw.limits.max_tokens * hw.limits.max_dim, hw.buffers.activations // 4)
+    dbuf = T * d <= buf // 2
     reads = m.stream(T, d * m.ab, 1)
-    # Per query group the compute unit runs QK and, once EXP has the probabilities, AV; the
-    # next group's QK and this one's FIN fit beside EXP: a group costs AV + max(EXP, QK + FIN).
-    stages, compute = float(ATTN_HEAD_EXTRA), 0.0
-    for rows in _passes(T, g):
-        qk = kt * kc * rows
-        ex = rows * -(-T // m.sm_lanes)
-        av = dt * -(-T // hw.p_in) * rows
-        fin = rows * -(-d // m.sm_lanes)
-        compute += qk + av
-        stages += av + max(ex, qk + fin)
-    # the next head's slices are read while this one computes
-    cycles = m.fetch + L + reads + h * stages + (h - 1) * max(0.0, L + reads - stages) + ATTN_EXTRA
+    exp_row = (T // pi) * -(-pi // sm) + -(-(T % pi) // sm)
+    fin_row = -(-min(d, po) // sm)          # the finish pieces of a row's first output tile
+    last_fin = -(-(d - (nct - 1) * po) // sm)
+
+    # beats a y segment spans: rows are D apart, a head's columns start at its first dim
+    aligned = (D * m.ab) % m.beat == 0 and (d * m.ab) % m.beat == 0 and (po * m.ab) % m.beat == 0
+    offsets = [0] if aligned else range(0, m.beat, m.ab)
+    seg_cycles = sum(ATTN_SEG_EXTRA + sum(-(-(o + min(po, d - ot * po) * m.ab) // m.beat) for o in offsets)
+                     / len(offsets) for ot in range(nct))
+
+    def job(cu: float, bt: float, ready: float, builds: int, b: int, k: int, beats: float) -> tuple[float, float]:
+        """(the job's last beat, when the builder is free for the next job): ``builds`` builds of
+        ``b`` cycles, ``k`` tiles each of ``beats`` beats; the builder runs ahead of the unit by
+        the two staging tiles, the unit starts at ``cu``, a build when its rows are ``ready``."""
+        first = max(bt, ready - (builds - 1) * b) + b
+        end = max(first + (builds - 1) * b + k * beats, max(cu, first) + builds * k * beats)
+        return end, max(first + (builds - 1) * b, end - 2 * beats)
+
+    def qk(cu: float, bt: float, ready: float, rows: int) -> tuple[float, float]:
+        if nc >= 2:
+            cu, bt = job(cu, bt, ready, nkt * (nc // 2), po, 2, rows)
+        if nc % 2:
+            cu, bt = job(cu, bt, ready, nkt, po, 1, rows)
+        return cu, bt
+
+    groups = _passes(T, g)
+    n = len(groups)
+    t = wr = 0.0             # the head's start, the writer's last segment
+    load_start = 0.0
+    for _ in range(h):
+        if not dbuf:
+            load_start = t
+        arrived = load_start + L + reads
+        cu = bt = t
+        exp_end, fin_end = [0.0] * n, [0.0] * n
+
+        def run_qk(j: int, cu: float, bt: float) -> tuple[float, float]:
+            cu, bt = qk(max(cu, exp_end[j - 2] if j >= 2 else 0.0), bt, arrived, groups[j])
+            ex_s = max(cu, exp_end[j - 1] if j else 0.0, fin_end[j - 2] if j >= 2 else 0.0)
+            exp_end[j] = ex_s + groups[j] * exp_row + ATTN_EXP_LATENCY
+            return cu, bt
+
+        cu, bt = run_qk(0, cu, bt)
+        for j in range(n):
+            if j + 1 < n:
+                cu, bt = run_qk(j + 1, cu, bt)
+            rows = groups[j]
+            s_av = max(cu, exp_end[j])
+            cu, bt = job(s_av, bt, arrived, nct * nkc, pi, 1, max(rows, fin_row * rows / nkc))
+            # the y segments (one per row and output tile) leave through the one writer, a
+            # segment at a time: its address, then its beats
+            wr = max(wr, s_av) + max(rows * seg_cycles, m.stream(rows * nct, min(d, po) * m.ab, hw.axi_ports))
+            # FIN is done once its last segments are queued (SEG_D of them wait for the writer)
+            queued = min(rows * nct, ATTN_SEG_QUEUE) * seg_cycles / nct
+            fin_end[j] = max(cu + rows * last_fin + ATTN_FIN_LATENCY, wr - queued)
+        if dbuf:
+            # the next head's load follows this one's once this head has started
+            load_start = max(arrived, t)
+        t = fin_end[-1] + ATTN_HEAD_EXTRA
+    # the compute unit's time with its tile builds (a tile takes max(build, G beats))
+    compute = h * sum(nkt * ((nc // 2) * max(po, 2 * r) + (nc % 2) * max(po, r)) + nct * nkc * max(pi, r)
+                      for r in groups)
+    cycles = m.fetch + t + ATTN_EXTRA
     if qt * T * INDEX_BYTES > hw.buffers.scores:
         notes.append(f"{ins.name or 'attention'}: a {qt}-query score tile ({qt * T * INDEX_BYTES} bytes) exceeds "
                      f"buffers.scores")
-    return _Cost(cycles, h * compute, h * reads, 3 * T * D * m.ab, T * D * m.ab, 2 * h * T * T * d, T)
+    return _Cost(cycles, compute, h * reads, 3 * T * D * m.ab, T * D * m.ab, 2 * h * T * T * d, T)
 
 
 # ---------------------------------------------------------------------------- gate engine
@@ -307,8 +368,9 @@ COMBINE_BEAT_CYCLES = 4 # eng_gemm combine: cycles per beat, each with its own p
 
 def _cost_combine(m: _Machine, ins: Instr, experts: int) -> _Cost:
     """moe_combine on eng_gemm: the indices, then the experts' shifts (two dependent reads), then
-    blocks of SLOTS tokens (scores, indices, expert-output rows on ports 0 and 1, the next block
-    loading while this one computes), one beat per token, output tile and slot."""
+    blocks of SLOTS tokens (scores, indices, expert-output rows on ports 0 and 1; the next block
+    loads while this one computes, but only once this one's load is in, so every block's load
+    pays the latency of its scores and indices again), one beat per token, output tile and slot."""
     f, hw, L = ins.fields, m.hw, m.lat
     T, k, D = f["tokens"], f["k"], f["dim"]
     ot = -(-D // hw.p_out)
@@ -318,7 +380,11 @@ def _cost_combine(m: _Machine, ins: Instr, experts: int) -> _Cost:
     compute = T * k * ot * COMBINE_BEAT_CYCLES
     read = T * k * (2 * INDEX_BYTES + D * m.ab) + experts * SHIFT_BYTES + (T * D * m.ab if ins.has("residual") else 0)
     write = T * D * m.ab
-    ddr = max(rows, res, out, (read + write) / m.bw)
+    # a block's load starts once the previous block's is in: its scores and indices (port 1)
+    # come a latency after their request, and the rows after them
+    blocks = -(-T // hw.token_block)
+    gaps = (blocks - 1) * (L + 2 * m.beats(min(T, hw.token_block) * k * INDEX_BYTES))
+    ddr = max(rows, res, out, (read + write) / m.bw) + gaps
     cycles = m.fetch + 2 * L + max(compute, ddr) + m.pipe + L + COMBINE_EXTRA
     return _Cost(cycles, compute, ddr, read, write, 0, T)
 

@@ -166,6 +166,11 @@ CASES = {
     ],
     "attention": [
         lambda hw: _attention("attention", TOKENS, DIM, DIM // 64, hw),
+        # one head of 32 at longer sequences: the score buffer holds fewer queries per group
+        lambda hw: _attention("attn_t257", 257, 32, 1, hw),
+        lambda hw: _attention("attn_t513", 513, 32, 1, hw),
+        lambda hw: _attention("attn_t1025", 1025, 32, 1, hw),
+        lambda hw: _attention("attn_t513_h2", 513, 64, 2, hw),
     ],
 }
 

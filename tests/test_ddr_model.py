@@ -29,5 +29,5 @@ def test_ddr_model(tmp_path):
            "M3V_DDR_DUMP_ADDR": hex(BASE), "M3V_DDR_DUMP_WORDS": str(dump_words)}
     result = runner.run("axi_ddr_model", HwConfig(), "cocotb_axi_ddr_model", module_dir=TB_DIR, extra_env=env,
                         plusargs=[f"+ddr_load={load}", f"+ddr_dump={dump_manifest}"])
-    assert result.ok and result.tests == 7, \
+    assert result.ok and result.tests == 8, \
         f"{result.failed} of {result.tests} DDR model tests failed (log {result.log}):\n{runner.failure_summary(result)}"

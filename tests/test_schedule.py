@@ -277,6 +277,44 @@ def test_attention_reads_each_slice_once_and_overlaps_the_next_head():
     assert c[1] - c[0] < c[0]
 
 
+def test_small_query_groups_wait_for_the_tile_builds():
+    # at T = 1025 half the score buffer holds 15 queries: every group rebuilds all key and value
+    # tiles (P_out cycles per key tile, P_in per value tile) for 15 beats each
+    T, d = 1025, 32
+    g = HW.buffers.scores // 2 // (2 * T)
+    assert g < HW.p_in
+    groups = -(-T // g)
+    builds = -(-T // HW.p_out) * HW.p_out + -(-T // HW.p_in) * HW.p_in
+    c = _cycles(_attention(T, d, 1, T))
+    assert c >= groups * builds
+    assert c < groups * builds * 1.15 + T * 4 + 1000      # plus the slices' arrival and the ends
+    # twice the score buffer: twice the queries share each build, the builds halve
+    big = HW.replace(buffers=Buffers(weights=HW.buffers.weights, activations=HW.buffers.activations,
+                                     scores=2 * HW.buffers.scores))
+    c2 = schedule.estimate(_attention(T, d, 1, T), big)["instructions"][0]["cycles"]
+    assert c2 < 0.6 * c
+
+
+def test_combine_blocks_load_one_after_another():
+    # a DDR-bound combine: each block of token_block tokens starts its load once the previous
+    # block's is in, so one more block costs at least a latency beyond its bytes
+    m = schedule._Machine.of(HW, schedule.Assumptions())
+
+    def cost(T):
+        ins = Instr("moe_combine", {"score_ref": _ref(16), "idx_ref": _ref(15), "y_ref": _ref(12),
+                                    "out_ref": _ref(17), "tokens": T, "k": 2, "dim": 192},
+                    isa.make_flags(residual=True), "blocks.1.moe")
+        return schedule._cost_combine(m, ins, 16)
+
+    b = HW.token_block
+    full, more = cost(3 * b), cost(3 * b + 1)
+    assert full.ddr > full.compute
+    one_token = (2 * (2 * 2 + 192 * 2) + 2 * 192 * 2) / m.bw
+    assert more.cycles - full.cycles >= m.lat + one_token
+    # within a block a token costs only its bytes
+    assert cost(3 * b + 2).cycles - more.cycles < m.lat / 2
+
+
 def test_softmax_lanes_bound_attention_when_they_are_few():
     prog = _attention(257, 256, 4, 32)
     base = _cycles(prog, ddr_peak_gbps=1e5)

@@ -300,7 +300,10 @@ module axi_ddr_model #(
                     bvalid[p] <= 1'b0;
                     bh = bh + 1'b1;
                     bc = bc - 1'b1;
-                end else if (!bvalid[p] && bc != 0 && now >= bq_t[p][bh] + 64'(LATENCY)) begin
+                end else if (!bvalid[p] && bq_count[p] != 0 && now >= bq_t[p][bh] + 64'(LATENCY)) begin
+                    // the registered count: a response queued this cycle has no time stamp yet
+                    // (bq_t is written at the clock edge), and the slot's old one would let it
+                    // skip its latency
                     bvalid[p] <= 1'b1;
                     bid[p*ID_W +: ID_W] <= bq_id[p][bh];
                 end

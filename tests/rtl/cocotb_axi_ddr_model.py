@@ -51,6 +51,8 @@ class Master:
         self.wq = [[] for _ in range(PORTS)]        # accepted bursts waiting for their data
         self.aw_accepted = [0] * PORTS
         self.bresps = [0] * PORTS
+        self.wends = [[] for _ in range(PORTS)]     # cycle of each burst's last data beat
+        self.bcycles = [[] for _ in range(PORTS)]   # cycle of each write response
         self.cycle = 0
 
     def drive_idle(self):
@@ -116,10 +118,12 @@ class Master:
                     self.wcur[p][1] += 1
                     if self.wcur[p][1] == len(self.wcur[p][0][0]):
                         self.wcur[p] = None
+                        self.wends[p].append(self.cycle)
                 if rv >> p & 1 and rr >> p & 1:
                     self.beats[p].append((self.cycle, field(rdata, p, DATA_W), rl >> p & 1))
                 if bv >> p & 1:
                     self.bresps[p] += 1
+                    self.bcycles[p].append(self.cycle)
             if until_idle and self.idle():
                 return
         if until_idle:
@@ -271,6 +275,25 @@ async def writes_land_with_strobes_and_dump_to_a_file(dut):
     assert len(dumped) == DUMP_WORDS
     for i, w in enumerate(dumped):
         assert w == mem.get(DUMP_ADDR // BEAT + i, 0), f"dump word {i}"
+    assert int(dut.errors.value) == 0
+
+
+@cocotb.test()
+async def write_responses_wait_their_latency(dut):
+    """Each write response comes LATENCY cycles or more after its burst's last beat: one burst at
+    a time, so the response queue is empty whenever a burst ends, over more bursts than the queue
+    has slots (a reused slot must not lend its old time to the new response)."""
+    await start(dut)
+    rng = random.Random(9)
+    m = Master(dut, rng)
+    for i in range(3 * MAX_OUT * PORTS):
+        p = i % PORTS
+        m.writes[p].append((BASE + 64 * i, [rng.getrandbits(DATA_W)], [(1 << BEAT) - 1]))
+        await m.run(4 * LATENCY)
+    for p in range(PORTS):
+        assert len(m.bcycles[p]) == len(m.wends[p]) == 3 * MAX_OUT
+        for w, b in zip(m.wends[p], m.bcycles[p]):
+            assert b - w >= LATENCY, f"port {p}: a write response {b - w} cycles after its last beat"
     assert int(dut.errors.value) == 0
 
 
