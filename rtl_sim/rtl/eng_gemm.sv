@@ -1582,7 +1582,7 @@ module eng_gemm #(
         end
         if (run_c) begin
             r1_sv = sl_sv;
-            r1_sa = ADDR_W'((sl_iss[0] ? addr_of(c_ix) : addr_of(c_sc)) + (64'(lt0) * 64'(c_k) << 1));
+            r1_sa = ADDR_W'((sl_iss[0] ? addr_of(c_ix) : addr_of(c_sc)) + (c_yrow(32'd0) << 1));
             r1_sb = c_nbk << 1;
             r1_sc = CW1'(2);
             r1_cr = sl_busy;
