@@ -166,7 +166,6 @@ module eng_gemm #(
     localparam int KSW     = $clog2(KS_MAX + 1);
     localparam int MKW     = $clog2(MAX_K + 1);
     localparam int DMW     = $clog2(`M3V_MAX_DIM + 1);
-    localparam int SLW     = $clog2(SLOTS + 1);
     // x rows, weight rows and combine rows are long contiguous segments: bursts up to 64 beats
     // (the 4 KB rule still cuts them) keep a port streaming with the DDR's outstanding-read limit
     localparam int RD_BURST = MAX_BURST > 64 ? MAX_BURST : 64;
@@ -1101,11 +1100,10 @@ module eng_gemm #(
     // c_*: the block being computed (buffer cbb, tokens from ct0); l_*: the block loading (lb, lt0)
     assign c_nb   = min32(32'(SLOTS), c_t - ct0);
     assign l_nb   = min32(32'(SLOTS), c_t - lt0);
-    // expert-output row i of the block at lt0 (c_k <= MAX_K while combining)
-    function automatic logic [63:0] c_yrow(input logic [31:0] i);
-        c_yrow = mul_sa(64'(lt0), 32'(c_k[MKW-1:0])) + 64'(i);
-    endfunction
-    assign c_nbk  = 32'(mul_sa(64'(l_nb[SLW-1:0]), 32'(c_k[MKW-1:0])));   // c_k <= MAX_K when combining
+    // the block's first expert-output row, lt0 * c_k (c_k <= MAX_K while combining)
+    logic [63:0] c_row0;
+    assign c_row0 = mul_sa(64'(lt0), 32'(c_k[MKW-1:0]));
+    assign c_nbk  = 32'(mul_sa(64'(l_nb), 32'(c_k[MKW-1:0])));   // c_k <= MAX_K when combining
     assign c_load = run_c && !sb_full[lb] && !sl_busy && lt0 < c_t;
     assign sl_sv  = run_c && sl_busy && (sl_iss < 2'd2 || (sl_iss == 2'd2 && yl1_i < c_nbk));
     assign y0_sv  = run_c && sl_busy && yl0_i < c_nbk;
@@ -1267,7 +1265,7 @@ module eng_gemm #(
     // token's beats once its k expert-output rows are in (rows below yr0_i / yr1_i of each parity).
     logic        c_blk_rdy, cb_rows;
     logic [31:0] cb_rend;
-    assign cb_rend   = 32'(mul_sa(64'(cb_t[SLW-1:0] + SLW'(1)), 32'(c_k[MKW-1:0])));
+    assign cb_rend   = 32'(mul_sa(64'(cb_t + 32'd1), 32'(c_k[MKW-1:0])));
     assign c_blk_rdy = sb_full[cbb] || (sl_busy && lb == cbb && sl_rph >= 2'd2);
     assign cb_rows   = sb_full[cbb] || (yr0_i >= cb_rend && yr1_i >= cb_rend);
     assign cb_ya = YHW'(32'(cbb) * 32'(YBH) + (cb_r >> 1) * 32'(OT_MAX) + cb_oc);
@@ -1541,7 +1539,7 @@ module eng_gemm #(
         end
         if (run_c) begin
             r0_sv = y0_sv;
-            r0_sa = ADDR_W'(addr_of(c_y) + (mul_sa(c_yrow(yl0_i), 32'(c_d[DMW-1:0])) << 1));
+            r0_sa = ADDR_W'(addr_of(c_y) + (mul_sa(c_row0 + 64'(yl0_i), 32'(c_d[DMW-1:0])) << 1));
             r0_sb = c_d << 1;
             r0_sc = CW0'(2 * P_OUT);
             r0_cr = sl_busy;
@@ -1582,12 +1580,12 @@ module eng_gemm #(
         end
         if (run_c) begin
             r1_sv = sl_sv;
-            r1_sa = ADDR_W'((sl_iss[0] ? addr_of(c_ix) : addr_of(c_sc)) + (c_yrow(32'd0) << 1));
+            r1_sa = ADDR_W'((sl_iss[0] ? addr_of(c_ix) : addr_of(c_sc)) + (c_row0 << 1));
             r1_sb = c_nbk << 1;
             r1_sc = CW1'(2);
             r1_cr = sl_busy;
             if (sl_iss == 2'd2) begin
-                r1_sa = ADDR_W'(addr_of(c_y) + (mul_sa(c_yrow(yl1_i), 32'(c_d[DMW-1:0])) << 1));
+                r1_sa = ADDR_W'(addr_of(c_y) + (mul_sa(c_row0 + 64'(yl1_i), 32'(c_d[DMW-1:0])) << 1));
                 r1_sb = c_d << 1;
                 r1_sc = CW1'(2 * P_OUT);
             end
