@@ -213,11 +213,21 @@ module eng_attn #(
     assign obits    = f_fmt[5:0];
     assign o_signed = f_fmt[16];
 
+    // a * b mod 2^32, as shift-and-add over b's set bits: the engine's products (sizes, buffer
+    // indices, addresses) are control arithmetic, and a multiplier cell would take a DSP slice
+    // from the MAC array's budget. b is 16-bit (the engine's sizes) or a constant, so the terms
+    // of b's zero bits drop out.
+    function automatic logic [31:0] mul_lo(input logic [31:0] a, input logic [31:0] b);
+        mul_lo = '0;
+        for (int i = 0; i < 32; i++) mul_lo = mul_lo + ((a << i) & {32{b[i]}});
+    endfunction
+
     // sizes of the instruction (registered by the checks)
     logic [15:0] T, D, H, dh, nc, nct, nkt, nkc, cap, gs, ng;
     logic [63:0] qkv_bytes, y_bytes;
-    assign qkv_bytes = 64'(T) * 64'(D) * 64'd6;
-    assign y_bytes   = 64'(T) * 64'(D) * 64'd2;
+    // T * D < 2^32 (16-bit sizes)
+    assign qkv_bytes = (64'(mul_lo(32'(T), 32'(D))) << 2) + (64'(mul_lo(32'(T), 32'(D))) << 1);
+    assign y_bytes   = 64'(mul_lo(32'(T), 32'(D))) << 1;
     logic [ADDR_W-1:0] qkv_addr, y_addr;
     assign qkv_addr = ADDR_W'(m3v_addr(f_qkv, base_wgt, base_arena, base_in, base_out));
     assign y_addr   = ADDR_W'(m3v_addr(f_y, base_wgt, base_arena, base_in, base_out));
@@ -253,7 +263,7 @@ module eng_attn #(
     // group g: queries g·gs .. g·gs + gsize(g) − 1
     function automatic logic [15:0] gsize(input logic [15:0] g);
         logic [31:0] q0;
-        q0 = 32'(g) * 32'(gs);
+        q0 = mul_lo(32'(g), 32'(gs));
         gsize = (32'(T) - q0 > 32'(gs)) ? gs : 16'(32'(T) - q0);
     endfunction
     function automatic logic [15:0] min16(input logic [31:0] a, input logic [31:0] b);
@@ -268,7 +278,7 @@ module eng_attn #(
     logic [31:0]       row_stride, ld_off, cu_off;
     logic [15:0]       ld_next, ld_hc;
     logic              ld_start, ld_guard, ld_half, ld_kick, running;
-    assign row_stride = 32'(D) * 32'd6;
+    assign row_stride = (32'(D) << 2) + (32'(D) << 1);
     assign ld_base_q  = qkv_addr + ADDR_W'({ld_hc, 1'b0});
     assign ld_base_k  = qkv_addr + ADDR_W'({D, 1'b0}) + ADDR_W'({ld_hc, 1'b0});
     assign ld_base_v  = qkv_addr + ADDR_W'({D, 2'b00}) + ADDR_W'({ld_hc, 1'b0});
@@ -324,7 +334,7 @@ module eng_attn #(
 
     // rows 0 .. n−1 of head h's slice are in its buffer
     function automatic logic rows_in(input int s, input logic [31:0] n);
-        rows_in = ld_cnt[cu_half][s*32 +: 32] >= n * 32'(dh);
+        rows_in = ld_cnt[cu_half][s*32 +: 32] >= mul_lo(n, 32'(dh));
     endfunction
 
     // the next load: head ld_next, once the previous load is finished and its half is free
@@ -338,7 +348,7 @@ module eng_attn #(
             ld_start <= ld_kick;
             ld_guard <= ld_start;   // busy rises the cycle after start
             if (ld_kick) begin
-                ld_hc   <= 16'(32'(ld_next) * 32'(dh));
+                ld_hc   <= 16'(mul_lo(32'(ld_next), 32'(dh)));
                 ld_half <= dbuf && ld_next[0];
                 ld_next <= ld_next + 16'd1;
             end
@@ -397,11 +407,11 @@ module eng_attn #(
     assign tb_nx   = job_next(tb_av, tb_g);
     assign tb_pair = !tb_av && tb_b + 16'd1 < nc;
     // the rows a build reads are loaded, and its staging tiles are free
-    assign tb_can  = tb_av ? (!st_full[st_wp] && rows_in(2, 32'(min16(32'(tb_b) * 32'(PI) + 32'(PI), 32'(T)))))
+    assign tb_can  = tb_av ? (!st_full[st_wp] && rows_in(2, 32'(min16(mul_lo(32'(tb_b), 32'(PI)) + 32'(PI), 32'(T)))))
                            : (!st_full[st_wp] && (!tb_pair || !st_full[!st_wp]) &&
-                              rows_in(1, 32'(min16(32'(tb_a) * 32'(PO) + 32'(PO), 32'(T)))));
-    assign k_rflat = tb_qkey * 32'(dh) + tb_qdim;
-    assign v_rflat = tb_vkey * 32'(dh) + tb_vdim;
+                              rows_in(1, 32'(min16(mul_lo(32'(tb_a), 32'(PO)) + 32'(PO), 32'(T)))));
+    assign k_rflat = mul_lo(tb_qkey, 32'(dh)) + tb_qdim;
+    assign v_rflat = mul_lo(tb_vkey, 32'(dh)) + tb_vdim;
     assign w_fire  = cu_w_valid && cu_w_ready;
 
     // what one build cycle writes: QK column o = tb_r (key kt·P_OUT + o, dims c·P_IN + i of tile
@@ -409,10 +419,10 @@ module eng_attn #(
     logic [PI*WW-1:0] tb_col0, tb_col1;
     logic [PO*WW-1:0] tb_row;
     logic [31:0]      tb_qkey, tb_qdim, tb_vkey, tb_vdim;
-    assign tb_qkey = 32'(tb_a) * 32'(PO) + 32'(tb_r);
-    assign tb_qdim = 32'(tb_b) * 32'(PI);
-    assign tb_vkey = 32'(tb_b) * 32'(PI) + 32'(tb_r);
-    assign tb_vdim = 32'(tb_a) * 32'(PO);
+    assign tb_qkey = mul_lo(32'(tb_a), 32'(PO)) + 32'(tb_r);
+    assign tb_qdim = mul_lo(32'(tb_b), 32'(PI));
+    assign tb_vkey = mul_lo(32'(tb_b), 32'(PI)) + 32'(tb_r);
+    assign tb_vdim = mul_lo(32'(tb_a), 32'(PO));
     always_comb begin
         for (int i = 0; i < PI; i++) begin
             tb_col0[i*WW +: WW] = (tb_qkey < 32'(T) && tb_qdim + 32'(i) < 32'(dh))
@@ -524,12 +534,12 @@ module eng_attn #(
     logic [PWA_W-1:0]  p_raddr;
     assign bi_nx   = job_next(bi_av, bi_g);
     assign bi_gsz  = gsize(bi_g);
-    assign q_rflat = (32'(bi_g) * 32'(gs) + 32'(bi_qi)) * 32'(dh) + bi_c0;
-    assign p_raddr = PWA_W'(32'(bi_g[0]) * 32'(PWH) + 32'(bi_qi) * 32'(nkc) + 32'(bi_b));
+    assign q_rflat = mul_lo(mul_lo(32'(bi_g), 32'(gs)) + 32'(bi_qi), 32'(dh)) + bi_c0;
+    assign p_raddr = PWA_W'(mul_lo(32'(bi_g[0]), 32'(PWH)) + mul_lo(32'(bi_qi), 32'(nkc)) + 32'(bi_b));
     // QK(g) overwrites the scores of group g−2 (EXP(g−2) must be done); AV(g) needs EXP(g)
     assign bi_ok   = bi_av ? (exp_done > bi_g)
                            : ((bi_g < 16'd2 || exp_done + 16'd1 >= bi_g) &&
-                              rows_in(0, 32'(bi_g) * 32'(gs) + 32'(bi_qi) + 32'd1));
+                              rows_in(0, mul_lo(32'(bi_g), 32'(gs)) + 32'(bi_qi) + 32'd1));
     assign x_fire  = cu_x_valid && cu_x_ready;
 
     assign cu_x_valid = bi_on && bi_ok;
@@ -541,7 +551,7 @@ module eng_attn #(
     assign cu_x_eout  = '0;
     assign cu_x_score = '0;
     logic [31:0] bi_c0;   // first key (AV) or dim (QK) of the beat's chunk
-    assign bi_c0 = 32'(bi_b) * 32'(PI);
+    assign bi_c0 = mul_lo(32'(bi_b), 32'(PI));
     always_comb
         for (int i = 0; i < PI; i++)
             if (bi_av)
@@ -593,7 +603,7 @@ module eng_attn #(
     logic             co_fire;
     assign co_g0   = co_g[0];
     assign co_gsz  = gsize(co_g);
-    assign co_n    = min16(32'(T) - 32'(co_kt) * 32'(PO), 32'(PO));
+    assign co_n    = min16(32'(T) - mul_lo(32'(co_kt), 32'(PO)), 32'(PO));
     assign co_fire = cu_o_valid;
     assign cu_o_ready = 1'b1;
 
@@ -617,7 +627,7 @@ module eng_attn #(
 
     attn_buf #(.NB(NBS), .DEPTH(pow2_at_least((SC_EL + NBS - 1) / NBS)), .E(PO), .RL(SMP), .EW(SW)) u_sbuf (
         .clk(clk), .we(co_fire), .wdata(co_s), .wlo('0), .whi(SLW'(co_n)),
-        .wflat(32'(co_g0) * 32'(SC_HALF) + 32'(co_qi) * 32'(T) + 32'(co_kt) * 32'(PO)),
+        .wflat(mul_lo(32'(co_g0), 32'(SC_HALF)) + mul_lo(32'(co_qi), 32'(T)) + mul_lo(32'(co_kt), 32'(PO))),
         .rflat(s_rflat), .rdata(s_rd)
     );
 
@@ -643,8 +653,8 @@ module eng_attn #(
         end
     end
     always_ff @(posedge clk)
-        if (co_fire && (co_kt == '0 || co_max > $signed(mbuf[SLOT_A'(32'(co_g0) * 32'(SLOTS) + 32'(co_qi))])))
-            mbuf[SLOT_A'(32'(co_g0) * 32'(SLOTS) + 32'(co_qi))] <= co_max;
+        if (co_fire && (co_kt == '0 || co_max > $signed(mbuf[SLOT_A'(mul_lo(32'(co_g0), 32'(SLOTS)) + 32'(co_qi))])))
+            mbuf[SLOT_A'(mul_lo(32'(co_g0), 32'(SLOTS)) + 32'(co_qi))] <= co_max;
 
     // ---------------------------------------------------------------- EXP: p = exp_int(m − s)
     // One step per cycle: up to SM_P keys j0 .. j0+n−1 of one row, all in one P_IN-key word.
@@ -652,12 +662,12 @@ module eng_attn #(
     logic [15:0] ex_g, ex_qi, ex_kc, ex_s, ex_gsz, ex_j0, ex_n, ex_ce;
     logic        ex_step, ex_row_last, ex_chunk_last, ex_can;
     assign ex_gsz  = gsize(ex_g);
-    assign ex_j0   = 16'(32'(ex_kc) * 32'(PI) + 32'(ex_s) * 32'(SMP));
-    assign ex_ce   = min16(32'(ex_kc) * 32'(PI) + 32'(PI), 32'(T));
+    assign ex_j0   = 16'(mul_lo(32'(ex_kc), 32'(PI)) + mul_lo(32'(ex_s), 32'(SMP)));
+    assign ex_ce   = min16(mul_lo(32'(ex_kc), 32'(PI)) + 32'(PI), 32'(T));
     assign ex_n    = min16(32'(ex_ce) - 32'(ex_j0), 32'(SMP));
     assign ex_chunk_last = ex_j0 + ex_n == ex_ce;
     assign ex_row_last   = ex_j0 + ex_n == T;
-    assign s_rflat = 32'(ex_g[0]) * 32'(SC_HALF) + 32'(ex_qi) * 32'(T) + 32'(ex_j0);
+    assign s_rflat = mul_lo(32'(ex_g[0]), 32'(SC_HALF)) + mul_lo(32'(ex_qi), 32'(T)) + 32'(ex_j0);
     // EXP(g) needs every score of g, and writes the buffers AV(g−2) / FIN(g−2) have finished with
     assign ex_can  = ex_g < ng && qk_done > ex_g && (ex_g < 16'd2 || fin_cnt + 16'd1 >= ex_g);
     assign ex_step = ex_on && ex_can;
@@ -701,14 +711,14 @@ module eng_attn #(
         if (!rst_n) e1_v <= 1'b0;
         else        e1_v <= ex_step;
         e1_s <= s_rd;
-        e1_m     <= $signed(mbuf[SLOT_A'(32'(ex_g[0]) * 32'(SLOTS) + 32'(ex_qi))]);
+        e1_m     <= $signed(mbuf[SLOT_A'(mul_lo(32'(ex_g[0]), 32'(SLOTS)) + 32'(ex_qi))]);
         e1_half  <= ex_g[0];
         e1_first <= ex_j0 == '0;
         e1_rlast <= ex_row_last;
         e1_glast <= ex_row_last && ex_qi + 16'd1 >= ex_gsz;
         e1_qi    <= ex_qi;
         e1_kc    <= ex_kc;
-        e1_off   <= 16'(32'(ex_s) * 32'(SMP));
+        e1_off   <= 16'(mul_lo(32'(ex_s), 32'(SMP)));
         e1_n     <= ex_n;
     end
 
@@ -741,7 +751,7 @@ module eng_attn #(
     logic [PI*EP-1:0] pw_d;
     logic [PI-1:0]    pw_en;
     logic [S_W-1:0]   ps_acc, ps_step, ps_row;
-    assign p_waddr = PWA_W'(32'(e11_half) * 32'(PWH) + 32'(e11_qi) * 32'(nkc) + 32'(e11_kc));
+    assign p_waddr = PWA_W'(mul_lo(32'(e11_half), 32'(PWH)) + mul_lo(32'(e11_qi), 32'(nkc)) + 32'(e11_kc));
     always_comb begin
         ps_step = '0;
         for (int i = 0; i < SMP; i++)
@@ -794,7 +804,7 @@ module eng_attn #(
     );
     logic [R+Z_W:0] rk_tab [0:2*SLOTS-1];
     always_ff @(posedge clk)
-        if (rk_v) rk_tab[SLOT_A'(32'(rk_half) * 32'(SLOTS) + 32'(rk_qi))] <= {rk_r, rk_k};
+        if (rk_v) rk_tab[SLOT_A'(mul_lo(32'(rk_half), 32'(SLOTS)) + 32'(rk_qi))] <= {rk_r, rk_k};
     always_ff @(posedge clk) begin
         if (!rst_n || head_go) exp_done <= '0;
         else if (rk_v && rk_glast) exp_done <= exp_done + 16'd1;
@@ -810,7 +820,7 @@ module eng_attn #(
     logic [$clog2(SEG_D):0] seg_count;
     logic        seg_push;
     assign fn_gsz  = gsize(fn_g);
-    assign fn_nd   = min16(32'(dh) - 32'(fn_ot) * 32'(PO), 32'(PO));
+    assign fn_nd   = min16(32'(dh) - mul_lo(32'(fn_ot), 32'(PO)), 32'(PO));
     assign fn_npc  = 16'((32'(fn_nd) + 32'(SMP) - 32'd1) / 32'(SMP));
     assign fn_last_pc = fn_pc + 16'd1 >= fn_npc;
     assign fn_room = 32'(seg_count) + 32'(seg_inflight) < 32'(SEG_D) || fn_pc != '0;
@@ -857,8 +867,8 @@ module eng_attn #(
     logic [ADDR_W-1:0]      f1_addr;
     logic [R+Z_W:0]         fn_rk;
     logic [31:0]            fn_o0;   // the piece's first lane
-    assign fn_o0 = 32'(fn_pc) * 32'(SMP);
-    assign fn_rk = rk_tab[SLOT_A'(32'(fn_g[0]) * 32'(SLOTS) + 32'(fn_qi))];
+    assign fn_o0 = mul_lo(32'(fn_pc), 32'(SMP));
+    assign fn_rk = rk_tab[SLOT_A'(mul_lo(32'(fn_g[0]), 32'(SLOTS)) + 32'(fn_qi))];
     always_ff @(posedge clk) begin
         if (!rst_n) f1_v <= 1'b0;
         else        f1_v <= fn_issue;
@@ -874,8 +884,8 @@ module eng_attn #(
         f1_glast <= fn_last_pc && fn_qi + 16'd1 >= fn_gsz && fn_ot + 16'd1 >= nct;
         f1_pc    <= fn_pc;
         f1_nd    <= fn_nd;
-        f1_addr  <= y_addr + ADDR_W'((32'(fn_g) * 32'(gs) + 32'(fn_qi)) * 32'(D) * 32'd2 +
-                                     (32'(hc) + 32'(fn_ot) * 32'(PO)) * 32'd2);
+        f1_addr  <= y_addr + ADDR_W'((mul_lo(mul_lo(32'(fn_g), 32'(gs)) + 32'(fn_qi), 32'(D)) << 1) +
+                                     ((32'(hc) + mul_lo(32'(fn_ot), 32'(PO))) << 1));
     end
 
     logic [SMP*AW-1:0] fy;
@@ -915,7 +925,7 @@ module eng_attn #(
     // pieces of a row gather in seg_row
     logic [PO*AW-1:0] seg_row, seg_new;
     logic [31:0] f9_o0;
-    assign f9_o0 = 32'(f9_pc) * 32'(SMP);
+    assign f9_o0 = mul_lo(32'(f9_pc), 32'(SMP));
     always_comb begin
         logic signed [AW-1:0] v, hi;
         hi = AW'((33'd1 << obits) - 33'd1);
@@ -1144,7 +1154,7 @@ module eng_attn #(
                                 nkc  <= dv_qn;
                                 dv_n <= (SC_HALF > 65535) ? 16'hFFFF : 16'(SC_HALF);
                                 dv_d <= T;
-                                if (32'(T) * 32'(dh) > 32'(BUF_EL)) st <= S_FIN;
+                                if (mul_lo(32'(T), 32'(dh)) > 32'(BUF_EL)) st <= S_FIN;
                             end
                             3'd5: begin
                                 cap <= dv_qn;
@@ -1168,7 +1178,7 @@ module eng_attn #(
                     if (T < g_sz) g_sz = T;
                     if (f_qtile != 0 && f_qtile < 32'(g_sz)) g_sz = f_qtile[15:0];
                     gs   <= g_sz;
-                    dbuf <= 32'(T) * 32'(dh) <= 32'(HALF_EL);
+                    dbuf <= mul_lo(32'(T), 32'(dh)) <= 32'(HALF_EL);
                     dv_n <= T + g_sz - 16'd1;
                     dv_d <= g_sz;
                     st   <= S_DIV;

@@ -226,6 +226,19 @@ module eng_elem #(
         .out_valid(y_valid), .out_ready(y_ready), .out_data(y_data));
 
     // ---- operands of the instruction, for the limit checks and the commands
+    // The element count is shift-and-add, without a multiplier cell (a DSP slice, and the DSPs are
+    // the MAC array's): it matters exactly below 2^32; past that, 2·n_elem leaves every 32-bit
+    // space and the checks refuse the instruction whatever its value, so 2^32 stands in for it
+    // when both factors are 2^16 or more (the product is then at least 2^32).
+    function automatic logic [63:0] count_sat(input logic [32:0] a, input logic [32:0] b);
+        logic [32:0] n, w;
+        n = a[32:16] == '0 ? a : b;
+        w = a[32:16] == '0 ? b : a;
+        count_sat = '0;
+        if (n[32:16] != '0) count_sat = 64'd1 << 32;
+        else for (int i = 0; i < 16; i++) count_sat = count_sat + ((64'(w) << i) & {64{n[i]}});
+    endfunction
+
     logic        is_add;
     logic [31:0] d_fmt, f_a, f_b, f_y, f_x, f_cls, f_pos, f_patches, f_dim;
     logic [63:0] n_elem;
@@ -242,8 +255,8 @@ module eng_elem #(
         f_pos     = word(rec, `M3V_ISA_F_EMBED_POS_REF);
         f_patches = word(rec, `M3V_ISA_F_EMBED_PATCHES);
         f_dim     = word(rec, `M3V_ISA_F_EMBED_DIM);
-        n_elem    = is_add ? word(rec, `M3V_ISA_F_ADD_ROWS) * word(rec, `M3V_ISA_F_ADD_COLS)
-                           : 64'(f_patches + 33'd1) * 64'(f_dim);
+        n_elem    = is_add ? count_sat(33'(word(rec, `M3V_ISA_F_ADD_ROWS)), 33'(word(rec, `M3V_ISA_F_ADD_COLS)))
+                           : count_sat(33'(f_patches) + 33'd1, 33'(f_dim));
         nb_all    = {n_elem, 1'b0};
         nb_cls    = {32'd0, f_dim, 1'b0};
         in_limits = m3v_writable(f_y) && m3v_fits(f_y, nb_all, sz_wgt, sz_arena, sz_in, sz_out);

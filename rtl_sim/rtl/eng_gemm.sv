@@ -153,6 +153,7 @@ module eng_gemm #(
     localparam int XRES    = `M3V_BUF_ACTIVATIONS / 2 / (2 * P_IN);
     localparam int XBD     = XRES > XBB ? XRES : XBB;
     localparam int XAW     = $clog2(XBD);
+    localparam int XRW     = $clog2(XRES + 1);
     localparam int KAW     = $clog2(KS_MAX);
     localparam int WKW     = $clog2(2 * KS_MAX);
     localparam int TAW     = $clog2(MAX_T);
@@ -160,6 +161,11 @@ module eng_gemm #(
     localparam int OT_MAX  = (`M3V_MAX_DIM + P_OUT - 1) / P_OUT;
     localparam int SAW     = $clog2(2 * SBD);
     localparam int EAW     = $clog2(MAX_E);
+    // widths of the operands the checks bound (narrow multiplier operands)
+    localparam int KBW     = $clog2(K_MAX + 1);
+    localparam int KSW     = $clog2(KS_MAX + 1);
+    localparam int MKW     = $clog2(MAX_K + 1);
+    localparam int DMW     = $clog2(`M3V_MAX_DIM + 1);
     // x rows, weight rows and combine rows are long contiguous segments: bursts up to 64 beats
     // (the 4 KB rule still cuts them) keep a port streaming with the DDR's outstanding-read limit
     localparam int RD_BURST = MAX_BURST > 64 ? MAX_BURST : 64;
@@ -192,8 +198,31 @@ module eng_gemm #(
         frac_ok = top == 2'b00 || top == 2'b11;
     endfunction
 
+    // The engine's products are control arithmetic (checks once per instruction, addresses) and
+    // are shift-and-add over the narrow operand, without a multiplier cell: synthesis would give
+    // each a DSP slice, and the DSPs are the MAC array's. Callers narrow b to the bits its bound
+    // leaves (the contract's limits, checked before the product is used); the unused terms are
+    // constant zero and drop out.
+    function automatic logic [63:0] mul_sa(input logic [63:0] a, input logic [31:0] b);
+        mul_sa = '0;
+        for (int i = 0; i < 32; i++) mul_sa = mul_sa + ((a << i) & {64{b[i]}});
+    endfunction
+
+    // the low 32 bits of a * b (an address offset the checks bound below 2^32)
+    function automatic logic [31:0] mul_lo32(input logic [31:0] a, input logic [31:0] b);
+        mul_lo32 = '0;
+        for (int i = 0; i < 32; i++) mul_lo32 = mul_lo32 + ((a << i) & {32{b[i]}});
+    endfunction
+
+    // 2 * a * b for the fits checks: exact when a or b is below 2^16; when both are not, the
+    // product is at least 2^33, beyond every space (sizes are 32-bit), and 2^64 stands in for it:
+    // the check fails as it would with the full product
     function automatic logic [65:0] prod2(input logic [31:0] a, input logic [31:0] b);
-        prod2 = {2'b00, 64'(a) * 64'(b)} << 1;
+        logic [31:0] n, w;
+        n = a[31:16] == 16'd0 ? a : b;
+        w = a[31:16] == 16'd0 ? b : a;
+        if (n[31:16] != 16'd0) prod2 = 66'd1 << 64;
+        else prod2 = {2'b00, mul_sa(64'(w), {16'd0, n[15:0]})} << 1;
     endfunction
 
     function automatic logic [31:0] min32(input logic [31:0] a, input logic [31:0] b);
@@ -309,40 +338,50 @@ module eng_gemm #(
 
     // ---- checks of S_G2 (every operand of a gemm that runs)
     logic        g_hw_ok, g_fits;
-    logic [31:0] wbytes;
+    logic [31:0] x_rows, y_rows;
+    logic [65:0] x_nb, y_nb;
+    // the weight matrix's bytes; exact whenever g_k <= K_MAX, which every use also requires
+    logic [63:0] w_nb;
     always_comb begin
-        wbytes  = g_w16 ? 32'd2 : 32'd1;
+        w_nb    = mul_sa(64'(g_n), 32'(g_k[KBW-1:0])) << g_w16;
+        case (xm)
+            2'd0: x_rows = g_rows;
+            2'd1: x_rows = max_src + 32'd1;
+            default: x_rows = hi;
+        endcase
+        case (ym)
+            2'd0: y_rows = g_rows;
+            2'd1: y_rows = hi;
+            default: y_rows = max_dst + 32'd1;
+        endcase
+        x_nb    = prod2(x_rows, g_xld);
+        y_nb    = prod2(y_rows, g_yld);
         g_hw_ok = g_k != 0 && g_k <= 32'(K_MAX) && g_n != 0 && g_xld >= g_k && g_yld >= g_n &&
                   fmt_ok(g_fmt[16], g_fmt[5:0]) && (!g_gelu || (fmt_ok(g_gfmt[16], g_gfmt[5:0]) && frac_ok(g_fmt[15:14]) && frac_ok(g_gfmt[15:14]))) &&
                   W_W >= 8 && (!g_w16 || W_W >= 16);
-        g_fits = 1'b1;
-        case (xm)
-            2'd0: g_fits = g_fits && fits(g_x, prod2(g_rows, g_xld));
-            2'd1: g_fits = g_fits && fits(g_x, prod2(max_src + 32'd1, g_xld));
-            default: g_fits = g_fits && fits(g_x, prod2(hi, g_xld));
-        endcase
-        g_fits = g_fits && fits(g_w, {2'b00, 64'(g_k) * 64'(g_n) * 64'(wbytes)});
+        g_fits = fits(g_x, x_nb);
+        g_fits = g_fits && fits(g_w, {2'b00, w_nb});
         if (g_bias) g_fits = g_fits && fits(g_b, {34'd0, g_n} << 3);
         g_fits = g_fits && fits(g_s, {34'd0, g_n}) && m3v_writable(g_y);
-        case (ym)
-            2'd0: g_fits = g_fits && fits(g_y, prod2(g_rows, g_yld));
-            2'd1: g_fits = g_fits && fits(g_y, prod2(hi, g_yld));
-            default: g_fits = g_fits && fits(g_y, prod2(max_dst + 32'd1, g_yld));
-        endcase
-        if (g_res) g_fits = g_fits && fits(g_rref, prod2(g_rows, g_yld)) && res_fmt_ok(g_rfmt[16], g_rfmt[5:0]);
+        g_fits = g_fits && fits(g_y, y_nb);
+        // a residual gemm is never queued (S_G0 refuses it), so its y rows are g_rows
+        if (g_res) g_fits = g_fits && fits(g_rref, y_nb) && res_fmt_ok(g_rfmt[16], g_rfmt[5:0]);
     end
 
     // ---- checks of S_C0
     logic c_ok;
     logic [31:0] c_tk;
+    logic [65:0] c_nb2;     // 2 * c_t * c_d, exact whenever c_d <= MAX_DIM (c_ok requires it)
     always_comb begin
-        c_tk = c_t * c_k;
+        c_nb2 = {1'b0, mul_sa(64'(c_t), 32'(c_d[DMW-1:0])), 1'b0};
+        // exact whenever c_k <= MAX_K, which c_ok and every later use require
+        c_tk = 32'(mul_sa(64'(c_t), 32'(c_k[MKW-1:0])));
         c_ok = c_t != 0 && c_k != 0 && c_d != 0 && c_k <= 32'(MAX_K) && c_d <= 32'(`M3V_MAX_DIM) &&
                fmt_ok(c_fmt[16], c_fmt[5:0]) &&
                c_t < 32'h10000 && c_k < 32'h10000 &&
                fits(c_sc, {34'd0, c_tk} << 1) && fits(c_ix, {34'd0, c_tk} << 1) &&
-               fits(c_y, prod2(c_tk, c_d)) && m3v_writable(c_out) && fits(c_out, prod2(c_t, c_d)) &&
-               (!c_res || (fits(c_rref, prod2(c_t, c_d)) && res_fmt_ok(c_rfmt[16], c_rfmt[5:0])));
+               fits(c_y, {1'b0, mul_sa(64'(c_tk), 32'(c_d[DMW-1:0])), 1'b0}) && m3v_writable(c_out) &&
+               fits(c_out, c_nb2) && (!c_res || (fits(c_rref, c_nb2) && res_fmt_ok(c_rfmt[16], c_rfmt[5:0])));
     end
 
     // ---- pre-pass segments (port 0: queue table; port 1: combine indices and shifts)
@@ -462,7 +501,7 @@ module eng_gemm #(
                     cnt_pre <= '0;
                     rows_e  <= hi > lo ? hi - lo : 32'd0;
                     if (hi <= lo) begin
-                        st_code <= (xm == 2'd0 && !fits(g_x, prod2(g_rows, g_xld))) ? `M3V_ISA_STATUS_OVER_LIMIT
+                        st_code <= (xm == 2'd0 && !fits(g_x, x_nb)) ? `M3V_ISA_STATUS_OVER_LIMIT
                                                                                    : `M3V_ISA_STATUS_OK;
                         state <= S_GDRAIN;
                     end else if (hi > entries || hi - lo > g_rows || hi - lo > 32'(MAX_T)) begin
@@ -583,7 +622,7 @@ module eng_gemm #(
     logic wl_early, wl_en;
     always_ff @(posedge clk)
         if (state == S_G0)
-            wl_early <= g_hw_ok && fits(g_w, {2'b00, 64'(g_k) * 64'(g_n) * 64'(wbytes)}) &&
+            wl_early <= g_hw_ok && fits(g_w, {2'b00, w_nb}) &&
                         (!g_bias || fits(g_b, {34'd0, g_n} << 3)) && fits(g_s, {34'd0, g_n});
     assign wl_en = run_g || (wl_early && (state == S_QOFF || state == S_G1 || state == S_LSRC ||
                                           state == S_LDST || state == S_G2 || state == S_GDRAIN));
@@ -591,9 +630,10 @@ module eng_gemm #(
     logic                     wl_busy, wl_half, pu_half, ld_done;
     logic [1:0]               wt_full, wt_bs;
     logic [31:0]              wl_g0, wl_gw;
-    logic [63:0]              wl_base;
+    logic [63:0]              wl_base, w_row;
+    assign w_row   = 64'(g_n) << g_w16;                  // bytes of one weight row (K index)
     assign wl_gw   = min32(32'(gsz) * 32'(P_OUT), g_n - wl_g0);
-    assign wl_base = addr_of(g_w) + 64'(wl_g0) * 64'(wbytes);
+    assign wl_base = addr_of(g_w) + (64'(wl_g0) << g_w16);
 
     logic wl_start;
     assign wl_start = wl_en && state != S_GDRAIN && !wl_busy && !wt_full[wl_half] && !wt_bs[wl_half] && wl_g0 < g_n;
@@ -664,9 +704,13 @@ module eng_gemm #(
 
     always_comb begin
         b_next = b_stage;
-        b_next[rc_o*ACC_W +: ACC_W] = ACC_W'(r1_cd[63:0]);
         s_next = s_stage;
-        s_next[rc_o*SHIFT_W +: SHIFT_W] = sh_clamp(r1_cd[7:0]);
+        // one lane per o (a variable part-select would scale rc_o by a multiplier)
+        for (int o = 0; o < P_OUT; o++)
+            if (rc_o == 32'(o)) begin
+                b_next[o*ACC_W +: ACC_W]     = ACC_W'(r1_cd[63:0]);
+                s_next[o*SHIFT_W +: SHIFT_W] = sh_clamp(r1_cd[7:0]);
+            end
     end
 
     always_ff @(posedge clk) begin
@@ -708,7 +752,7 @@ module eng_gemm #(
                 rc_o     <= '0;
                 for (int p = 0; p < NWP; p++) begin
                     i_k[p]  <= 32'(p);
-                    i_a[p]  <= wl_base + 64'(p) * 64'(g_n) * 64'(wbytes);
+                    i_a[p]  <= wl_base + mul_sa(w_row, 32'(p));
                     rc_k[p]  <= 32'(p);
                     rc_t[p]  <= '0;
                     rc_tb[p] <= '0;
@@ -727,7 +771,7 @@ module eng_gemm #(
                     case (i_ph[p])
                         WL_W: begin
                             i_k[p] <= i_k[p] + nw;
-                            i_a[p] <= i_a[p] + 64'(nw) * 64'(g_n) * 64'(wbytes);
+                            i_a[p] <= i_a[p] + mul_sa(w_row, 32'(nw[1:0]));
                             if (wl_whole || i_k[p] + nw >= g_k) i_ph[p] <= WL_D;
                         end
                         WL_B:    i_ph[p] <= WL_S;
@@ -895,7 +939,9 @@ module eng_gemm #(
     logic [P_IN*16-1:0] xbuf [0:XBD-1];
 
     always_ff @(posedge clk)
-        if (state == S_G2) x_res <= 64'(rows_e) * 64'(ks) <= 64'(XRES);
+        // rows_e * ks <= XRES; ks <= KS_MAX whenever the gemm runs (g_k <= K_MAX)
+        if (state == S_G2) x_res <= ks == 0 || (rows_e <= 32'(XRES) &&
+                                                mul_sa(64'(rows_e[XRW-1:0]), 32'(ks[KSW-1:0])) <= 64'(XRES));
 
     assign xi_nb = min32(32'(SLOTS), rows_e - xi_r0);
     assign xr_nb = min32(32'(SLOTS), rows_e - xr_r0);
@@ -912,7 +958,7 @@ module eng_gemm #(
     assign xr_fire = run_g && r0_cfire;
     assign xr_blk_done = xr_fire && r0_cl && xr_r + 32'd1 == xr_nb && !x_res;
     assign xr_wa = x_res ? XAW'(xr_base + 32'(xr_kc))
-                         : XAW'((32'(xr_bank) * 32'(SLOTS) + xr_r) * 32'(KS_MAX) + 32'(xr_kc));
+                         : XAW'(mul_sa(64'(mul_sa(64'(xr_bank), 32'(SLOTS)) + 64'(xr_r)), 32'(KS_MAX)) + 64'(xr_kc));
 
     always_ff @(posedge clk) begin
         if (xr_fire) xbuf[xr_wa] <= r0_cd[P_IN*16-1:0];
@@ -984,8 +1030,8 @@ module eng_gemm #(
     assign bi_rdy   = x_res ? xr_rows > bi_r0 + bi_r : xb_rdy[bi_bank];
     assign bi_load  = run_g && bi_g0 < g_n && bi_rdy && (!bq_v || x_fire);
     assign bi_release = bi_load && bi_r + 32'd1 == bi_nb && 32'(bi_kc) + 32'd1 == ks && bi_tlast && !x_res;
-    assign bi_ra    = x_res ? XAW'((bi_r0 + bi_r) * ks + 32'(bi_kc))
-                            : XAW'((32'(bi_bank) * 32'(SLOTS) + bi_r) * 32'(KS_MAX) + 32'(bi_kc));
+    assign bi_ra    = x_res ? XAW'(mul_sa(64'(bi_r0 + bi_r), 32'(ks[KSW-1:0])) + 64'(bi_kc))
+                            : XAW'(mul_sa(64'(mul_sa(64'(bi_bank), 32'(SLOTS)) + 64'(bi_r)), 32'(KS_MAX)) + 64'(bi_kc));
 
     always_ff @(posedge clk) begin
         if (bi_load) bq_act <= xbuf[bi_ra];
@@ -1054,7 +1100,10 @@ module eng_gemm #(
     // c_*: the block being computed (buffer cbb, tokens from ct0); l_*: the block loading (lb, lt0)
     assign c_nb   = min32(32'(SLOTS), c_t - ct0);
     assign l_nb   = min32(32'(SLOTS), c_t - lt0);
-    assign c_nbk  = l_nb * c_k;
+    // the block's first expert-output row, lt0 * c_k (c_k <= MAX_K while combining)
+    logic [63:0] c_row0;
+    assign c_row0 = mul_sa(64'(lt0), 32'(c_k[MKW-1:0]));
+    assign c_nbk  = 32'(mul_sa(64'(l_nb), 32'(c_k[MKW-1:0])));   // c_k <= MAX_K when combining
     assign c_load = run_c && !sb_full[lb] && !sl_busy && lt0 < c_t;
     assign sl_sv  = run_c && sl_busy && (sl_iss < 2'd2 || (sl_iss == 2'd2 && yl1_i < c_nbk));
     assign y0_sv  = run_c && sl_busy && yl0_i < c_nbk;
@@ -1216,7 +1265,7 @@ module eng_gemm #(
     // token's beats once its k expert-output rows are in (rows below yr0_i / yr1_i of each parity).
     logic        c_blk_rdy, cb_rows;
     logic [31:0] cb_rend;
-    assign cb_rend   = (cb_t + 32'd1) * c_k;
+    assign cb_rend   = 32'(mul_sa(64'(cb_t + 32'd1), 32'(c_k[MKW-1:0])));
     assign c_blk_rdy = sb_full[cbb] || (sl_busy && lb == cbb && sl_rph >= 2'd2);
     assign cb_rows   = sb_full[cbb] || (yr0_i >= cb_rend && yr1_i >= cb_rend);
     assign cb_ya = YHW'(32'(cbb) * 32'(YBH) + (cb_r >> 1) * 32'(OT_MAX) + cb_oc);
@@ -1301,14 +1350,16 @@ module eng_gemm #(
             default: os_dst = {16'd0, dst_list[TAW'(os_row)]};
         endcase
         if (!is_gemm) begin
-            os_addr = addr_of(c_out) + ((64'(os_row) * 64'(c_d) + 64'(os_o0)) << 1);
-            rs_addr = addr_of(c_rref) + ((64'(rs_row) * 64'(c_d)) << 1);
+            // c_d <= MAX_DIM while combining
+            os_addr = addr_of(c_out) + ((mul_sa(64'(os_row), 32'(c_d[DMW-1:0])) + 64'(os_o0)) << 1);
+            rs_addr = addr_of(c_rref) + (mul_sa(64'(rs_row), 32'(c_d[DMW-1:0])) << 1);
             a_sh    = {{16{c_rsh[15]}}, c_rsh[15:0]};
             b_sh    = {{16{c_rsh[31]}}, c_rsh[31:16]};
             z_fmt   = c_rfmt;
         end else begin
-            os_addr = addr_of(g_y) + ((64'(os_dst) * 64'(g_yld) + 64'(os_o0)) << 1);
-            rs_addr = addr_of(g_rref) + ((64'(rs_row) * 64'(g_yld) + 64'(rs_g0)) << 1);
+            // a row below the checked y rows: 2 * row * g_yld fits a 32-bit space
+            os_addr = addr_of(g_y) + ((64'(mul_lo32(os_dst, g_yld)) + 64'(os_o0)) << 1);
+            rs_addr = addr_of(g_rref) + ((64'(mul_lo32(rs_row, g_yld)) + 64'(rs_g0)) << 1);
             a_sh    = {{16{g_rsh[15]}}, g_rsh[15:0]};
             b_sh    = {{16{g_rsh[31]}}, g_rsh[31:16]};
             z_fmt   = g_rfmt;
@@ -1480,14 +1531,15 @@ module eng_gemm #(
         r0_cr = state == S_QOFF || state == S_LSRC || state == S_LDST;
         if (run_g) begin
             r0_sv = xi_sv;
-            r0_sa = ADDR_W'(addr_of(g_x) + 64'(xi_src) * 64'(g_xld) * 64'd2);
+            // a row below the checked x rows: 2 * row * g_xld fits a 32-bit space
+            r0_sa = ADDR_W'(addr_of(g_x) + (64'(mul_lo32(xi_src, g_xld)) << 1));
             r0_sb = g_k << 1;
             r0_sc = CW0'(2 * P_IN);
             r0_cr = 1'b1;
         end
         if (run_c) begin
             r0_sv = y0_sv;
-            r0_sa = ADDR_W'(addr_of(c_y) + ((64'(lt0) * 64'(c_k) + 64'(yl0_i)) * 64'(c_d) << 1));
+            r0_sa = ADDR_W'(addr_of(c_y) + (mul_sa(c_row0 + 64'(yl0_i), 32'(c_d[DMW-1:0])) << 1));
             r0_sb = c_d << 1;
             r0_sc = CW0'(2 * P_OUT);
             r0_cr = sl_busy;
@@ -1501,8 +1553,8 @@ module eng_gemm #(
         r2_sv = 1'b0;
         r2_cr = 1'b0;
         r2_sa = ADDR_W'(i_a[1]);
-        r2_sb = wl_gw * wbytes;
-        r2_sc = CW1'(P_OUT * wbytes);
+        r2_sb = wl_gw << g_w16;
+        r2_sc = CW1'(32'(P_OUT) << g_w16);
         if (wl_en) begin
             r1_sv = i_sv[0];
             r2_sv = i_sv[1];
@@ -1511,8 +1563,8 @@ module eng_gemm #(
             case (i_ph[0])
                 WL_W: begin
                     r1_sa = ADDR_W'(i_a[0]);
-                    r1_sb = wl_whole ? g_k * g_n * wbytes : wl_gw * wbytes;
-                    r1_sc = CW1'((wl_whole ? g_n : 32'(P_OUT)) * wbytes);
+                    r1_sb = wl_whole ? 32'(w_nb) : wl_gw << g_w16;
+                    r1_sc = CW1'((wl_whole ? g_n : 32'(P_OUT)) << g_w16);
                 end
                 WL_B: begin
                     r1_sa = ADDR_W'(addr_of(g_b) + 64'(wl_g0) * 64'd8);
@@ -1528,12 +1580,12 @@ module eng_gemm #(
         end
         if (run_c) begin
             r1_sv = sl_sv;
-            r1_sa = ADDR_W'((sl_iss[0] ? addr_of(c_ix) : addr_of(c_sc)) + (64'(lt0) * 64'(c_k) << 1));
+            r1_sa = ADDR_W'((sl_iss[0] ? addr_of(c_ix) : addr_of(c_sc)) + (c_row0 << 1));
             r1_sb = c_nbk << 1;
             r1_sc = CW1'(2);
             r1_cr = sl_busy;
             if (sl_iss == 2'd2) begin
-                r1_sa = ADDR_W'(addr_of(c_y) + ((64'(lt0) * 64'(c_k) + 64'(yl1_i)) * 64'(c_d) << 1));
+                r1_sa = ADDR_W'(addr_of(c_y) + (mul_sa(c_row0 + 64'(yl1_i), 32'(c_d[DMW-1:0])) << 1));
                 r1_sb = c_d << 1;
                 r1_sc = CW1'(2 * P_OUT);
             end
@@ -1547,8 +1599,8 @@ module eng_gemm #(
         if (wl_en && !g_res) begin
             r3_sv = i_sv[2];
             r3_sa = ADDR_W'(i_a[2]);
-            r3_sb = wl_gw * wbytes;
-            r3_sc = CW3'(P_OUT * wbytes);
+            r3_sb = wl_gw << g_w16;
+            r3_sc = CW3'(32'(P_OUT) << g_w16);
             r3_cr = rc_cr[2];
         end
     end

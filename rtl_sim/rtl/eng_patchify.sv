@@ -148,14 +148,42 @@ module eng_patchify #(
     logic [63:0] hw_q, pw_q;           // H·W, p·W
     logic [95:0] chw_q;                // C·H·W
     logic [63:0] cs_q;                 // beats per channel block
-    logic [95:0] band_beats;
+    logic        band_over;            // C * (beats per channel block) > HB
     logic [63:0] a_src;
     logic [ADDR_W-1:0] a_dst;
 
     // one restoring-division step: shift in the next dividend bit, subtract p when possible
     assign rh_t = {rem_h, f_h[5'(31 - dstep)]};
     assign rw_t = {rem_w, f_w[5'(31 - dstep)]};
-    assign band_beats = 96'(f_c) * 96'(cs_q);
+    // The products here are shift-and-add, without multiplier cells (a DSP slice each, and the
+    // DSPs are the MAC array's): H·W and p·W step one bit of H and p per division step; C·H·W and
+    // C·(block beats) matter exactly only below 2^32 and HB.
+    function automatic logic [63:0] mul_sa(input logic [63:0] a, input logic [15:0] b);
+        mul_sa = '0;
+        for (int i = 0; i < 16; i++) mul_sa = mul_sa + ((a << i) & {64{b[i]}});
+    endfunction
+
+    // a * b when it is below 2^32 (or when a or b is below 2^16); otherwise some value at or past
+    // 2^32, which no 32-bit space holds, so every check on it fails as on the full product
+    function automatic logic [95:0] mul_sat(input logic [31:0] a, input logic [63:0] b);
+        logic [31:0] n, w;
+        if (a == '0 || b == '0) mul_sat = '0;
+        else if (b[63:32] != '0) mul_sat = 96'(1) << 32;
+        else begin
+            n = a[31:16] == '0 ? a : b[31:0];
+            w = a[31:16] == '0 ? b[31:0] : a;
+            mul_sat = n[31:16] != '0 ? 96'(1) << 32 : 96'(mul_sa(64'(w), n[15:0]));
+        end
+    endfunction
+
+    always_comb begin
+        logic [HB_L:0] c_n, b_n;
+        c_n = (HB_L+1)'(f_c);
+        b_n = (HB_L+1)'(cs_q);
+        if (f_c == '0 || cs_q == '0) band_over = 1'b0;
+        else if (f_c > 32'(HB) || cs_q > 64'(HB)) band_over = 1'b1;
+        else band_over = mul_sa(64'(c_n), 16'(b_n)) > 64'(HB);
+    end
 
     // ---------------------------------------------------------------- DMA
     logic              rd_cv, rd_cr, rd_v, rd_e, wr_cv, wr_cr, wr_v, wr_r;
@@ -320,18 +348,21 @@ module eng_patchify #(
                     dstep <= '0;
                     rem_h <= '0;
                     rem_w <= '0;
+                    hw_q  <= '0;
+                    pw_q  <= '0;
                 end
                 S_DIV: begin
                     rem_h <= rh_t >= {1'b0, f_p} ? 32'(rh_t - {1'b0, f_p}) : rh_t[31:0];
                     rem_w <= rw_t >= {1'b0, f_p} ? 32'(rw_t - {1'b0, f_p}) : rw_t[31:0];
                     dstep <= dstep + 6'd1;
-                    hw_q  <= 64'(f_h) * 64'(f_w);
-                    pw_q  <= 64'(f_p) * 64'(f_w);
+                    // H·W and p·W, MSB first: after step 31 they are the full products
+                    hw_q  <= (hw_q << 1) + (f_h[5'(31 - dstep)] ? 64'(f_w) : 64'd0);
+                    pw_q  <= (pw_q << 1) + (f_p[5'(31 - dstep)] ? 64'(f_w) : 64'd0);
                     if (dstep == 6'd31) state <= S_CHECK;
                 end
                 S_CHECK: begin
                     // C·H·W and the block size, then the checks (two cycles, dstep 32 and 33)
-                    chw_q <= 96'(f_c) * 96'(hw_q);
+                    chw_q <= mul_sat(f_c, hw_q);
                     cs_q  <= ((pw_q + 64'(2 * P - 1)) >> LP);
                     dstep <= dstep + 6'd1;
                     a_src <= m3v_addr(f_src, base_wgt, base_arena, base_in, base_out);
@@ -362,7 +393,7 @@ module eng_patchify #(
                             || f_p == 0 || rem_h != 0 || rem_w != 0
                             || !m3v_writable(f_dst)
                             || !m3v_fits(f_dst, {chw_q[63:0], 1'b0}, sz_wgt, sz_arena, sz_in, sz_out)
-                            || band_beats > 96'(HB))
+                            || band_over)
                             status <= 4'(`M3V_ISA_STATUS_OVER_LIMIT);
                         else if (chw_q != 0) begin
                             state  <= S_RUN;
