@@ -135,11 +135,13 @@ class HwConfig:
         return self.p_in * self.p_out + self.p_out
 
     def dsp_units(self) -> dict[str, int]:
-        """DSP48E2 per datapath unit, as synthesised (docs/hw_config.md): the softmax unit has three
-        per lane and four shared, the LayerNorm unit three per lane (min(p_out, 8) lanes) and 22
-        shared, the top-k gate five."""
+        """DSP48E2 of the numeric units, as synthesised (docs/hw_config.md): the compute unit; the
+        attention engine's softmax lanes (an exp unit and two finishing products per lane) and its
+        reciprocal (3); the LayerNorm unit, three per lane (min(p_out, 8) lanes) and 22 shared; the
+        top-k gate, five. The engines' control arithmetic adds a few more (22 in eng_gate and eng_ln
+        for the shipped hw.json); `m3vit synth --unit m3v_accel` counts the whole design."""
         ln_lanes = min(self.p_out, 8)
-        return {"compute_unit": self.dsp_estimate, "softmax_unit": 3 * self.softmax_lanes + 4,
+        return {"compute_unit": self.dsp_estimate, "attention": 3 * self.softmax_lanes + 3,
                 "layernorm_unit": 3 * ln_lanes + 22, "topk_gate": 5}
 
     @property
