@@ -360,7 +360,8 @@ def _cost_layernorm(m: _Machine, ins: Instr) -> _Cost:
     write = rows * D * m.ab
     table = m.stream(1, D * BIAS_BYTES, 1)          # beta, 8 bytes a channel: the longest table stream
     ddr = (read + write) / m.bw
-    cycles = m.fetch + L + table + max(compute, ddr) + LN_EXTRA
+    # after the table, x in and y out share the DDR with nothing else of this instruction
+    cycles = m.fetch + L + table + max(compute, 2 * write / m.bw) + LN_EXTRA
     return _Cost(cycles, compute, ddr, read, write, 0, rows)
 
 
