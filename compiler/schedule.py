@@ -337,28 +337,38 @@ def _cost_attention(m: _Machine, ins: Instr, notes: list[str]) -> _Cost:
 
 
 # ---------------------------------------------------------------------------- gate engine
-GATE_EXTRA = 148        # eng_gate: checks, the table loads' hand-over, the queue's last writes
-GATE_TOKEN_EXTRA = 41   # topk_gate: per token beyond its 2N + k compare cycles
+# fitted on the even-numbered half of scripts/bench_engines.py --spread at 32x48 (docs/schedule.md)
+GATE_EXTRA = -70        # eng_gate: checks and phase hand-overs less what the chain above over-counts
+GATE_X_BEAT_CYCLES = 1.09   # eng_gate: cycles per x beat on port 1; the lanes' write bursts, opened
+                            # when their commands are issued, take DDR credit beside it
+TOPK_LATENCY = 36       # topk_gate: a token's o beat 2N + k + 36 cycles after it is accepted
+TOPK_ISSUED = 1         # topk_gate: scan (N + 1) and issue (N) of the last token -> the prefix sum
 
 
 def _cost_gate(m: _Machine, ins: Instr) -> _Cost:
-    """eng_gate: the task's weights, biases and shifts (port 0) and x (port 1) come in, then per
-    token the logits on the compute unit and the top-k unit's pass over them; the queue table is
-    placed once every count is known."""
+    """eng_gate (rtl_sim/rtl/eng_gate.sv, topk_gate.sv): port 0 reads the task's gate matrix (one
+    w row of N weights a cycle at most), then its biases, then its shifts: three commands, each
+    issued once gate_chunk_reader has delivered the one before (a latency apart), a value a
+    cycle. x streams on port 1 meanwhile (a row buffer of two tokens). Once the parameters are in,
+    a token costs the largest of topk_gate's scan (N + 1), its x row on port 1 and its compute-unit
+    beats. After the last token's logits (the unit's pipeline): its top-k result 2N + k + 36
+    cycles later, or later the queue table's prefix sum (MAX_E) and scatter (T·k) that start
+    once its choices are issued; then the T·k queue entries one a cycle, and the writes' response."""
     f, hw, L = ins.fields, m.hw, m.lat
     T, D = f["tokens"], f["dim"]
     N, k = f["experts_k"] & 0xFFFF, f["experts_k"] >> 16
     wb = 2 if ins.has("w16") else 1
     wbytes = D * N * wb + N * (BIAS_BYTES + SHIFT_BYTES)
-    table = m.stream(1, wbytes, 1)
-    logits = -(-N // hw.p_out) * -(-D // hw.p_in)
-    topk = 2 * N + k + GATE_TOKEN_EXTRA
-    per_token = max(logits, topk)
-    queue = T * k
-    compute = T * per_token + queue
+    table = 3 * L + max(D, D * N * wb / m.beat) + 2 * N
+    beats = -(-N // hw.p_out) * -(-D // hw.p_in)
+    # the row buffer's two tokens are in before the parameters are: their x rows cost nothing more
+    ahead = min(T, 2)
+    per_token = max(N + 1, D * m.ab / m.beat * GATE_X_BEAT_CYCLES, beats)
+    tail = max(2 * N + k + TOPK_LATENCY, 2 * N + TOPK_ISSUED + hw.limits.max_experts + T * k) + T * k
+    compute = ahead * max(N + 1, beats) + (T - ahead) * per_token
     write = T * N * m.ab + T * k * 2 * INDEX_BYTES + isa.queue_layout(N, T, k)[2]
-    cycles = m.fetch + L + table + compute + m.pipe + L + GATE_EXTRA
-    return _Cost(cycles, compute, table, wbytes + T * D * m.ab, write, T * D * N, T)
+    cycles = m.fetch + table + compute + m.pipe + tail + L + GATE_EXTRA
+    return _Cost(cycles, T * beats, max(table, T * D * m.ab / m.beat), wbytes + T * D * m.ab, write, T * D * N, T)
 
 
 # ---------------------------------------------------------------------------- combine (eng_gemm)
@@ -390,25 +400,34 @@ def _cost_combine(m: _Machine, ins: Instr, experts: int) -> _Cost:
 
 
 # ---------------------------------------------------------------------------- LayerNorm engine
-LN_EXTRA = 66           # eng_ln: checks, the table's hand-over, the unit's depth
-LN_ROW_EXTRA = 13       # layernorm_unit: per row, statistics -> normalise
+LN_EXTRA = 38           # eng_ln: checks, the read-out pipeline and the last write beyond one latency
+                        # (fitted on the even-numbered half of bench_engines.py --spread at 32x48)
+LN_STATS = 25           # layernorm_unit: a row's last input beat -> its first read is LN_STATS +
+                        # ceil(log2 LP) (the unit's header says 26 + LV when it runs free; 25 fits)
+LN_SLOTS = 4            # layernorm_unit NS: rows held on chip
 
 
 def _cost_layernorm(m: _Machine, ins: Instr) -> _Cost:
-    """eng_ln: beta, gamma and the shifts into the unit's table (ports 0..2) while x waits in the
-    read channel (port 3); then one unit beat of LP lanes per cycle and a few cycles per row; y
-    written as it comes (port 0)."""
+    """eng_ln (rtl_sim/rtl/eng_ln.sv, layernorm_unit.sv): beta (8 bytes a channel, port 0), gamma and
+    the shifts (ports 1, 2) load the unit's table while x (port 3) already fills its row slots;
+    the read-out waits for the table's last entry, then rows pass at one unit beat of LP lanes a
+    cycle. With four slots, four rows of B beats take 4B + max(0, S - 2B) cycles (S, a row's
+    statistics); y is written as it comes (port 0) and the instruction ends with its last response."""
     f, L = ins.fields, m.lat
     rows, D = f["rows"], f["dim"]
     if rows <= 0 or D <= 0:
         return _Cost(m.fetch, 0, 0, 0, 0, 0, 0)
-    beats = -(-D // m.ln_lanes)
-    compute = rows * (beats + LN_ROW_EXTRA)
+    B = -(-D // m.ln_lanes)
+    S = LN_STATS + max(0, math.ceil(math.log2(m.ln_lanes)))
+    # the first LN_SLOTS rows' statistics hide behind the table load; every later group of
+    # LN_SLOTS rows waits for a free slot unless its rows are long enough to cover them
+    compute = rows * B + (rows - 1) // LN_SLOTS * max(0, S - (LN_SLOTS - 2) * B)
     read = rows * D * m.ab + D * (GAMMA_BYTES + BIAS_BYTES + SHIFT_BYTES)
     write = rows * D * m.ab
-    table = m.stream(1, D * BIAS_BYTES, 1)
+    table = m.stream(1, D * BIAS_BYTES, 1)          # beta, 8 bytes a channel: the longest table stream
     ddr = (read + write) / m.bw
-    cycles = m.fetch + L + table + max(compute, ddr) + LN_EXTRA
+    # after the table, x in and y out share the DDR with nothing else of this instruction
+    cycles = m.fetch + L + table + max(compute, 2 * write / m.bw) + LN_EXTRA
     return _Cost(cycles, compute, ddr, read, write, 0, rows)
 
 

@@ -3,7 +3,8 @@
 byte for byte against the Python executor, with the schedule model's estimate beside the RTL's
 cycles.
 
-    scripts/bench_engines.py [--op gemm|attention] [--hw rtl_sim/hw.json] [--case NAME ...] [--json]
+    scripts/bench_engines.py [--op gemm|attention|gate|layernorm] [--spread] [--hw rtl_sim/hw.json]
+                             [--case NAME ...] [--json]
 
 Every case is one instruction (plus END) with random operands (seed 0); all cases run in one
 simulation of one Verilator build of the accelerator for the hardware configuration (hw.json by
@@ -152,6 +153,58 @@ def _attention(name: str, tokens: int, dim: int, heads: int, hw: HwConfig, seed:
                  isa.align(2 * tokens * dim), [])
 
 
+def _gate(name: str, tokens: int, dim: int, experts: int, k: int, *, w16=False, seed=0) -> Bench:
+    """One moe_gate of task 0 on random x, gate weights, biases and shifts; the logits, top-k
+    indices and scores and the queue table go to the output space one after the other."""
+    rng = np.random.default_rng(seed)
+    wgt, inp, out = Space("wgt"), Space("in"), Space("out")
+    xmag, wmag = 3000, 32767 if w16 else 127
+    acc = max(1.0, xmag * wmag * np.sqrt(dim) / 2)
+    shift = int(np.log2(acc)) - 13           # logits near the top of 16 bits, a few saturating
+    fields = {"x_ref": inp.put(rng.integers(-xmag, xmag + 1, size=tokens * dim).astype("<i2").tobytes()),
+              "w_ref": wgt.put(rng.integers(-wmag, wmag + 1, size=dim * experts)
+                               .astype("<i2" if w16 else "i1").tobytes()),
+              "bias_ref": wgt.put(rng.integers(-int(acc), int(acc) + 1, size=experts).astype("<i8").tobytes()),
+              "shift_ref": wgt.put((shift + rng.integers(-2, 3, size=experts)).astype(np.int8).tobytes()),
+              "w_stride": 0, "bias_stride": 0, "shift_stride": 0,
+              "tokens": tokens, "dim": dim, "experts_k": experts | k << 16, "fmt": isa.pack_fmt(16, 8)}
+    for ref, nbytes in (("logits_ref", 2 * tokens * experts), ("idx_ref", 2 * tokens * k),
+                        ("score_ref", 2 * tokens * k), ("queue_ref", isa.queue_layout(experts, tokens, k)[2])):
+        fields[ref] = out.put(bytes(nbytes))
+    return Bench(name, "moe_gate", isa.Instr("moe_gate", fields, isa.make_flags(w16=w16)), bytes(wgt.data),
+                 bytes(inp.data), 64, len(out.data), [])
+
+
+def _layernorm(name: str, rows: int, dim: int, seed=0) -> Bench:
+    """One LayerNorm of rows x dim with gamma, beta and per-column shifts that keep y in range."""
+    rng = np.random.default_rng(seed)
+    wgt, inp = Space("wgt"), Space("in")
+    fields = {"x_ref": inp.put(rng.integers(-3000, 3001, size=rows * dim).astype("<i2").tobytes()),
+              "gamma_ref": wgt.put(rng.integers(-32768, 32768, size=dim).astype("<i2").tobytes()),
+              "beta_ref": wgt.put(rng.integers(-(1 << 40), 1 << 40, size=dim).astype("<i8").tobytes()),
+              "shift_ref": wgt.put(rng.integers(8, 26, size=dim).astype("i1").tobytes()),
+              "y_ref": isa.ref("out", 0), "rows": rows, "dim": dim, "eps_lo": 1, "eps_hi": 0, "beta_shift": 4,
+              "fmt": isa.pack_fmt(16, 8)}
+    return Bench(name, "layernorm", isa.Instr("layernorm", fields), bytes(wgt.data), bytes(inp.data), 64,
+                 isa.align(2 * rows * dim), [])
+
+
+def _gate_spread() -> list:
+    """Gate shapes over T x D with N, k and the weight width rotating so that every value of each
+    occurs at every T; k <= N."""
+    cases = []
+    for i, t in enumerate((1, 8, 129, 197, 1025)):
+        for j, d in enumerate((64, 192, 384)):
+            for r in range(2):
+                n = (4, 8, 16)[(i + j + r) % 3]
+                k = min(n, (1, 2, 4)[(2 * i + j + 2 * r) % 3])
+                w16 = (i + j + r) % 2 == 1
+                cases.append((f"g{t}x{d}n{n}k{k}{'w' if w16 else 'b'}", t, d, n, k, w16))
+    return cases
+
+
+LN_SPREAD = [(r, d) for r in (1, 5, 129, 197, 1025) for d in (48, 100, 192, 384, 768)]
+
 # op -> case builders (hw -> Bench); each engine's author adds its own op here
 CASES = {
     "gemm": [
@@ -172,6 +225,23 @@ CASES = {
         lambda hw: _attention("attn_t1025", 1025, 32, 1, hw),
         lambda hw: _attention("attn_t513_h2", 513, 64, 2, hw),
     ],
+    "gate": [
+        lambda hw: _gate("gate", TOKENS, DIM, EXPERTS, TOP_K),
+        lambda hw: _gate("gate_edge", 129, 192, EXPERTS, TOP_K, w16=True),
+        lambda hw: _gate("gate_small", 8, 64, 4, 1),
+        lambda hw: _gate("gate_long", 1025, 384, 8, 4, w16=True),
+    ],
+    "layernorm": [
+        lambda hw: _layernorm("layernorm", TOKENS, DIM),
+        lambda hw: _layernorm("ln_edge", 129, 192),
+        lambda hw: _layernorm("ln_one", 1, 48),
+        lambda hw: _layernorm("ln_odd", 5, 100),
+    ],
+}
+# --spread: the shapes the gate and LayerNorm models were fitted (even positions) and checked (odd) on
+SPREAD = {
+    "gate": [lambda hw, c=c: _gate(*c[:5], w16=c[5]) for c in _gate_spread()],
+    "layernorm": [lambda hw, rd=rd: _layernorm(f"ln{rd[0]}x{rd[1]}", *rd) for rd in LN_SPREAD],
 }
 
 
@@ -185,15 +255,31 @@ def _estimate(b: Bench, hw: HwConfig) -> dict:
     return est["instructions"][len(b.context)] if "instructions" in est else est["rows"][len(b.context)]
 
 
+def _fits(ins: isa.Instr, lim) -> bool:
+    """Whether the instruction's shape is within the hardware's limits (a small --hw drops the rest)."""
+    f = ins.fields
+    if ins.op == "moe_gate":
+        return (f["tokens"] <= lim.max_tokens and f["dim"] <= lim.max_dim
+                and (f["experts_k"] & 0xFFFF) <= lim.max_experts and f["experts_k"] >> 16 <= lim.max_k)
+    if ins.op == "layernorm":
+        return f["rows"] <= lim.max_tokens and f["dim"] <= lim.max_dim
+    return True
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--op", choices=sorted(CASES), help="only this op's cases")
     ap.add_argument("--case", nargs="*", help="only these cases (by name)")
     ap.add_argument("--hw", help="hw.json (default: rtl_sim/hw.json)")
+    ap.add_argument("--spread", action="store_true", help="the long gate and LayerNorm shape lists instead")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     hw = load_hw_config(args.hw) if args.hw else HwConfig.default()
-    benches = [make(hw) for op in ([args.op] if args.op else sorted(CASES)) for make in CASES[op]]
+    reg = SPREAD if args.spread else CASES
+    ops = [args.op] if args.op else sorted(reg)
+    benches = [make(hw) for op in ops if op in reg for make in reg[op]]
+    lim = hw.limits
+    benches = [b for b in benches if _fits(b.instr, lim)]
     if args.case:
         benches = [b for b in benches if b.name in args.case]
     progs = [_program(b, hw) for b in benches]

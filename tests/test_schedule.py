@@ -336,14 +336,45 @@ def test_large_gemm_restreams_its_input_per_weight_group():
 
 
 def test_vector_engines_per_row_and_token_costs():
-    """LayerNorm: a unit beat of min(P_out, 8) lanes per cycle plus a per-row step; the gate:
-    per token the larger of its logit beats and the top-k pass (2N + k + extra), then k queue
-    entries; patchify: C reads of one band, each a latency and its beats."""
-    ln = [_cycles([Instr("layernorm", {"rows": r, "dim": 100})], **FAST) for r in (40, 41)]
-    assert ln[1] - ln[0] == -(-100 // min(HW.p_out, 8)) + schedule.LN_ROW_EXTRA
-    gate = [_cycles([Instr("moe_gate", {"tokens": t, "dim": 64, "experts_k": 16 | 2 << 16})], **FAST)
-            for t in (30, 31)]
-    assert gate[1] - gate[0] == max(2 * 16 + 2 + schedule.GATE_TOKEN_EXTRA, -(-64 // HW.p_in)) + 2
+    """LayerNorm: a unit beat of min(P_out, 8) lanes per cycle, and per group of four rows the
+    statistics the group's other rows do not cover; the gate: per token the largest of the top-k
+    scan (N + 1), the x row and the compute-unit beats, plus its k queue entries (scattered and
+    read out); patchify: C reads of one band, each a latency and its beats."""
+    lp = min(HW.p_out, 8)
+    stats = schedule.LN_STATS + math.ceil(math.log2(lp))
+
+    def ln(rows, dim):
+        return _cycles([Instr("layernorm", {"rows": rows, "dim": dim})], **FAST)
+
+    short = -(-48 // lp)            # rows of 6 beats: the statistics show
+    assert stats > 2 * short
+    assert ln(41, 48) - ln(40, 48) == short + stats - 2 * short       # a new group of four
+    assert ln(42, 48) - ln(41, 48) == short                           # a row in a started group
+    long = -(-384 // lp)            # 48 beats hide them
+    assert ln(41, 384) - ln(40, 384) == ln(42, 384) - ln(41, 384) == long
+    # the table (beta, 8 bytes a channel) comes before the first read-out: a one-row LayerNorm
+    # grows by the table's beats plus the row's beats
+    beat = HW.axi_width_bits // 8
+    assert ln(1, 768) - ln(1, 384) == 384 * 8 // beat + (768 - 384) // lp
+
+    def gate(t, d, n, k, w16=False):
+        ins = Instr("moe_gate", {"tokens": t, "dim": d, "experts_k": n | k << 16}, isa.make_flags(w16=w16))
+        return schedule.estimate([ins], HW, **FAST)["instructions"][0]["cycles"]
+
+    # top-k bound (N + 1 > the x row's D·2/beat beats), T·k past the queue's prefix sum
+    assert gate(31, 64, 16, 2) - gate(30, 64, 16, 2) == 16 + 1 + 2 * 2
+    # x-row bound: D·2/beat beats a token at GATE_X_BEAT_CYCLES each
+    xrow = 384 * 2 / beat * schedule.GATE_X_BEAT_CYCLES
+    assert abs(gate(61, 384, 4, 1) - gate(60, 384, 4, 1) - (xrow + 2)) <= 1
+    # compute-unit bound when the experts take several P_OUT tiles (a narrow array)
+    narrow = HW.replace(p_in=4, p_out=4, token_block=4, softmax_lanes=4)
+    g = [schedule.estimate([Instr("moe_gate", {"tokens": t, "dim": 64, "experts_k": 16 | 1 << 16})], narrow,
+                           **FAST)["instructions"][0]["cycles"] for t in (30, 31)]
+    assert g[1] - g[0] == 4 * 16 + 2
+    # the two tokens of the row buffer are read during the parameter load: only later ones pay x
+    assert gate(3, 384, 4, 1) - gate(2, 384, 4, 1) > gate(2, 384, 4, 1) - gate(1, 384, 4, 1)
+    # an int16 gate of 16 experts needs two beats a w row: its table load takes D cycles more
+    assert gate(8, 192, 16, 2, w16=True) - gate(8, 192, 16, 2) == 192
     p, C, W = 8, 3, 64
     band = [_cycles([Instr("patchify", {"channels": C, "height": h, "width": W, "patch": p})]) for h in (16, 24)]
     beats = -(-p * W * 2 // (HW.axi_width_bits // 8)) + 1
