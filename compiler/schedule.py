@@ -76,10 +76,10 @@ MAX_BURST = 16          # every other reader and writer
 # its own). Fitted on the random configurations of scripts/bench_schedule_fit.py --seed 0
 # --configs 8 at 32x48 and on single instructions (docs/schedule.md), not derived.
 FETCH_EXTRA = 4         # controller: request, decode, start, retire around the record's latency and beats
-GEMM_EXTRA = -70        # eng_gemm: what the latencies and streams above over-count at the ends
+GEMM_EXTRA = -11        # eng_gemm: what the latencies and streams above over-count at the ends
 GEMM_LANE_EXTRA = 0.77  # eng_gemm: per output column of every tile after the first (cause not pinned down)
-GEMM_PRE_EXTRA = 76     # eng_gemm: the queue read, beyond one latency (its weights load meanwhile)
-GEMM_EMPTY_EXTRA = 90   # eng_gemm: an expert with an empty queue (its weights were already asked for)
+GEMM_PRE_EXTRA = 128    # eng_gemm: the queue read, beyond one latency (its weights load meanwhile)
+GEMM_EMPTY_EXTRA = 13   # eng_gemm: an expert with an empty queue, beyond its first weight group
 
 
 def compute_unit_latency(hw: HwConfig) -> int:
@@ -191,9 +191,9 @@ def _gemm_cost(m: _Machine, rows: int, k: int, n: int, w16: bool, bias: bool, re
     tiles = [-(-w // hw.p_out) for w in widths]
     load_b = [k * w * wb + w * (SHIFT_BYTES + (BIAS_BYTES if bias else 0)) for w in widths]
     if rows <= 0:
-        # an empty queue: the first group was asked for during the queue read and comes in first
+        # an empty queue: the first group was asked for with the queue read and streams in whole
         first = load(widths[0])
-        return _Cost(m.fetch + max(pre, first) + GEMM_EMPTY_EXTRA, 0, first, load_b[0], 0, 0, 0)
+        return _Cost(m.fetch + L + first + GEMM_EMPTY_EXTRA, 0, first, load_b[0], 0, 0, 0)
     blocks = _passes(rows, hw.token_block)
     x_res = rows * ks <= hw.buffers.activations // 2 // (2 * hw.p_in)
     x_reads = 1 if x_res else groups
@@ -242,7 +242,7 @@ def _cost_gemm(m: _Machine, ins: Instr, rows: int) -> _Cost:
 
 
 # ---------------------------------------------------------------------------- attention engine
-ATTN_EXTRA = 165        # eng_attn: checks, the divider, the last y segments' response
+ATTN_EXTRA = 251        # eng_attn: checks, the divider, the last y segments' response
 ATTN_HEAD_EXTRA = 41    # eng_attn: per head, the stage hand-overs (the last FIN -> the next head's start)
 ATTN_EXP_LATENCY = 30   # eng_attn: exp_unit, the row sum and recip_unit behind a group's last EXP step
 ATTN_FIN_LATENCY = 12   # eng_attn: a raw row into the finish lanes and its y segment out
@@ -338,7 +338,7 @@ def _cost_attention(m: _Machine, ins: Instr, notes: list[str]) -> _Cost:
 
 # ---------------------------------------------------------------------------- gate engine
 # fitted on the even-numbered half of scripts/bench_engines.py --spread at 32x48 (docs/schedule.md)
-GATE_EXTRA = -70        # eng_gate: checks and phase hand-overs less what the chain above over-counts
+GATE_EXTRA = 105        # eng_gate: checks and phase hand-overs less what the chain above over-counts
 GATE_X_BEAT_CYCLES = 1.09   # eng_gate: cycles per x beat on port 1; the lanes' write bursts, opened
                             # when their commands are issued, take DDR credit beside it
 TOPK_LATENCY = 36       # topk_gate: a token's o beat 2N + k + 36 cycles after it is accepted
@@ -372,7 +372,7 @@ def _cost_gate(m: _Machine, ins: Instr) -> _Cost:
 
 
 # ---------------------------------------------------------------------------- combine (eng_gemm)
-COMBINE_EXTRA = 105     # eng_gemm combine: checks, block hand-over, the last write
+COMBINE_EXTRA = 177     # eng_gemm combine: checks, block hand-over, the last write
 COMBINE_BEAT_CYCLES = 4 # eng_gemm combine: cycles per beat, each with its own parameter tile
 
 
@@ -400,7 +400,7 @@ def _cost_combine(m: _Machine, ins: Instr, experts: int) -> _Cost:
 
 
 # ---------------------------------------------------------------------------- LayerNorm engine
-LN_EXTRA = 38           # eng_ln: checks, the read-out pipeline and the last write beyond one latency
+LN_EXTRA = 147           # eng_ln: checks, the read-out pipeline and the last write beyond one latency
                         # (fitted on the even-numbered half of bench_engines.py --spread at 32x48)
 LN_STATS = 25           # layernorm_unit: a row's last input beat -> its first read is LN_STATS +
                         # ceil(log2 LP) (the unit's header says 26 + LV when it runs free; 25 fits)
@@ -432,7 +432,7 @@ def _cost_layernorm(m: _Machine, ins: Instr) -> _Cost:
 
 
 # ---------------------------------------------------------------------------- add / embed (eng_elem)
-ELEM_EXTRA = 77         # eng_elem: checks, the adder's depth, the last response
+ELEM_EXTRA = 114         # eng_elem: checks, the adder's depth, the last response
 
 
 def _cost_elem(m: _Machine, ins: Instr) -> _Cost:
@@ -455,7 +455,7 @@ def _cost_elem(m: _Machine, ins: Instr) -> _Cost:
 
 
 # ---------------------------------------------------------------------------- patchify engine
-PATCHIFY_EXTRA = 18     # eng_patchify: checks, the band hand-over, the last response
+PATCHIFY_EXTRA = 30     # eng_patchify: checks, the band hand-over, the last response
 DIVIDER_CYCLES = 32     # eng_patchify: the serial divider for H mod p and W mod p
 
 
