@@ -156,8 +156,10 @@ def _gemm_groups(m: _Machine, k: int, n: int, w16: bool) -> tuple[int, int, int]
     hw = m.hw
     ks, ot = -(-k // hw.p_in), -(-n // hw.p_out)
     ks_max = -(-max(hw.limits.max_dim, hw.limits.max_hidden) // hw.p_in)
+    # store entries per half: what half of buffers.weights holds, at least one whole-K tile
+    half = max(ks_max, hw.buffers.weights // (2 * hw.p_in * hw.p_out * -(-hw.weight_bits // 8)))
     packed = hw.weight_bits >= 16 and not w16       # int8 weights two to a store entry
-    gsz = max(1, min(GEMM_GROUP_TILES, ks_max * (2 if packed else 1) // max(1, ks)))
+    gsz = max(1, min(GEMM_GROUP_TILES, half * (2 if packed else 1) // max(1, ks)))
     return ks, ot, gsz
 
 
@@ -254,8 +256,9 @@ def _cost_attention(m: _Machine, ins: Instr, notes: list[str]) -> _Cost:
     """eng_attn: per head, the Q, K and V slices of all T rows (three ports, one segment per row;
     the next head's while this one computes when a head fits half of the buffers); the queries in
     groups of G. One tile builder feeds the compute unit in the order QK(0), QK(1), AV(0), QK(2),
-    AV(1), ...: a QK build reads 2·P_in dims of a key per cycle (P_out cycles for two dim chunks),
-    an AV build one value row per cycle (P_in cycles); each tile takes G beats. EXP(g) (softmax
+    AV(1), ...: a QK build reads 2·P_in dims of a key per cycle (P_out cycles for two dim chunks,
+    or for one chunk of two keys when a head is P_in wide), an AV build one value row per cycle
+    (P_in cycles); each tile takes G beats. EXP(g) (softmax
     lanes) starts when QK(g) is done, AV(g) when EXP(g) is; QK(g) overwrites the scores of g − 2."""
     f, hw, L = ins.fields, m.hw, m.lat
     T, D, h = f["tokens"], f["dim"], max(1, f["heads"])
@@ -264,6 +267,7 @@ def _cost_attention(m: _Machine, ins: Instr, notes: list[str]) -> _Cost:
     g = max(1, min(hw.token_block, qt, hw.buffers.scores // 2 // max(1, T * INDEX_BYTES)))
     po, pi, sm = hw.p_out, hw.p_in, m.sm_lanes
     nc, nct, nkt, nkc = -(-d // pi), -(-d // po), -(-T // po), -(-T // pi)
+    qk1 = -(-po // 2) if d == pi else po     # the build of a lone dim chunk
     buf = min(hw.limits.max_tokens * hw.limits.max_dim, hw.buffers.activations // 4)
     dbuf = T * d <= buf // 2
     reads = m.stream(T, d * m.ab, 1)
@@ -289,7 +293,7 @@ def _cost_attention(m: _Machine, ins: Instr, notes: list[str]) -> _Cost:
         if nc >= 2:
             cu, bt = job(cu, bt, ready, nkt * (nc // 2), po, 2, rows)
         if nc % 2:
-            cu, bt = job(cu, bt, ready, nkt, po, 1, rows)
+            cu, bt = job(cu, bt, ready, nkt, qk1, 1, rows)
         return cu, bt
 
     groups = _passes(T, g)
@@ -327,7 +331,7 @@ def _cost_attention(m: _Machine, ins: Instr, notes: list[str]) -> _Cost:
             load_start = max(arrived, t)
         t = fin_end[-1] + ATTN_HEAD_EXTRA
     # the compute unit's time with its tile builds (a tile takes max(build, G beats))
-    compute = h * sum(nkt * ((nc // 2) * max(po, 2 * r) + (nc % 2) * max(po, r)) + nct * nkc * max(pi, r)
+    compute = h * sum(nkt * ((nc // 2) * max(po, 2 * r) + (nc % 2) * max(qk1, r)) + nct * nkc * max(pi, r)
                       for r in groups)
     cycles = m.fetch + t + ATTN_EXTRA
     if qt * T * INDEX_BYTES > hw.buffers.scores:

@@ -68,11 +68,12 @@ def render_svh(hw: HwConfig) -> str:
     # the limits size the gate unit (experts, top-k, token counters and queue RAMs), the
     # LayerNorm row buffer (max_dim) and the GEMM engine's K extent (max_dim, max_hidden); the
     # buffer sizes (bytes) size the attention engine's score buffer and its per-head Q / K / V buffers,
-    # and patchify's band buffer
+    # the GEMM engine's weight store, and patchify's band buffer
     limits = {"MAX_EXPERTS": hw.limits.max_experts, "MAX_K": hw.limits.max_k,
               "MAX_TOKENS": hw.limits.max_tokens, "MAX_DIM": hw.limits.max_dim,
               "MAX_HIDDEN": hw.limits.max_hidden,
               "BUF_SCORES": hw.buffers.scores, "BUF_ACTIVATIONS": hw.buffers.activations,
+              "BUF_WEIGHTS": hw.buffers.weights,
               "PATCH_BAND_BYTES": PATCH_BAND_BYTES}
     params = sorted({**hw.rtl_params(), **limits, "X_W": x_width(hw)}.items())
     contract = sorted(contract_params().items())

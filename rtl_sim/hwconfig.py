@@ -45,7 +45,7 @@ class Buffers:
 
     weights: int = 1_048_576
     activations: int = 2_097_152
-    scores: int = 65_536
+    scores: int = 262_144
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class HwConfig:
     clock_mhz: int = 300
     p_in: int = 32
     p_out: int = 48
-    softmax_lanes: int = 16
+    softmax_lanes: int = 32
     act_bits: int = 16
     weight_bits: int = 16
     acc_bits: int = 48
@@ -136,12 +136,12 @@ class HwConfig:
 
     def dsp_units(self) -> dict[str, int]:
         """DSP48E2 of the numeric units, as synthesised (docs/hw_config.md): the compute unit; the
-        attention engine's softmax lanes (an exp unit and two finishing products per lane) and its
-        reciprocal (3); the LayerNorm unit, three per lane (min(p_out, 8) lanes) and 22 shared; the
+        attention engine's softmax lanes (two finishing products per lane; the exp units' constant
+        product is in fabric) and its reciprocal (3); the LayerNorm unit, three per lane (min(p_out, 8) lanes) and 22 shared; the
         top-k gate, five. The engines' control arithmetic adds a few more (22 in eng_gate and eng_ln
         for the shipped hw.json); `m3vit synth --unit m3v_accel` counts the whole design."""
         ln_lanes = min(self.p_out, 8)
-        return {"compute_unit": self.dsp_estimate, "attention": 3 * self.softmax_lanes + 3,
+        return {"compute_unit": self.dsp_estimate, "attention": 2 * self.softmax_lanes + 3,
                 "layernorm_unit": 3 * ln_lanes + 22, "topk_gate": 5}
 
     @property

@@ -145,8 +145,8 @@ def test_on_chip_buffers_are_bounded_by_hw_json(proj, tmp_path):
     assert b["weights"] == 2 * -(-max_in // hw.p_in) * hw.p_in * hw.p_out * 2 <= hw.buffers.weights
     assert f"ONCHIP_BYTES = {b['total']};" in (proj / "m3v_build.h").read_text()
     cfg = (proj / "m3v_config.h").read_text()
-    for name, v in (("TOKEN_BLOCK", 32), ("BUF_WEIGHTS", 1 << 20), ("BUF_ACTIVATIONS", 2 << 20),
-                    ("BUF_SCORES", 1 << 16)):
+    for name, v in (("TOKEN_BLOCK", hw.token_block), ("BUF_WEIGHTS", hw.buffers.weights),
+                    ("BUF_ACTIVATIONS", hw.buffers.activations), ("BUF_SCORES", hw.buffers.scores)):
         assert re.search(rf"{name} = {v};", cfg), name
     # token_block and the buffers are part of the build
     other = project.emit_project(tmp_path / "tb8", hw.replace(token_block=8))

@@ -1,9 +1,9 @@
 """RTL tests of the attention engine (rtl_sim/rtl/eng_attn.sv) inside the accelerator top.
 
 Random `attention` instructions (odd token counts, 1-4 heads, head widths that are no multiple of
-P_IN, P_OUT, the softmax lanes or the beat, signed and unsigned score and output formats with
-saturation, query tiles smaller than T, operands at unaligned head columns in every readable
-space) run on accel_tb and are compared byte for byte with the Python Program executor, in the
+P_IN, P_OUT, the softmax lanes or the beat, heads exactly P_IN wide whose QK tiles are built two
+keys per cycle, signed and unsigned score and output formats with saturation, query tiles smaller
+than T, operands at unaligned head columns in every readable space) run on accel_tb and are compared byte for byte with the Python Program executor, in the
 out space and the whole arena; a refused instruction must leave the executor's STATUS and no
 store; one run has random DDR stalls.
 """
@@ -88,7 +88,8 @@ def test_attention_random_instructions_bit_exact():
     # a few fixed geometries: one token, one head wider than every lane count, many key tiles
     jobs += [_case(rng, "t1", tokens=1, heads=3, dh=5)[0],
              _case(rng, "wide", tokens=9, heads=1, dh=21)[0],
-             _case(rng, "long", tokens=41, heads=2, dh=7)[0]]
+             _case(rng, "long", tokens=41, heads=2, dh=7)[0],
+             _case(rng, "dual_key", tokens=23, heads=3, dh=HW.p_in)[0]]
     jobs += [_case(rng, "past_end", refuse="past_end")[0], _case(rng, "store_in", refuse="store_in")[0]]
     results = rtlsim.simulate(jobs, HW, seed=1, stall_permille=0)
     _check(results, jobs)

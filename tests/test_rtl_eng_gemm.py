@@ -189,6 +189,21 @@ def test_x_not_resident_bit_exact():
 
 
 @pytest.mark.slow
+def test_weight_store_depth_bit_exact():
+    """A weight store sized by buffers.weights (20 entries per half, above the 16 a whole-K tile of
+    max_hidden = 64 needs): groups of 1, 2 and 3 int16 tiles (K = 64, 25, 24) and 2 and 4 int8
+    ones (its own build)."""
+    hw = HW.replace(limits=dataclasses.replace(HW.limits, max_dim=64, max_hidden=64),
+                    buffers=dataclasses.replace(HW.buffers, weights=20 * 2 * HW.p_in * HW.p_out * 2)).validated()
+    rng = random.Random(17)
+    n = 4 * 4 * hw.p_out + 3                     # more than one group at every group size
+    cases = [gemm_case(rng, hw, f"depth_k{k}_{'w16' if w16 else 'w8'}", "direct", "direct", residual=res,
+                       shape=(hw.token_block + 3, k, n, n), w16=w16)
+             for k, res in ((25, True), (64, False), (24, True)) for w16 in (False, True)]
+    run_and_compare(cases, seed=6, hw=hw)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [4, 5])
 def test_long_regression(seed):
     rng = random.Random(100 + seed)

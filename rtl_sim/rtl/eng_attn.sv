@@ -396,16 +396,18 @@ module eng_attn #(
     // ---------------------------------------------------------------- weight tiles
     // Two staging tiles feed the compute unit's shadow tile in order. A QK build reads 2·P_IN
     // dims of one key per cycle and fills the tiles of dim chunks c and c+1 together (P_OUT
-    // cycles); an AV build reads P_OUT dims of one value row per cycle (P_IN cycles).
+    // cycles); when a head is exactly P_IN wide the same read holds two keys, so its one tile
+    // takes P_OUT / 2 cycles. An AV build reads P_OUT dims of one value row per cycle (P_IN cycles).
     logic [PI*PO*WW-1:0] st_w0, st_w1;
     logic [1:0]          st_raw, st_full;
     logic                st_wp, st_rp;
-    logic                tb_on, tb_av, tb_busy, tb_pair, w_fire;
+    logic                tb_on, tb_av, tb_busy, tb_pair, tb_dual, w_fire;
     logic [15:0]         tb_g, tb_a, tb_b, tb_r;
     logic [17:0]         tb_nx;
     logic                tb_can;
     assign tb_nx   = job_next(tb_av, tb_g);
     assign tb_pair = !tb_av && tb_b + 16'd1 < nc;
+    assign tb_dual = !tb_av && dh == 16'(PI);
     // the rows a build reads are loaded, and its staging tiles are free
     assign tb_can  = tb_av ? (!st_full[st_wp] && rows_in(2, 32'(min16(mul_lo(32'(tb_b), 32'(PI)) + 32'(PI), 32'(T)))))
                            : (!st_full[st_wp] && (!tb_pair || !st_full[!st_wp]) &&
@@ -415,7 +417,8 @@ module eng_attn #(
     assign w_fire  = cu_w_valid && cu_w_ready;
 
     // what one build cycle writes: QK column o = tb_r (key kt·P_OUT + o, dims c·P_IN + i of tile
-    // c and (c+1)·P_IN + i of tile c+1); AV row i = tb_r (key kc·P_IN + i, dims ot·P_OUT + o)
+    // c and (c+1)·P_IN + i of tile c+1, or with tb_dual, key kt·P_OUT + o + 1 for column o + 1);
+    // AV row i = tb_r (key kc·P_IN + i, dims ot·P_OUT + o)
     logic [PI*WW-1:0] tb_col0, tb_col1;
     logic [PO*WW-1:0] tb_row;
     logic [31:0]      tb_qkey, tb_qdim, tb_vkey, tb_vdim;
@@ -427,7 +430,8 @@ module eng_attn #(
         for (int i = 0; i < PI; i++) begin
             tb_col0[i*WW +: WW] = (tb_qkey < 32'(T) && tb_qdim + 32'(i) < 32'(dh))
                                   ? WW'($signed(k_rd[i*16 +: 16])) : '0;
-            tb_col1[i*WW +: WW] = (tb_qkey < 32'(T) && tb_qdim + 32'(PI + i) < 32'(dh))
+            tb_col1[i*WW +: WW] = (tb_dual ? tb_qkey + 32'd1 < 32'(T)
+                                           : tb_qkey < 32'(T) && tb_qdim + 32'(PI + i) < 32'(dh))
                                   ? WW'($signed(k_rd[(PI + i)*16 +: 16])) : '0;
         end
         for (int o = 0; o < PO; o++)
@@ -482,6 +486,11 @@ module eng_attn #(
                                 if (tb_pair && !st_wp) st_w1[(i*PO + o)*WW +: WW] <= tb_col1[i*WW +: WW];
                                 if (tb_pair && st_wp)  st_w0[(i*PO + o)*WW +: WW] <= tb_col1[i*WW +: WW];
                             end
+                        else if (tb_dual && 16'(o) == tb_r + 16'd1)
+                            for (int i = 0; i < PI; i++) begin
+                                if (!st_wp) st_w0[(i*PO + o)*WW +: WW] <= tb_col1[i*WW +: WW];
+                                else        st_w1[(i*PO + o)*WW +: WW] <= tb_col1[i*WW +: WW];
+                            end
                 end else begin
                     for (int i = 0; i < PI; i++)
                         if (16'(i) == tb_r)
@@ -490,8 +499,8 @@ module eng_attn #(
                                 else        st_w1[(i*PO + o)*WW +: WW] <= tb_row[o*WW +: WW];
                             end
                 end
-                if (tb_r + 16'd1 < (tb_av ? 16'(PI) : 16'(PO))) begin
-                    tb_r <= tb_r + 16'd1;
+                if (tb_r + (tb_dual ? 16'd2 : 16'd1) < (tb_av ? 16'(PI) : 16'(PO))) begin
+                    tb_r <= tb_r + (tb_dual ? 16'd2 : 16'd1);
                 end else begin
                     // the build is complete: hand its tiles over, then the next build
                     tb_r    <= '0;

@@ -138,6 +138,9 @@ module eng_gemm #(
     localparam int SLOTS   = `M3V_SLOTS;
     localparam int K_MAX   = (`M3V_MAX_DIM > `M3V_MAX_HIDDEN) ? `M3V_MAX_DIM : `M3V_MAX_HIDDEN;
     localparam int KS_MAX  = (K_MAX + P_IN - 1) / P_IN;
+    // weight store entries per half: what half of buffers.weights holds, at least one whole-K tile
+    localparam int WS_FIT  = `M3V_BUF_WEIGHTS / (2 * P_IN * P_OUT * ((W_W + 7) / 8));
+    localparam int WS_HALF = WS_FIT > KS_MAX ? WS_FIT : KS_MAX;
     localparam int MAX_T   = `M3V_MAX_TOKENS;
     localparam int MAX_E   = `M3V_MAX_EXPERTS;
     localparam int MAX_K   = `M3V_MAX_K;
@@ -155,7 +158,7 @@ module eng_gemm #(
     localparam int XAW     = $clog2(XBD);
     localparam int XRW     = $clog2(XRES + 1);
     localparam int KAW     = $clog2(KS_MAX);
-    localparam int WKW     = $clog2(2 * KS_MAX);
+    localparam int WKW     = $clog2(2 * WS_HALF);
     localparam int TAW     = $clog2(MAX_T);
     localparam int SBD     = SLOTS * MAX_K;
     localparam int OT_MAX  = (`M3V_MAX_DIM + P_OUT - 1) / P_OUT;
@@ -614,7 +617,7 @@ module eng_gemm #(
     assign gcols    = 32'(gsz) * 32'(P_OUT);
 
     always_ff @(posedge clk)
-        if (state == S_G0) gsz <= GTW'(min32(32'(GT), 32'(KS_MAX) * (wpk ? 32'd2 : 32'd1) / (ks == 0 ? 32'd1 : ks)));
+        if (state == S_G0) gsz <= GTW'(min32(32'(GT), 32'(WS_HALF) * (wpk ? 32'd2 : 32'd1) / (ks == 0 ? 32'd1 : ks)));
 
     // The weights do not depend on the queue: when the instruction's weight operands pass their
     // checks, the loader starts during the queue pre-pass (S_QOFF .. S_G2). A refusal found
@@ -672,7 +675,7 @@ module eng_gemm #(
             rc_want[p] = wl_en && wl_busy && rc_ph[p] == WL_W && rc_cv[p];
             rc_bank[p] = ($clog2(P_IN)+1)'(rc_k[p] % 32'(P_IN));
             rc_wl[p]   = rc_tb[p] + rc_k[p] / 32'(P_IN);
-            rc_wa[p]   = WKW'(32'(wl_half) * 32'(KS_MAX) + (wpk ? rc_wl[p] >> 1 : rc_wl[p]));
+            rc_wa[p]   = WKW'(32'(wl_half) * 32'(WS_HALF) + (wpk ? rc_wl[p] >> 1 : rc_wl[p]));
             for (int o = 0; o < P_OUT; o++)
                 rc_row[p][o*W_W +: W_W] = g_w16 ? W_W'(signed'(rc_cd[p][o*16 +: 16])) : W_W'(signed'(rc_cd[p][o*8 +: 8]));
         end
@@ -816,7 +819,7 @@ module eng_gemm #(
     end
 
     // weight store: bank i holds rows k = kc * P_IN + i; half h, tile t of its group, chunk kc at
-    // h * KS_MAX + t * ks + kc
+    // h * WS_HALF + t * ks + kc
     logic [P_IN*P_OUT*W_W-1:0] tq_w;
     logic                      tq_load;
     logic [31:0]               pu_tb;
@@ -824,7 +827,7 @@ module eng_gemm #(
     logic [WKW-1:0]            pu_wa;
     logic [31:0]               pu_wl;
     assign pu_wl = pu_tb + 32'(pu_kc);
-    assign pu_wa = WKW'(32'(pu_half) * 32'(KS_MAX) + (wpk ? pu_wl >> 1 : pu_wl));
+    assign pu_wa = WKW'(32'(pu_half) * 32'(WS_HALF) + (wpk ? pu_wl >> 1 : pu_wl));
     // one of the two packed int8 chunks of an entry, sign-extended to the store's weights
     function automatic logic [P_OUT*W_W-1:0] unpack8(input logic [P_OUT*W_W-1:0] e, input logic upper);
         for (int o = 0; o < P_OUT; o++)
@@ -834,7 +837,7 @@ module eng_gemm #(
     genvar gi;
     generate
         for (gi = 0; gi < P_IN; gi++) begin : g_wbank
-            logic [P_OUT*W_W-1:0] mem [0:2*KS_MAX-1];
+            logic [P_OUT*W_W-1:0] mem [0:2*WS_HALF-1];
             always_ff @(posedge clk) begin
                 for (int p = 0; p < NWP; p++)
                     if (rc_fire[p] && rc_ph[p] == WL_W && 32'(rc_bank[p]) == gi) begin

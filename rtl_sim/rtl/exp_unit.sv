@@ -12,8 +12,10 @@
 // way), and one above U_W + 1 gives v = 0 like the formula.
 //
 // Pipeline: LATENCY = 10, free running (no enable, no reset: a valid bit travels beside it).
-//   1 inputs  2 product t·L2E (DSP M)  3 (DSP P)  4-5 coarse and fine shift  6 round
+//   1 inputs  2-3 product t·L2E  4-5 coarse and fine shift  6 round
 //   7 split v into n (clamped) and j  8 table read (registered: block RAM)  9 shift  10 round
+// L2E is a constant, so t·L2E is a sum of shifted copies of t (one per set bit of L2E) in
+// fabric: the engine runs many exp lanes, and none of them spends a DSP48E2.
 // Both rounding shifts use the trick of requant.sv: shifting the value placed one bit up leaves
 // the last bit shifted out in bit 0, and (w >> 1) + w[0] is the round-half-up result.
 `include "m3v_hw_config.svh"
@@ -49,7 +51,7 @@ module exp_unit #(
         f1 <= frac;
     end
 
-    // 2: product (M) and the shift amount, clamped to [0, A_MAX]
+    // 2: product and the shift amount, clamped to [0, A_MAX]
     logic signed [SW-1:0] a_w;
     logic [A_W-1:0]       a_cl;
     assign a_w = SW'($signed(f1)) + SW'(C - L);
@@ -59,10 +61,15 @@ module exp_unit #(
         else                         a_cl = a_w[A_W-1:0];
     end
 
-    logic [U_W-1:0] u2, u3;
+    logic [U_W-1:0] u2, u3, tl2e;
     logic [A_W-1:0] a2, a3;
+    always_comb begin
+        tl2e = '0;
+        for (int b = 0; b < K_W; b++)
+            if (L2E[b]) tl2e = tl2e + (U_W'(t1) << b);
+    end
     always_ff @(posedge clk) begin
-        u2 <= U_W'(t1) * U_W'(L2E);
+        u2 <= tl2e;
         a2 <= a_cl;
         u3 <= u2;
         a3 <= a2;
