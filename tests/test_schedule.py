@@ -5,6 +5,7 @@ the vector engines' per-row costs), idle experts, 16-bit weights, the Program's 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -277,20 +278,23 @@ def test_attention_reads_each_slice_once_and_overlaps_the_next_head():
     assert c[1] - c[0] < c[0]
 
 
-def test_small_query_groups_wait_for_the_tile_builds():
-    # at T = 1025 half the score buffer holds 15 queries: every group rebuilds all key and value
-    # tiles (P_out cycles per key tile, P_in per value tile) for 15 beats each
-    T, d = 1025, 32
-    g = HW.buffers.scores // 2 // (2 * T)
+@pytest.mark.parametrize("d", [HW.p_in - 8, HW.p_in])
+def test_small_query_groups_wait_for_the_tile_builds(d):
+    # at T = 1025 half of a 64 KB score buffer holds 15 queries: every group rebuilds all key and
+    # value tiles (P_out cycles per key tile, P_out / 2 for a head exactly P_in wide, whose reads
+    # hold two keys; P_in per value tile) for 15 beats each
+    T = 1025
+    small = HW.replace(buffers=dataclasses.replace(HW.buffers, scores=65536))
+    g = small.buffers.scores // 2 // (2 * T)
     assert g < HW.p_in
     groups = -(-T // g)
-    builds = -(-T // HW.p_out) * HW.p_out + -(-T // HW.p_in) * HW.p_in
-    c = _cycles(_attention(T, d, 1, T))
+    key_build = HW.p_out // 2 if d == HW.p_in else HW.p_out
+    builds = -(-T // HW.p_out) * key_build + -(-T // HW.p_in) * HW.p_in
+    c = schedule.estimate(_attention(T, d, 1, T), small)["instructions"][0]["cycles"]
     assert c >= groups * builds
     assert c < groups * builds * 1.15 + T * 4 + 1000      # plus the slices' arrival and the ends
     # twice the score buffer: twice the queries share each build, the builds halve
-    big = HW.replace(buffers=Buffers(weights=HW.buffers.weights, activations=HW.buffers.activations,
-                                     scores=2 * HW.buffers.scores))
+    big = small.replace(buffers=dataclasses.replace(small.buffers, scores=2 * small.buffers.scores))
     c2 = schedule.estimate(_attention(T, d, 1, T), big)["instructions"][0]["cycles"]
     assert c2 < 0.6 * c
 
