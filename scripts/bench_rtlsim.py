@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     ap.add_argument("--trace", action="store_true", help="compare every layer")
     ap.add_argument("--synth", action="store_true",
                     help="also count the whole design's DSP48E2 and the datapath's resources with yosys")
-    ap.add_argument("--keep", metavar="DIR", help="keep the build in DIR")
+    ap.add_argument("--keep", metavar="DIR", help="keep the build (and rtlsim's whole report, rtlsim.json) in DIR")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -80,6 +80,9 @@ def main(argv=None) -> int:
         sim_args = [*(["--trace"] if args.trace else []), *(["--instrs", span] if span else []),
                     *[a for t in (args.task or []) for a in ("--task", t)]]
         rep, t_sim = _m3vit("rtlsim", str(build), *sim_args)
+        if args.keep:
+            # the whole report (cycles per instruction and class beside the model's) stays with the build
+            (root / "rtlsim.json").write_text(json.dumps(rep, sort_keys=True))
         out = {"preset": cfg.name, "dataset": cfg.dataset, "instructions_run": rep["instructions_run"],
                "compile_seconds": round(t_comp, 1), "rtlsim_seconds": round(t_sim, 1),
                "bit_exact": rep["bit_exact"], "mismatches": rep["mismatches"], "parallel": comp.get("parallel"),

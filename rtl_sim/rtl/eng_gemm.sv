@@ -617,7 +617,7 @@ module eng_gemm #(
     assign gcols    = 32'(gsz) * 32'(P_OUT);
 
     always_ff @(posedge clk)
-        if (state == S_G0) gsz <= GTW'(min32(32'(GT), 32'(WS_HALF) * (wpk ? 32'd2 : 32'd1) / (ks == 0 ? 32'd1 : ks)));
+        if (state == S_G0) gsz <= GTW'(min32(32'(GT), (wpk ? 32'(2 * WS_HALF) : 32'(WS_HALF)) / (ks == 0 ? 32'd1 : ks)));
 
     // The weights do not depend on the queue: when the instruction's weight operands pass their
     // checks, the loader starts during the queue pre-pass (S_QOFF .. S_G2). A refusal found
@@ -675,7 +675,7 @@ module eng_gemm #(
             rc_want[p] = wl_en && wl_busy && rc_ph[p] == WL_W && rc_cv[p];
             rc_bank[p] = ($clog2(P_IN)+1)'(rc_k[p] % 32'(P_IN));
             rc_wl[p]   = rc_tb[p] + rc_k[p] / 32'(P_IN);
-            rc_wa[p]   = WKW'(32'(wl_half) * 32'(WS_HALF) + (wpk ? rc_wl[p] >> 1 : rc_wl[p]));
+            rc_wa[p]   = WKW'((wl_half ? 32'(WS_HALF) : 32'd0) + (wpk ? rc_wl[p] >> 1 : rc_wl[p]));
             for (int o = 0; o < P_OUT; o++)
                 rc_row[p][o*W_W +: W_W] = g_w16 ? W_W'(signed'(rc_cd[p][o*16 +: 16])) : W_W'(signed'(rc_cd[p][o*8 +: 8]));
         end
@@ -827,7 +827,7 @@ module eng_gemm #(
     logic [WKW-1:0]            pu_wa;
     logic [31:0]               pu_wl;
     assign pu_wl = pu_tb + 32'(pu_kc);
-    assign pu_wa = WKW'(32'(pu_half) * 32'(WS_HALF) + (wpk ? pu_wl >> 1 : pu_wl));
+    assign pu_wa = WKW'((pu_half ? 32'(WS_HALF) : 32'd0) + (wpk ? pu_wl >> 1 : pu_wl));
     // one of the two packed int8 chunks of an entry, sign-extended to the store's weights
     function automatic logic [P_OUT*W_W-1:0] unpack8(input logic [P_OUT*W_W-1:0] e, input logic upper);
         for (int o = 0; o < P_OUT; o++)
