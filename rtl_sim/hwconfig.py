@@ -136,13 +136,14 @@ class HwConfig:
 
     def dsp_units(self) -> dict[str, int]:
         """DSP48E2 of the numeric units, as synthesised (docs/hw_config.md): the compute unit; the
-        attention engine's softmax lanes (two finishing products per lane; the exp units' constant
-        product is in fabric) and its reciprocal (3); the LayerNorm unit, three per lane (min(p_out, 8) lanes) and 22 shared; the
-        top-k gate, five. The engines' control arithmetic adds a few more (22 in eng_gate and eng_ln
-        for the shipped hw.json); `m3vit synth --unit m3v_accel` counts the whole design."""
+        attention engine's softmax lanes (two finishing products per lane) and its reciprocal (3);
+        the LayerNorm unit, three per lane (min(p_out, 8) lanes) and 22 shared; the top-k gate,
+        four. Exp units form their constant product in fabric. The engines' control arithmetic adds
+        a few more (22 in eng_gate and eng_ln for the shipped hw.json); `m3vit synth --unit
+        m3v_accel` counts the whole design."""
         ln_lanes = min(self.p_out, 8)
         return {"compute_unit": self.dsp_estimate, "attention": 2 * self.softmax_lanes + 3,
-                "layernorm_unit": 3 * ln_lanes + 22, "topk_gate": 5}
+                "layernorm_unit": 3 * ln_lanes + 22, "topk_gate": 4}
 
     @property
     def dsp_datapath(self) -> int:

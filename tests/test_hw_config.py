@@ -41,7 +41,7 @@ def test_round_trip_and_missing_keys_take_defaults(tmp_path):
     ({"p_in": "32"}, "p_in must be an integer"),
     ({"p_in": True}, "p_in must be an integer"),
     ({"p_in": 0}, "p_in must be between 1 and 256"),
-    ({"p_in": 64, "p_out": 64}, "needs 4278 DSP48E2 (compute_unit 4160, attention 67, layernorm_unit 46, topk_gate 5)"),
+    ({"p_in": 64, "p_out": 64}, "needs 4277 DSP48E2 (compute_unit 4160, attention 67, layernorm_unit 46, topk_gate 4)"),
     ({"acc_bits": 32}, "acc_bits must be 48"),
     ({"score_bits": 8}, "score_bits must be 16"),
     ({"act_bits": 40}, "act_bits must be between 2 and 26"),

@@ -212,7 +212,7 @@ def test_synth_cli_arguments():
     assert (args.parallel, args.unit, args.json, args.method) == ("8x8", ["requant"], True, "auto")
     with pytest.raises(UsageError, match="unknown unit 'nope'"):
         cli_synth(parser.parse_args(["--unit", "nope"]))
-    with pytest.raises(ConfigError, match=r"needs 4278 DSP48E2 \(compute_unit 4160"):
+    with pytest.raises(ConfigError, match=r"needs 4277 DSP48E2 \(compute_unit 4160"):
         cli_synth(parser.parse_args(["--parallel", "64x64"]))
 
 
