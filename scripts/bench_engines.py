@@ -238,8 +238,13 @@ CASES = {
         lambda hw: _layernorm("ln_odd", 5, 100),
     ],
 }
-# --spread: the shapes the gate and LayerNorm models were fitted (even positions) and checked (odd) on
+# --spread: the shapes the gate and LayerNorm models were fitted (even positions) and checked (odd) on;
+# attention at the small shapes of scripts/bench_schedule_fit.py's configurations (5-26 tokens,
+# 1-4 heads of 8-32)
+ATTN_SPREAD = [(t, h, d) for t in (5, 13, 26) for h, d in ((1, 8), (2, 16), (3, 24), (4, 32), (1, 32))]
 SPREAD = {
+    "attention": [lambda hw, c=c: _attention(f"attn_t{c[0]}_{c[1]}x{c[2]}", c[0], c[1] * c[2], c[1], hw)
+                  for c in ATTN_SPREAD],
     "gate": [lambda hw, c=c: _gate(*c[:5], w16=c[5]) for c in _gate_spread()],
     "layernorm": [lambda hw, rd=rd: _layernorm(f"ln{rd[0]}x{rd[1]}", *rd) for rd in LN_SPREAD],
 }
@@ -271,7 +276,8 @@ def main(argv=None) -> int:
     ap.add_argument("--op", choices=sorted(CASES), help="only this op's cases")
     ap.add_argument("--case", nargs="*", help="only these cases (by name)")
     ap.add_argument("--hw", help="hw.json (default: rtl_sim/hw.json)")
-    ap.add_argument("--spread", action="store_true", help="the long gate and LayerNorm shape lists instead")
+    ap.add_argument("--spread", action="store_true",
+                    help="the long gate, LayerNorm and small-attention shape lists instead")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     hw = load_hw_config(args.hw) if args.hw else HwConfig.default()
