@@ -123,11 +123,33 @@ class _Machine:
             return 0.0
         sb = self.beats(seg_bytes)
         bursts = -(-sb // burst)
-        per_burst = sb / bursts
         per_port = -(-segments // ports)
-        rounds = -(-per_port * bursts // self.a.max_outstanding)
-        # beat-bound, or a round trip per max_outstanding bursts (the first one's latency is the caller's)
-        return max(per_port * sb, (rounds - 1) * (self.lat + per_burst) + per_burst)
+        return self.port_time(per_port * bursts, per_port * sb)
+
+    def port_time(self, bursts: int, beats: int, share: int = 1) -> float:
+        """Cycles one port needs for ``bursts`` bursts of ``beats`` beats in all, after the first
+        latency, beside ``share`` - 1 other ports streaming alike: beat-bound, or latency-bound.
+        A burst's slot frees with its last beat and the next request takes it, so burst j of round
+        r (max_outstanding bursts a round) ends at r round trips plus j + 1 + r bursts' beats."""
+        if bursts <= 0:
+            return 0.0
+        per_burst = beats / bursts * max(1.0, share * self.beat / self.bw)
+        r, j = divmod(bursts - 1, self.a.max_outstanding)
+        return max(bursts * per_burst, r * self.lat + (j + 1 + r) * per_burst)
+
+    def slice_read(self, start: int, stride: int, rows: int, nbytes: int, share: int = 1) -> float:
+        """Cycles one port needs to read ``rows`` segments of ``nbytes`` bytes, row r at byte
+        ``start + r·stride`` of a 4 KB-aligned buffer, as the slice readers cut them: the beats a
+        segment touches, in bursts of at most MAX_BURST beats that never cross a 4 KB line."""
+        if rows <= 0 or nbytes <= 0:
+            return 0.0
+        s = start + stride * np.arange(rows, dtype=np.int64)
+        b0, b1 = s // self.beat, (s + nbytes - 1) // self.beat      # first and last beat
+        page = 4096 // self.beat
+        cut = np.minimum(b1 + 1, (b0 // page + 1) * page)           # the first 4 KB line after b0
+        first, rest = cut - b0, b1 + 1 - cut
+        bursts = -(-first // MAX_BURST) - (-rest // MAX_BURST)
+        return self.port_time(int(bursts.sum()), int((b1 - b0 + 1).sum()), share)
 
 
 @dataclass
@@ -244,8 +266,10 @@ def _cost_gemm(m: _Machine, ins: Instr, rows: int) -> _Cost:
 
 
 # ---------------------------------------------------------------------------- attention engine
-ATTN_EXTRA = 251        # eng_attn: checks, the divider, the last y segments' response
-ATTN_HEAD_EXTRA = 41    # eng_attn: per head, the stage hand-overs (the last FIN -> the next head's start)
+ATTN_START = 117        # eng_attn: checks and the divider, decode to the first load
+ATTN_Y_START = 20       # eng_attn: a row's last AV beat to its y segment's address (raw row, FIN)
+ATTN_Y_END = 3          # eng_attn: the last write response to done, besides the DDR latency
+ATTN_HEAD_EXTRA = 3     # eng_attn: per head, the last FIN -> the next head's start (S_NEXT, S_HEAD)
 ATTN_EXP_LATENCY = 30   # eng_attn: exp_unit, the row sum and recip_unit behind a group's last EXP step
 ATTN_FIN_LATENCY = 12   # eng_attn: a raw row into the finish lanes and its y segment out
 ATTN_SEG_QUEUE = 8      # eng_attn SEG_D: y segments waiting for the writer
@@ -270,7 +294,10 @@ def _cost_attention(m: _Machine, ins: Instr, notes: list[str]) -> _Cost:
     qk1 = -(-po // 2) if d == pi else po     # the build of a lone dim chunk
     buf = min(hw.limits.max_tokens * hw.limits.max_dim, hw.buffers.activations // 4)
     dbuf = T * d <= buf // 2
-    reads = m.stream(T, d * m.ab, 1)
+    # per head, the Q, K and V slices on their own ports: the head has arrived with the slowest
+    qkv = isa.split_ref(f["qkv_ref"])[1]
+    reads = [max(m.slice_read(qkv + (s * D + hh * d) * m.ab, 3 * D * m.ab, T, d * m.ab, 3) for s in range(3))
+             for hh in range(h)]
     exp_row = (T // pi) * -(-pi // sm) + -(-(T % pi) // sm)
     fin_row = -(-min(d, po) // sm)          # the finish pieces of a row's first output tile
     last_fin = -(-(d - (nct - 1) * po) // sm)
@@ -300,16 +327,18 @@ def _cost_attention(m: _Machine, ins: Instr, notes: list[str]) -> _Cost:
     n = len(groups)
     t = wr = 0.0             # the head's start, the writer's last segment
     load_start = 0.0
-    for _ in range(h):
+    for hh in range(h):
         if not dbuf:
             load_start = t
-        arrived = load_start + L + reads
+        arrived = load_start + L + reads[hh]
         cu = bt = t
         exp_end, fin_end = [0.0] * n, [0.0] * n
 
         def run_qk(j: int, cu: float, bt: float) -> tuple[float, float]:
             cu, bt = qk(max(cu, exp_end[j - 2] if j >= 2 else 0.0), bt, arrived, groups[j])
-            ex_s = max(cu, exp_end[j - 1] if j else 0.0, fin_end[j - 2] if j >= 2 else 0.0)
+            # the exp lanes take the next group's rows while the last row sums and (r, k) finish
+            ex_s = max(cu + m.pipe, exp_end[j - 1] - ATTN_EXP_LATENCY if j else 0.0,
+                       fin_end[j - 2] if j >= 2 else 0.0)
             exp_end[j] = ex_s + groups[j] * exp_row + ATTN_EXP_LATENCY
             return cu, bt
 
@@ -319,10 +348,13 @@ def _cost_attention(m: _Machine, ins: Instr, notes: list[str]) -> _Cost:
                 cu, bt = run_qk(j + 1, cu, bt)
             rows = groups[j]
             s_av = max(cu, exp_end[j])
-            cu, bt = job(s_av, bt, arrived, nct * nkc, pi, 1, max(rows, fin_row * rows / nkc))
+            beats = max(rows, fin_row * rows / nkc)
+            cu, bt = job(s_av, bt, arrived, nct * nkc, pi, 1, beats)
             # the y segments (one per row and output tile) leave through the one writer, a
-            # segment at a time: its address, then its beats
-            wr = max(wr, s_av) + max(rows * seg_cycles, m.stream(rows * nct, min(d, po) * m.ab, hw.axi_ports))
+            # segment at a time: its address, then its beats; the first once its row has seen
+            # every key chunk
+            wr = max(wr, s_av + (nkc - 1) * beats + ATTN_Y_START) + max(
+                rows * seg_cycles, m.stream(rows * nct, min(d, po) * m.ab, hw.axi_ports))
             # FIN is done once its last segments are queued (SEG_D of them wait for the writer)
             queued = min(rows * nct, ATTN_SEG_QUEUE) * seg_cycles / nct
             fin_end[j] = max(cu + rows * last_fin + ATTN_FIN_LATENCY, wr - queued)
@@ -333,11 +365,12 @@ def _cost_attention(m: _Machine, ins: Instr, notes: list[str]) -> _Cost:
     # the compute unit's time with its tile builds (a tile takes max(build, G beats))
     compute = h * sum(nkt * ((nc // 2) * max(po, 2 * r) + (nc % 2) * max(qk1, r)) + nct * nkc * max(pi, r)
                       for r in groups)
-    cycles = m.fetch + t + ATTN_EXTRA
+    # done with the last y burst's write response
+    cycles = m.fetch + ATTN_START + max(t, wr + L + ATTN_Y_END)
     if qt * T * INDEX_BYTES > hw.buffers.scores:
         notes.append(f"{ins.name or 'attention'}: a {qt}-query score tile ({qt * T * INDEX_BYTES} bytes) exceeds "
                      f"buffers.scores")
-    return _Cost(cycles, compute, h * reads, 3 * T * D * m.ab, T * D * m.ab, 2 * h * T * T * d, T)
+    return _Cost(cycles, compute, sum(reads), 3 * T * D * m.ab, T * D * m.ab, 2 * h * T * T * d, T)
 
 
 # ---------------------------------------------------------------------------- gate engine

@@ -228,6 +228,28 @@ def test_ddr_streams_pay_a_round_trip_per_window_of_bursts():
     assert more.stream(9, beat) == 9 and more.stream(17, beat) == L + 1 + 1
 
 
+def test_a_burst_slot_frees_with_its_last_beat():
+    m = schedule._Machine.of(HW, schedule.Assumptions())
+    L, beat = m.lat, m.beat
+    # the second window's bursts take the first window's slots one by one, as their beats end
+    assert m.stream(16, 3 * beat) == L + 9 * 3
+    assert m.stream(10, 3 * beat) == L + 3 * 3
+
+
+def test_slice_reads_split_at_4kb_lines_and_unaligned_starts():
+    m = schedule._Machine.of(HW, schedule.Assumptions())
+    L, beat = m.lat, m.beat
+    # eight rows of three beats: one window of bursts, beat-bound
+    assert m.slice_read(0, 512, 8, 3 * beat) == 8 * 3
+    # a row across a 4 KB line is two bursts: the ninth waits a round trip
+    assert m.slice_read(4096 - beat, 512, 8, 3 * beat) == pytest.approx(L + 2 * (8 * 3 / 9))
+    # a row starting inside a beat touches one beat more
+    assert m.slice_read(8, 512, 8, 3 * beat) == 8 * 4
+    # three ports streaming together share the DDR's bytes per cycle
+    assert m.bw < 3 * beat
+    assert m.slice_read(0, 512, 8, 3 * beat, share=3) == pytest.approx(8 * 3 * 3 * beat / m.bw)
+
+
 def test_gemm_structure():
     """eng_gemm on hand-sized cases: one beat per row and K chunk and output tile when the DDR is
     infinitely fast, a queued GEMM one queue read (a latency) after the direct one, a weight group
