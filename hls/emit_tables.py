@@ -39,7 +39,7 @@ CONFIG_KEYS = ("p_in", "p_out", "act_bits", "weight_bits", "acc_bits", "max_toke
                "max_hidden", "max_experts", "max_k", "max_heads")
 # Optional keys that bound the decoder's on-chip buffers (hw.json's token_block and buffers.*);
 # a config without them gets the defaults of the reference hw.json.
-BUFFER_DEFAULTS = {"token_block": 32, "weights": 1_048_576, "activations": 2_097_152, "scores": 262_144}
+BUFFER_DEFAULTS = {"token_block": 32, "weights": 1_310_720, "activations": 2_097_152, "scores": 262_144}
 
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(TEMPLATES)),

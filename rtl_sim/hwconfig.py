@@ -43,7 +43,7 @@ COMB_SHIFT_BITS = 6     # combine-term shift: unsigned, 0..63
 class Buffers:
     """On-chip buffer sizes in bytes."""
 
-    weights: int = 1_048_576
+    weights: int = 1_310_720
     activations: int = 2_097_152
     scores: int = 262_144
 
