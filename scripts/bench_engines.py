@@ -239,9 +239,10 @@ CASES = {
     ],
 }
 # --spread: the shapes the gate and LayerNorm models were fitted (even positions) and checked (odd) on;
-# attention at the small shapes of scripts/bench_schedule_fit.py's configurations (5-26 tokens,
-# 1-4 heads of 8-32)
-ATTN_SPREAD = [(t, h, d) for t in (5, 13, 26) for h, d in ((1, 8), (2, 16), (3, 24), (4, 32), (1, 32))]
+# attention at the small shapes of scripts/bench_schedule_fit.py's configurations and a little
+# beyond (5-64 tokens, 1-4 heads of 8-32: rows crossing 4 KB lines, one and two query groups)
+ATTN_SPREAD = [(t, h, d) for t in (5, 8, 13, 16, 26, 32, 40, 48, 64)
+               for h, d in ((1, 8), (2, 16), (1, 24), (3, 24), (1, 32), (4, 32))]
 SPREAD = {
     "attention": [lambda hw, c=c: _attention(f"attn_t{c[0]}_{c[1]}x{c[2]}", c[0], c[1] * c[2], c[1], hw)
                   for c in ATTN_SPREAD],
@@ -314,6 +315,10 @@ def main(argv=None) -> int:
         for x in rows:
             print(f"{x['name']:<12} {x['rows']:>5} {x['rtl_cycles']:>11,} {x['schedule_cycles']:>9,} "
                   f"{x['ratio']:>6} {x['rd_bytes']:>10,} {x['wr_bytes']:>9,} {'yes' if x['bit_exact'] else 'NO':>5}")
+        errs = [x["schedule_cycles"] / x["rtl_cycles"] - 1 for x in rows if x["rtl_cycles"]]
+        if errs:
+            print(f"schedule model: {sum(abs(e) <= 0.02 for e in errs)} of {len(errs)} within 2 %, "
+                  f"worst {100 * max(errs, key=abs):+.1f} %")
         print(f"simulation {seconds:.0f} s")
     if bad:
         print(f"not bit-exact: {', '.join(bad)}", file=sys.stderr)
